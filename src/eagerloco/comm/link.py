@@ -1,0 +1,100 @@
+"""An emulated slow link: latency and bandwidth added to any communicator.
+
+``tc netem`` is not available everywhere (it is missing on the project's CI machines), and the in-process
+simulation has no network at all. :class:`EmulatedLink` wraps a :class:`Communicator` and makes each collective
+complete no earlier than it would on a link of the given rate and one-way latency. The link is a FIFO queue per
+worker: a transfer starts when the previous one has finished, so a backlog builds up exactly as it would on a real
+link when outer gradients are produced faster than the link drains them:
+
+    start_i  = max(launch_i, finish_{i-1})
+    finish_i = start_i + latency + wire_bytes_i * 8 / rate
+
+``wire_bytes`` is what this worker sends with ring algorithms (``eagerloco.comm.base.wire_bytes``). The real
+collective still runs underneath and its result is what ``wait`` delivers; only the completion time is held back.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import torch
+
+from eagerloco.comm.base import Communicator, Work, wire_bytes
+
+
+class _DelayedWork:
+    def __init__(self, inner: Work, finish_at: float) -> None:
+        self._inner = inner
+        self._finish_at = finish_at
+
+    def wait(self, timeout: float | None = None) -> None:
+        self._inner.wait(timeout)
+        remaining = self._finish_at - time.perf_counter()
+        if remaining > 0:
+            time.sleep(remaining)
+
+    def is_completed(self) -> bool:
+        return time.perf_counter() >= self._finish_at and self._inner.is_completed()
+
+
+class EmulatedLink(Communicator):
+    """Wraps ``inner`` so that each collective takes ``latency_s + wire_bytes * 8 / bandwidth_bps`` on a FIFO link.
+
+    Args:
+        inner: the communicator that really moves the data.
+        bandwidth_bps: link rate in bits per second (``None``: unlimited).
+        latency_s: one-way latency added to every collective, in seconds.
+    """
+
+    def __init__(self, inner: Communicator, bandwidth_bps: float | None = None, latency_s: float = 0.0) -> None:
+        if bandwidth_bps is not None and not bandwidth_bps > 0:
+            raise ValueError(f"bandwidth_bps must be > 0 bits/s or None (unlimited), got {bandwidth_bps}")
+        if not latency_s >= 0:
+            raise ValueError(f"latency_s must be >= 0 seconds, got {latency_s}")
+        self.inner = inner
+        self.bandwidth_bps = bandwidth_bps
+        self.latency_s = latency_s
+        self.rank = inner.rank
+        self.world_size = inner.world_size
+        self.stats = inner.stats
+        self._link_free_at = 0.0
+        self._lock = threading.Lock()
+
+    @property
+    def default_timeout(self) -> float | None:  # type: ignore[override]
+        return self.inner.default_timeout
+
+    @property
+    def backend(self) -> str:
+        rate = "unlimited" if self.bandwidth_bps is None else f"{self.bandwidth_bps / 1e6:g} Mbit/s"
+        return f"{self.inner.backend}+link({rate}, {self.latency_s * 1e3:g} ms)"
+
+    def transfer_seconds(self, kind: str, nbytes: int, is_source: bool = True) -> float:
+        """Time the link needs for one collective of this worker, excluding queueing."""
+        sent = wire_bytes(kind, nbytes, self.world_size, is_source)
+        rate = float("inf") if self.bandwidth_bps is None else self.bandwidth_bps
+        return self.latency_s + sent * 8 / rate
+
+    def _schedule(self, kind: str, tensor: torch.Tensor, is_source: bool = True) -> float:
+        duration = self.transfer_seconds(kind, tensor.numel() * tensor.element_size(), is_source)
+        with self._lock:
+            start = max(time.perf_counter(), self._link_free_at)
+            self._link_free_at = start + duration
+            return self._link_free_at
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> Work:
+        finish = self._schedule("all_reduce", tensor)
+        return _DelayedWork(self.inner.all_reduce_sum(tensor), finish)
+
+    def all_gather(self, output: torch.Tensor, tensor: torch.Tensor) -> Work:
+        finish = self._schedule("all_gather", tensor)
+        return _DelayedWork(self.inner.all_gather(output, tensor), finish)
+
+    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> Work:
+        finish = self._schedule("broadcast", tensor, self.rank == src)
+        return _DelayedWork(self.inner.broadcast(tensor, src), finish)
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        return self.inner.all_gather_object(obj)

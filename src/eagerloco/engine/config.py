@@ -1,0 +1,146 @@
+"""The outer loop's configuration: one typed dataclass, validated before training starts."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal
+
+Mode = Literal["sync", "overlap", "delayed", "eager"]
+MODES: tuple[str, ...] = ("sync", "overlap", "delayed", "eager")
+FragmentLayout = Literal["strided", "sequential"]
+NonFinitePolicy = Literal["raise", "skip"]
+
+
+class ConfigError(ValueError):
+    """A configuration value breaks a rule. The message names the field, the value and the rule."""
+
+
+@dataclass
+class DiLoCoConfig:
+    """How workers synchronise. Semantics: ``ALGORITHMS.md`` (sections 1-7).
+
+    The defaults are the eager-updates paper's recipe at small scale: eager with one outer step of slack, H = 30,
+    outer SGD with Nesterov momentum 0.9.
+    """
+
+    mode: Mode = "eager"
+    """'sync' (DiLoCo, section 1), 'overlap' (Streaming DiLoCo's τ-step overlap, section 2), 'delayed' (naive
+    k-outer-step delay, section 3) or 'eager' (eager updates with k outer steps of slack, section 4)."""
+
+    sync_every: int = 30
+    """H: inner steps between two sync points of a fragment."""
+
+    num_fragments: int = 1
+    """P: streaming fragments. Fragment p syncs at inner steps t ≡ p·H/P (mod H); P must divide H."""
+
+    fragment_layout: FragmentLayout = "strided"
+    """How repeated blocks map to fragments: 'strided' (block l → fragment l mod P, the papers' choice) or
+    'sequential' (P contiguous runs of blocks). Ignored when the caller passes explicit fragments."""
+
+    overlap_steps: int = 1
+    """τ (mode 'overlap' only): inner steps an all-reduce may take before it is waited for; 1 ≤ τ < H."""
+
+    alpha: float = 0.5
+    """α (mode 'overlap' only): θ ← α·θ + (1 − α)·φ̃ when the average arrives. 0 discards the τ local steps
+    taken meanwhile, 0.5 averages them in."""
+
+    delay: int = 1
+    """k (modes 'delayed' and 'eager'): outer steps a collective may take before anyone blocks on it; k ≥ 1."""
+
+    outer_lr: float = 0.7
+    """Learning rate of the default outer optimizer (0.7 in DiLoCo; the streaming and eager papers use 0.4)."""
+
+    outer_momentum: float = 0.9
+    """Momentum of the default outer optimizer (SGD)."""
+
+    nesterov: bool = True
+    """Nesterov momentum for the default outer optimizer."""
+
+    outer_device: str | None = None
+    """Device of the outer parameters φ and the outer optimizer state ('cpu' to offload them from the GPU).
+    ``None``: the model's device."""
+
+    compression: str = "none"
+    """Codec for outer gradients on the wire: 'none' (fp32), 'bf16', 'fp16', 'fp8', 'int8', 'fp4'."""
+
+    error_feedback: bool = False
+    """Carry each worker's encoding residual into its next outer gradient (compression only)."""
+
+    nonfinite: NonFinitePolicy = "raise"
+    """What to do when an outer gradient holds NaN or Inf: 'raise' stops before the outer parameters are
+    touched; 'skip' skips that outer step (consistently on every worker)."""
+
+    collective_timeout_s: float | None = None
+    """Seconds any wait on an outer collective may block before raising (``None``: the communicator's own)."""
+
+    broadcast_initial_parameters: bool = True
+    """At start, overwrite every worker's parameters with worker 0's, so all workers begin from the same φ_0
+    even when the user seeded them differently."""
+
+    divergence_every: int = 0
+    """Every this many outer steps of fragment 0, measure ‖φ_m − mean_m φ_m‖ across workers (one blocking
+    all-reduce of φ, counted as diagnostic traffic). 0: never. Meaningful for eager, where φ_m differ."""
+
+    def validate(self) -> DiLoCoConfig:
+        """Check every rule; raise :class:`ConfigError` naming the field, the value and the rule."""
+
+        def bad(name: str, rule: str) -> ConfigError:
+            return ConfigError(f"{name}={getattr(self, name)!r}: {rule}")
+
+        if self.mode not in MODES:
+            raise bad("mode", f"must be one of {', '.join(MODES)}")
+        _check_int(self, "sync_every", 1, "H must be an integer >= 1")
+        _check_int(self, "num_fragments", 1, "P must be an integer >= 1")
+        if self.sync_every % self.num_fragments != 0:
+            raise ConfigError(
+                f"num_fragments={self.num_fragments} does not divide sync_every={self.sync_every}: fragment p "
+                "syncs at offset p·H/P, so P must divide H"
+            )
+        if self.fragment_layout not in ("strided", "sequential"):
+            raise bad("fragment_layout", "must be 'strided' or 'sequential'")
+        _check_int(self, "overlap_steps", 1, "τ must be an integer >= 1")
+        if self.mode == "overlap" and self.overlap_steps >= self.sync_every:
+            raise ConfigError(
+                f"overlap_steps={self.overlap_steps} >= sync_every={self.sync_every}: τ must be < H (the "
+                "average must arrive before the fragment's next sync point); use mode 'eager' or 'delayed' for a "
+                "whole outer step of slack"
+            )
+        if not isinstance(self.alpha, (int, float)) or not 0.0 <= float(self.alpha) <= 1.0:
+            raise bad("alpha", "α must be a number in [0, 1]")
+        _check_int(self, "delay", 1, "k must be an integer >= 1")
+        for name in ("outer_lr", "outer_momentum"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise bad(name, "must be a finite number >= 0")
+        if self.outer_lr == 0:
+            raise bad("outer_lr", "must be > 0 (0 would never move the outer parameters)")
+        if self.outer_momentum >= 1:
+            raise bad("outer_momentum", "must be < 1")
+        if self.nonfinite not in ("raise", "skip"):
+            raise bad("nonfinite", "must be 'raise' or 'skip'")
+        if self.collective_timeout_s is not None and not (
+            isinstance(self.collective_timeout_s, (int, float)) and self.collective_timeout_s > 0
+        ):
+            raise bad("collective_timeout_s", "must be a number of seconds > 0, or None")
+        _check_int(self, "divergence_every", 0, "must be an integer >= 0 (0 disables the measurement)")
+        if self.error_feedback and self.compression == "none":
+            raise ConfigError("error_feedback=True needs a lossy codec: compression='none' has no residual")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> DiLoCoConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown DiLoCoConfig field(s) {unknown}; valid fields: {sorted(known)}")
+        return cls(**values)
+
+
+def _check_int(config: DiLoCoConfig, name: str, minimum: int, rule: str) -> None:
+    value = getattr(config, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{name}={value!r}: {rule}")

@@ -1,0 +1,578 @@
+"""The outer-step engine: one wrapper for sync, overlap, delayed and eager DiLoCo, with streaming fragments.
+
+Add it to an existing training loop; the loop, the loss and the data stay yours::
+
+    import torch, eagerloco
+
+    model = MyModel()
+    inner = torch.optim.AdamW(model.parameters(), lr=4e-4)
+    loco = eagerloco.DiLoCo(model, inner, eagerloco.DiLoCoConfig(mode="eager", sync_every=30))
+    for x, y in batches:
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        inner.step()
+        inner.zero_grad()
+        loco.step()              # after every inner optimizer step
+    loco.finalize()              # drain and apply every collective still in flight
+    loco.consolidate()           # eager only: average the workers' outer parameters into one model
+    # the model now holds the outer parameters φ: evaluate and save it
+
+With ``torchrun``, the default communicator is the world process group (``torch.distributed`` must be
+initialised); pass ``comm=`` for another group, for :class:`eagerloco.comm.InProcessGroup` simulated workers,
+or an :class:`eagerloco.comm.EmulatedLink` for an emulated slow link.
+
+State per fragment p (see :class:`FragmentState`): the outer parameters φ_p as one flat fp32 buffer (on
+``outer_device``), the outer optimizer stepping it, the reducer (codec) that averages its outer gradients, and
+the queue of averages in flight. The model's parameters θ are only read and written with ``torch._foreach_*``
+copies between the flat buffer and the parameter list: no Python loop over parameters on the hot path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from eagerloco.comm.base import Communicator
+from eagerloco.comm.reducer import CompletedMean, MeanReducer, PendingMean, Reducer
+from eagerloco.engine.config import ConfigError, DiLoCoConfig
+from eagerloco.engine.fragments import Fragment, build_fragments
+from eagerloco.engine.metrics import OuterStepRecord, RunStats
+from eagerloco.engine.strategies import OuterStrategy, make_strategy
+
+OuterOptimizerFactory = Callable[[list[torch.Tensor]], torch.optim.Optimizer]
+
+CHECKPOINT_FORMAT = 1
+
+
+class NonFiniteOuterGradient(FloatingPointError):
+    """An outer gradient held NaN or Inf; the outer parameters were not touched."""
+
+
+class ModelMismatch(RuntimeError):
+    """Workers hold models (or configurations) that differ: averaging them would be meaningless."""
+
+
+@dataclass(eq=False)
+class InFlight:
+    """An average launched at ``launch_step`` and not yet applied."""
+
+    launch_step: int
+    mean: PendingMean
+    own: torch.Tensor | None = None
+    """Eager only: (1/M)·Δ_m(t), this worker's contribution exactly as it was applied eagerly."""
+
+
+@dataclass(eq=False)
+class FragmentState:
+    """Everything the engine keeps for one fragment."""
+
+    fragment: Fragment
+    phi: torch.Tensor
+    """φ_p: the outer parameters, flat fp32 on the outer device."""
+    outer_optimizer: torch.optim.Optimizer
+    reducer: Reducer
+    staging: torch.Tensor
+    """Flat fp32 scratch on the model's device: θ gathered into one buffer, or φ on its way into θ."""
+    staging_views: list[torch.Tensor]
+    in_flight: deque[InFlight] = field(default_factory=deque)
+
+    @property
+    def index(self) -> int:
+        return self.fragment.index
+
+
+def default_outer_optimizer(config: DiLoCoConfig) -> OuterOptimizerFactory:
+    """SGD with (Nesterov) momentum, as in the papers."""
+
+    def factory(params: list[torch.Tensor]) -> torch.optim.Optimizer:
+        momentum = config.outer_momentum
+        return torch.optim.SGD(params, lr=config.outer_lr, momentum=momentum, nesterov=config.nesterov and momentum > 0)
+
+    return factory
+
+
+class DiLoCo:
+    """Wraps a model and its inner optimizer with an outer loop (see the module docstring).
+
+    Args:
+        model: any ``nn.Module``; its trainable parameters are the θ of ALGORITHMS.md.
+        inner_optimizer: the user's optimizer over ``model``'s parameters. The wrapper never calls it; it is
+            held so that checkpoints and reports can find it. Its state is never synchronised (the papers' choice).
+        config: the outer loop's settings (:class:`DiLoCoConfig`), validated here, before any collective.
+        outer_optimizer: ``factory(params) -> torch.optim.Optimizer`` called once per fragment with
+            ``[φ_p]``. Default: SGD(lr=config.outer_lr, momentum=config.outer_momentum, nesterov).
+        comm: the outer process group. Default: ``torch.distributed``'s world group.
+        fragments: explicit streaming fragments: one module (or list of modules) per fragment.
+        blocks: the repeated blocks to split into fragments (default: the model's largest ModuleList).
+        reducer_factory: ``factory(fragment_index, comm) -> Reducer``; default: from ``config.compression``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        inner_optimizer: torch.optim.Optimizer | None = None,
+        config: DiLoCoConfig | None = None,
+        *,
+        outer_optimizer: OuterOptimizerFactory | None = None,
+        comm: Communicator | None = None,
+        fragments: Sequence[nn.Module | Sequence[nn.Module]] | None = None,
+        blocks: Sequence[nn.Module] | None = None,
+        reducer_factory: Callable[[int, Communicator], Reducer] | None = None,
+    ) -> None:
+        self.config = (config or DiLoCoConfig()).validate()
+        cfg = self.config
+        self.model = model
+        self.inner_optimizer = inner_optimizer
+        if comm is None:
+            from eagerloco.comm.torch_dist import TorchDistributedCommunicator
+
+            comm = TorchDistributedCommunicator(timeout=cfg.collective_timeout_s)
+        self.comm = comm
+        self.rank = comm.rank
+        self.world_size = comm.world_size
+        self.strategy: OuterStrategy = make_strategy(cfg.mode, cfg.overlap_steps, cfg.alpha, cfg.delay)
+        self.fragments = build_fragments(
+            model, cfg.num_fragments, cfg.sync_every, cfg.fragment_layout, modules=fragments, blocks=blocks
+        )
+        if reducer_factory is None:
+            reducer_factory = _codec_reducer_factory(cfg)
+        factory = outer_optimizer or default_outer_optimizer(cfg)
+
+        # Every worker must hold the same model and configuration, or the collectives below would pair buffers
+        # of different meaning (or sizes, and hang). Compare before the first collective on the data path.
+        self._check_same_model_and_config()
+
+        self.states: list[FragmentState] = []
+        for fragment in self.fragments:
+            device = fragment.params[0].device
+            outer_device = torch.device(cfg.outer_device) if cfg.outer_device is not None else device
+            staging = torch.empty(fragment.numel, dtype=torch.float32, device=device)
+            views = list(staging.split([p.numel() for p in fragment.params]))
+            views = [v.view_as(p) for v, p in zip(views, fragment.params)]
+            torch._foreach_copy_(views, [p.detach() for p in fragment.params])
+            phi = staging.to(outer_device, copy=True)
+            self.states.append(
+                FragmentState(
+                    fragment=fragment,
+                    phi=phi,
+                    outer_optimizer=factory([phi]),
+                    reducer=reducer_factory(fragment.index, comm),
+                    staging=staging,
+                    staging_views=views,
+                )
+            )
+        if cfg.broadcast_initial_parameters and self.world_size > 1:
+            # All workers must start from the same φ_0 (prime-diloco shipped a bug where they did not).
+            works = [comm.broadcast(state.phi, src=0) for state in self.states]
+            for work in works:
+                work.wait(cfg.collective_timeout_s)
+            for state in self.states:
+                self.reset_inner(state)
+
+        # The schedule: fragment p syncs at t ≡ offset_p (mod H). Precomputed so step() is O(1) off sync points.
+        self._sync_at: dict[int, list[FragmentState]] = {}
+        for state in self.states:
+            self._sync_at.setdefault(state.fragment.offset % cfg.sync_every, []).append(state)
+        self._arrivals: dict[int, list[FragmentState]] = {}
+
+        self.inner_step = 0
+        self.finalized = False
+        self.records: list[OuterStepRecord] = []
+        self.stats = RunStats()
+        self._record_listeners: list[Callable[[OuterStepRecord], None]] = []
+        self._event: OuterStepRecord | None = None
+        self._window_inner_s = 0.0
+        self._window_wall_s = 0.0
+        self._window_mark = 0.0
+        self._event_wire_start = 0
+        self._event_diagnostic_start = 0
+        self._blocked_in_call = 0.0
+        self._outer_steps_fragment0 = 0
+        self._last_exit = time.perf_counter()
+
+    # ------------------------------------------------------------------ the user's calls
+
+    def step(self) -> None:
+        """Call once after every inner optimizer step. Runs the outer work due at this inner step."""
+        enter = self._enter_call()
+        if self.finalized:
+            raise RuntimeError("step() after finalize(): create a new DiLoCo wrapper to continue training")
+        self.inner_step = t = self.inner_step + 1
+        self.stats.inner_steps = t
+        arrivals = self._arrivals.pop(t, None)
+        syncs = self._sync_at.get(t % self.config.sync_every)
+        if arrivals or syncs:
+            self._open_event()
+            # Order matters for deadlock freedom: arrivals (waits only) first, then launches in fragment order.
+            for state in arrivals or ():
+                self.strategy.on_arrival(self, state, t)
+            for state in syncs or ():
+                self._event.fragments_synced.append(state.index)
+                self.strategy.on_sync(self, state, t)
+            if (
+                self.config.divergence_every
+                and syncs
+                and syncs[0].index == 0
+                and self._count_fragment0_sync() % self.config.divergence_every == 0
+            ):
+                self._measure_divergence(self._event)
+            self._close_event()
+        self._exit_call(enter)
+
+    def finalize(self) -> None:
+        """Wait for every collective still in flight and apply it as one plain step at the outer learning rate,
+        φ ← φ − lr·g, oldest first, leaving the outer optimizer's momentum untouched (ALGORITHMS.md, section 6):
+        g = Δ(t) for overlap and delayed, g = Δ(t) − (1/M)·Δ_m(t) for eager. Then θ ← φ: the model holds the
+        outer parameters, the ones to evaluate and save. Local progress since each fragment's last sync point is
+        dropped (it belongs to no outer gradient)."""
+        if self.finalized:
+            return
+        enter = self._enter_call()
+        self._open_event()
+        assert self._event is not None
+        for state in self.states:  # fragment order, oldest first: the same on every worker
+            while state.in_flight:
+                item = state.in_flight.popleft()
+                g = self.strategy.final_gradient(item, self.wait(state, item))
+                self._check_finite(g, state, item.launch_step)
+                lr = state.outer_optimizer.param_groups[0]["lr"]
+                state.phi.add_(g, alpha=-lr)
+                self._event.fragments_applied.append(state.index)
+            self.reset_inner(state)
+        self._arrivals.clear()
+        if self._event.fragments_applied:
+            self._close_event()
+        else:
+            self._event = None
+        self._exit_call(enter)
+        self.finalized = True
+
+    def consolidate(self) -> None:
+        """Eager: average φ_m across workers (one blocking all-reduce per fragment) and load it into the model,
+        so that every worker holds the same final model. A no-op in the other modes, where φ is already
+        identical. Call after :meth:`finalize`."""
+        if not self.finalized:
+            raise RuntimeError("consolidate() needs finalize() first: averages still in flight would be lost")
+        if self.strategy.uniform_outer_state or self.world_size == 1:
+            return
+        before = self.comm.stats.wire_bytes
+        buffers = [state.phi.clone() for state in self.states]
+        works = [self.comm.all_reduce_sum(buf) for buf in buffers]
+        for state, buf, work in zip(self.states, buffers, works):
+            work.wait(self.config.collective_timeout_s)
+            state.phi.copy_(buf.div_(self.world_size))
+            self.reset_inner(state)
+        self.stats.diagnostic_bytes += self.comm.stats.wire_bytes - before
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Time spent inside (evaluation, checkpointing, logging) counts neither as compute nor as wall time."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._last_exit += time.perf_counter() - start
+
+    def reset_clock(self) -> None:
+        """Restart the measurements (e.g. after warm-up or after loading a checkpoint)."""
+        self.stats = RunStats(inner_steps=self.inner_step)
+        self.records = []
+        self._window_inner_s = self._window_wall_s = 0.0
+        self._last_exit = time.perf_counter()
+
+    def add_record_listener(self, listener: Callable[[OuterStepRecord], None]) -> None:
+        """Call ``listener(record)`` for every outer-step record (metrics logging)."""
+        self._record_listeners.append(listener)
+
+    def outer_parameters(self) -> dict[str, torch.Tensor]:
+        """φ as a ``{parameter name: tensor}`` dict (views into the flat buffers, on the outer device)."""
+        out: dict[str, torch.Tensor] = {}
+        for state in self.states:
+            sizes = [p.numel() for p in state.fragment.params]
+            for name, view, p in zip(state.fragment.names, state.phi.split(sizes), state.fragment.params):
+                out[name] = view.view_as(p)
+        return out
+
+    def copy_outer_parameters_to(self, module: nn.Module) -> None:
+        """Load φ into another module of the same architecture (e.g. to evaluate mid-training)."""
+        params = dict(module.named_parameters())
+        phi = self.outer_parameters()
+        missing = sorted(set(phi) - set(params))
+        if missing:
+            raise ValueError(f"module lacks parameters {missing[:5]}: it is not the wrapped model's architecture")
+        with torch.no_grad():
+            torch._foreach_copy_([params[n] for n in phi], list(phi.values()))
+
+    # ------------------------------------------------------------------ the core, used by the strategies
+
+    def launch(self, state: FragmentState, t: int, keep_own: bool = False) -> InFlight:
+        """Δ_m(t) = φ − θ(t) for this fragment, handed to the reducer; queued as in flight. With ``keep_own``
+        (eager) also keep (1/M)·Δ_m(t), the contribution applied at once."""
+        torch._foreach_copy_(state.staging_views, [p.detach() for p in state.fragment.params])
+        theta = state.staging if state.staging.device == state.phi.device else state.staging.to(state.phi.device)
+        delta = torch.sub(state.phi, theta)
+        self._check_finite(delta, state, t, fresh=True)
+        pending = state.reducer.launch(delta)  # may add the error-feedback residual into delta, in place
+        if self._event is not None:
+            self._event.payload_bytes += pending.payload_bytes
+            self._event.delta_norm = math.hypot(self._event.delta_norm, float(delta.norm()))
+        item = InFlight(launch_step=t, mean=pending, own=delta.div_(self.world_size) if keep_own else None)
+        state.in_flight.append(item)
+        return item
+
+    def wait(self, state: FragmentState, item: InFlight) -> torch.Tensor:
+        """The average launched at ``item.launch_step``; the time spent waiting counts as blocked."""
+        start = time.perf_counter()
+        try:
+            mean = item.mean.wait(self.config.collective_timeout_s)
+        except Exception as exc:
+            raise type(exc)(
+                f"outer step at inner step {self.inner_step}, fragment {state.index}: the average launched at "
+                f"inner step {item.launch_step} did not complete on {self.comm.describe()}: {exc}"
+            ) from exc
+        blocked = time.perf_counter() - start
+        self.stats.blocked_s += blocked
+        self._blocked_in_call += blocked
+        if self._event is not None:
+            self._event.blocked_s += blocked
+        return mean
+
+    def apply(self, state: FragmentState, g: torch.Tensor, launched_at: int) -> None:
+        """φ ← OuterOpt(φ, g) for this fragment."""
+        self._check_finite(g, state, launched_at)
+        state.phi.grad = g
+        state.outer_optimizer.step()
+        state.phi.grad = None
+        if self._event is not None:
+            self._event.fragments_applied.append(state.index)
+            self._event.applied_norm = math.hypot(self._event.applied_norm, float(g.norm()))
+            self._event.staleness = max(self._event.staleness, self.inner_step - launched_at)
+
+    def reset_inner(self, state: FragmentState, alpha: float = 0.0) -> None:
+        """θ ← α·θ + (1 − α)·φ for this fragment (θ ← φ when α = 0)."""
+        params = [p.detach() for p in state.fragment.params]
+        with torch.no_grad():
+            if alpha == 0.0:
+                state.staging.copy_(state.phi)
+            else:
+                torch._foreach_copy_(state.staging_views, params)
+                state.staging.lerp_(state.phi.to(state.staging.device), 1.0 - alpha)
+            torch._foreach_copy_(params, state.staging_views)
+
+    def schedule_arrival(self, state: FragmentState, t: int) -> None:
+        """Have ``strategy.on_arrival`` called for this fragment at inner step ``t``."""
+        self._arrivals.setdefault(t, []).append(state)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        """The outer loop's state: φ, outer optimizer and reducer state per fragment, and the averages in flight.
+
+        Averages in flight are waited for (blocking) and stored by value, together with eager's own
+        contributions: a resumed run applies exactly what the uninterrupted run would have. Save the model's
+        and the inner optimizer's ``state_dict()`` next to it: θ is theirs.
+        """
+        fragments = []
+        for state in self.states:
+            in_flight = []
+            for item in state.in_flight:
+                in_flight.append(
+                    {
+                        "launch_step": item.launch_step,
+                        "mean": self.wait(state, item).clone(),
+                        "own": None if item.own is None else item.own.clone(),
+                        "payload_bytes": item.mean.payload_bytes,
+                    }
+                )
+            fragments.append(
+                {
+                    "names": list(state.fragment.names),
+                    "phi": state.phi.clone(),
+                    "outer_optimizer": state.outer_optimizer.state_dict(),
+                    "reducer": state.reducer.state_dict(),
+                    "in_flight": in_flight,
+                    "arrivals": sorted(t for t, states in self._arrivals.items() if any(s is state for s in states)),
+                }
+            )
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "config": self.config.to_dict(),
+            "world_size": self.world_size,
+            "rank": self.rank,
+            "inner_step": self.inner_step,
+            "finalized": self.finalized,
+            "fragments": fragments,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`. Refuses a checkpoint from another mode, schedule or number of workers."""
+        if state_dict.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"unknown DiLoCo checkpoint format {state_dict.get('format')!r}")
+        saved = state_dict["config"]
+        for key in ("mode", "sync_every", "num_fragments", "fragment_layout", "overlap_steps", "delay", "compression"):
+            if saved.get(key) != getattr(self.config, key):
+                raise ValueError(
+                    f"checkpoint was written with {key}={saved.get(key)!r}, this run has {key}="
+                    f"{getattr(self.config, key)!r}: resume with the same setting"
+                )
+        if state_dict["world_size"] != self.world_size:
+            raise ValueError(
+                f"checkpoint was written by {state_dict['world_size']} workers, this run has {self.world_size}"
+            )
+        if len(state_dict["fragments"]) != len(self.states):
+            raise ValueError("checkpoint has a different number of fragments")
+        self._arrivals.clear()
+        for state, saved_fragment in zip(self.states, state_dict["fragments"]):
+            if saved_fragment["names"] != state.fragment.names:
+                raise ValueError(f"fragment {state.index} holds other parameters in the checkpoint")
+            state.phi.copy_(saved_fragment["phi"])
+            state.outer_optimizer.load_state_dict(saved_fragment["outer_optimizer"])
+            state.reducer.load_state_dict(saved_fragment["reducer"])
+            state.in_flight = deque(
+                InFlight(
+                    launch_step=item["launch_step"],
+                    mean=CompletedMean(item["mean"].to(state.phi.device), item["payload_bytes"]),
+                    own=None if item["own"] is None else item["own"].to(state.phi.device),
+                )
+                for item in saved_fragment["in_flight"]
+            )
+            for t in saved_fragment["arrivals"]:
+                self.schedule_arrival(state, t)
+        self.inner_step = state_dict["inner_step"]
+        self.finalized = state_dict["finalized"]
+        self.reset_clock()
+
+    # ------------------------------------------------------------------ internals
+
+    def _enter_call(self) -> float:
+        """Start of a step()/finalize() call: the time since the previous call was inner compute."""
+        enter = time.perf_counter()
+        inner = enter - self._last_exit
+        self.stats.inner_s += inner
+        self._window_inner_s += inner
+        self._window_wall_s += inner
+        self._window_mark = enter
+        self._blocked_in_call = 0.0
+        return enter
+
+    def _exit_call(self, enter: float) -> None:
+        exit_ = time.perf_counter()
+        self.stats.overhead_s += (exit_ - enter) - self._blocked_in_call
+        self._window_wall_s += exit_ - self._window_mark
+        self._last_exit = exit_
+
+    def _open_event(self) -> None:
+        self._event = OuterStepRecord(inner_step=self.inner_step)
+        self._event_wire_start = self.comm.stats.wire_bytes
+        self._event_diagnostic_start = self.stats.diagnostic_bytes
+
+    def _close_event(self) -> None:
+        """Finish the current record: its window runs from the previous record's end to now."""
+        event = self._event
+        assert event is not None
+        now = time.perf_counter()
+        in_call = now - self._window_mark
+        event.overhead_s = max(0.0, (now - self._window_mark) - event.blocked_s)
+        event.window_inner_s = self._window_inner_s
+        event.window_wall_s = self._window_wall_s + in_call
+        event.utilization = event.window_inner_s / event.window_wall_s if event.window_wall_s > 0 else 1.0
+        diagnostic = self.stats.diagnostic_bytes - self._event_diagnostic_start
+        event.wire_bytes = self.comm.stats.wire_bytes - self._event_wire_start - diagnostic
+        self.stats.outer_steps += 1
+        self.stats.payload_bytes += event.payload_bytes
+        self.stats.wire_bytes += event.wire_bytes
+        self.records.append(event)
+        for listener in self._record_listeners:
+            listener(event)
+        self._event = None
+        self._window_inner_s = 0.0
+        self._window_wall_s = 0.0
+        self._window_mark = now
+
+    def _count_fragment0_sync(self) -> int:
+        self._outer_steps_fragment0 += 1
+        return self._outer_steps_fragment0
+
+    def _check_finite(self, g: torch.Tensor, state: FragmentState, t: int, fresh: bool = False) -> None:
+        if bool(torch.isfinite(g).all()):
+            return
+        bad = int((~torch.isfinite(g)).sum())
+        what = "this worker's fresh outer gradient Δ_m" if fresh else "the outer gradient to apply"
+        raise NonFiniteOuterGradient(
+            f"{what} for fragment {state.index} (launched at inner step {t}) has {bad} non-finite values "
+            f"(NaN/Inf) on {self.comm.describe()} at inner step {self.inner_step}; the outer parameters were not "
+            "touched. Lower the inner learning rate or enable gradient clipping."
+        )
+
+    def _measure_divergence(self, event: OuterStepRecord) -> None:
+        """‖φ_m − mean φ‖ over all fragments: one blocking all-reduce of φ (diagnostic traffic)."""
+        before = self.comm.stats.wire_bytes
+        start = time.perf_counter()
+        buffers = [state.phi.clone() for state in self.states]
+        works = [self.comm.all_reduce_sum(buf) for buf in buffers]
+        dist_sq = 0.0
+        norm_sq = 0.0
+        for state, buf, work in zip(self.states, buffers, works):
+            work.wait(self.config.collective_timeout_s)
+            mean = buf.div_(self.world_size)
+            dist_sq += float(torch.sub(state.phi, mean).pow_(2).sum())
+            norm_sq += float(mean.pow(2).sum())
+        blocked = time.perf_counter() - start
+        self.stats.blocked_s += blocked
+        self._blocked_in_call += blocked
+        event.blocked_s += blocked
+        self.stats.diagnostic_bytes += self.comm.stats.wire_bytes - before
+        event.divergence = math.sqrt(dist_sq)
+        event.divergence_rel = math.sqrt(dist_sq / norm_sq) if norm_sq > 0 else 0.0
+
+    def _check_same_model_and_config(self) -> None:
+        entries = [
+            (name, tuple(p.shape), str(p.dtype), fragment.index)
+            for fragment in self.fragments
+            for name, p in zip(fragment.names, fragment.params)
+        ]
+        schedule = {k: v for k, v in self.config.to_dict().items() if k != "outer_device"}
+        digest = hashlib.sha256(repr((entries, sorted(schedule.items()))).encode()).hexdigest()
+        mine = (digest, entries, schedule)
+        if self.world_size == 1:
+            return
+        everyone = self.comm.all_gather_object(mine)
+        for rank, (other_digest, other_entries, other_schedule) in enumerate(everyone):
+            if other_digest == digest:
+                continue
+            if other_schedule != schedule:
+                diff = sorted(k for k in schedule if schedule[k] != other_schedule.get(k))
+                raise ModelMismatch(
+                    f"worker {rank} runs another configuration than worker {self.rank}: "
+                    + ", ".join(f"{k}={other_schedule.get(k)!r} vs {schedule[k]!r}" for k in diff)
+                )
+            for index, (a, b) in enumerate(zip(entries, other_entries)):
+                if a != b:
+                    raise ModelMismatch(
+                        f"models differ across workers at parameter #{index}: worker {self.rank} has {a[0]!r} "
+                        f"{a[1]} {a[2]} (fragment {a[3]}), worker {rank} has {b[0]!r} {b[1]} {b[2]} "
+                        f"(fragment {b[3]})"
+                    )
+            raise ModelMismatch(
+                f"models differ across workers: worker {self.rank} has {len(entries)} trainable parameters, "
+                f"worker {rank} has {len(other_entries)}"
+            )
+
+
+def _codec_reducer_factory(config: DiLoCoConfig) -> Callable[[int, Communicator], Reducer]:
+    if config.compression == "none":
+        return lambda index, comm: MeanReducer(comm)
+    try:
+        from eagerloco.compression import make_reducer
+    except ImportError as exc:  # pragma: no cover - the package ships with eagerloco
+        raise ConfigError(f"compression={config.compression!r} needs eagerloco.compression: {exc}") from exc
+    return lambda index, comm: make_reducer(config.compression, comm, error_feedback=config.error_feedback)

@@ -1,0 +1,97 @@
+"""What the engine measures, per outer step and for the run (ALGORITHMS.md, section 10).
+
+Time is split three ways by the wrapper's ``step()`` calls:
+
+* *inner time*: wall time between two ``step()`` calls, i.e. the user's forward, backward, inner optimizer
+  step and data loading;
+* *blocked time*: time inside ``step()`` (or ``finalize()``) spent waiting on outer collectives;
+* *outer overhead*: the rest of the time inside ``step()``: outer gradient, outer optimizer, copies.
+
+Compute utilization CU = inner time / (inner + blocked + overhead) = inner time / wall time of the loop. Time
+inside ``DiLoCo.paused()`` (evaluation, checkpointing) counts as neither.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class OuterStepRecord:
+    """One ``step()`` call in which some fragment synced (launched its outer gradient) or applied an average."""
+
+    inner_step: int
+    """t: the inner step count when the outer work happened."""
+    fragments_synced: list[int] = field(default_factory=list)
+    """Fragments whose outer gradient was launched at this step."""
+    fragments_applied: list[int] = field(default_factory=list)
+    """Fragments whose outer parameters φ were updated at this step."""
+    staleness: int = 0
+    """Inner steps between the launch of the newest average applied here and now (0 for sync, τ for overlap,
+    k·H for delayed/eager once averages arrive)."""
+    blocked_s: float = 0.0
+    """Seconds blocked on outer collectives in this step() call."""
+    overhead_s: float = 0.0
+    """Seconds in this step() call not blocked (outer gradient, outer optimizer, copies)."""
+    window_inner_s: float = 0.0
+    """Inner (compute) seconds since the previous record."""
+    window_wall_s: float = 0.0
+    """Wall seconds since the previous record (inner + blocked + overhead)."""
+    utilization: float = 1.0
+    """window_inner_s / window_wall_s."""
+    payload_bytes: int = 0
+    """Bytes this worker handed to outer collectives at this step."""
+    wire_bytes: int = 0
+    """Bytes this worker sends for them under ring algorithms."""
+    delta_norm: float = 0.0
+    """‖Δ_m(t)‖₂: the norm of this worker's fresh outer gradient(s) launched here (all synced fragments)."""
+    applied_norm: float = 0.0
+    """‖g‖₂ of the outer gradient(s) given to the outer optimizer here (the average, or eager's Δ̃_m)."""
+    skipped: bool = False
+    """An outer step was skipped here because its outer gradient was not finite (policy 'skip')."""
+    divergence: float | None = None
+    """‖φ_m − mean φ‖₂ over all fragments, when measured at this step (``divergence_every``)."""
+    divergence_rel: float | None = None
+    """divergence / ‖mean φ‖₂."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class RunStats:
+    """Totals since the wrapper was created (or since ``reset_clock()``)."""
+
+    inner_steps: int = 0
+    outer_steps: int = 0
+    """Number of records (step() calls with outer work)."""
+    inner_s: float = 0.0
+    blocked_s: float = 0.0
+    overhead_s: float = 0.0
+    payload_bytes: int = 0
+    wire_bytes: int = 0
+    diagnostic_bytes: int = 0
+    """Bytes of divergence measurements and consolidation, not part of the algorithm's traffic."""
+
+    @property
+    def wall_s(self) -> float:
+        return self.inner_s + self.blocked_s + self.overhead_s
+
+    @property
+    def utilization(self) -> float:
+        """Compute utilization: inner time / wall time."""
+        return self.inner_s / self.wall_s if self.wall_s > 0 else 1.0
+
+    @property
+    def blocked_per_outer_step_s(self) -> float:
+        return self.blocked_s / self.outer_steps if self.outer_steps else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out.update(
+            wall_s=self.wall_s,
+            utilization=self.utilization,
+            blocked_per_outer_step_s=self.blocked_per_outer_step_s,
+        )
+        return out
