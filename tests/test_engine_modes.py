@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _toy import Quadratic, run_inprocess
 
+from _toy import Quadratic, run_inprocess
 from eagerloco import DiLoCo, DiLoCoConfig
 
 TARGETS = (0.0, 4.0)

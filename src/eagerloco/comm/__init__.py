@@ -32,4 +32,3 @@ __all__ = [
     "run_workers",
     "wire_bytes",
 ]
-

@@ -3,11 +3,12 @@
 ``tc netem`` is not available everywhere (it is missing on the project's CI machines), and the in-process
 simulation has no network at all. :class:`EmulatedLink` wraps a :class:`Communicator` and makes each collective
 complete no earlier than it would on a link of the given rate and one-way latency. The link is a FIFO queue per
-worker: a transfer starts when the previous one has finished, so a backlog builds up exactly as it would on a real
-link when outer gradients are produced faster than the link drains them:
+worker: a transfer starts serialising when the previous one has left the sender, so a backlog builds up exactly as
+it would on a real link when outer gradients are produced faster than the link drains them; latency delays each
+transfer's arrival but does not occupy the link (transfers are pipelined):
 
-    start_i  = max(launch_i, finish_{i-1})
-    finish_i = start_i + latency + wire_bytes_i * 8 / rate
+    start_i  = max(launch_i, start_{i-1} + serialise_{i-1})      serialise_i = wire_bytes_i * 8 / rate
+    finish_i = start_i + serialise_i + latency
 
 ``wire_bytes`` is what this worker sends with ring algorithms (``eagerloco.comm.base.wire_bytes``). The real
 collective still runs underneath and its result is what ``wait`` delivers; only the completion time is held back.
@@ -40,7 +41,7 @@ class _DelayedWork:
 
 
 class EmulatedLink(Communicator):
-    """Wraps ``inner`` so that each collective takes ``latency_s + wire_bytes * 8 / bandwidth_bps`` on a FIFO link.
+    """Wraps ``inner`` so that each collective takes ``wire_bytes * 8 / bandwidth_bps + latency_s`` on a FIFO link.
 
     Args:
         inner: the communicator that really moves the data.
@@ -71,18 +72,17 @@ class EmulatedLink(Communicator):
         rate = "unlimited" if self.bandwidth_bps is None else f"{self.bandwidth_bps / 1e6:g} Mbit/s"
         return f"{self.inner.backend}+link({rate}, {self.latency_s * 1e3:g} ms)"
 
-    def transfer_seconds(self, kind: str, nbytes: int, is_source: bool = True) -> float:
-        """Time the link needs for one collective of this worker, excluding queueing."""
+    def serialise_seconds(self, kind: str, nbytes: int, is_source: bool = True) -> float:
+        """Time one collective of this worker occupies the link: wire bytes · 8 / rate."""
         sent = wire_bytes(kind, nbytes, self.world_size, is_source)
-        rate = float("inf") if self.bandwidth_bps is None else self.bandwidth_bps
-        return self.latency_s + sent * 8 / rate
+        return 0.0 if self.bandwidth_bps is None else sent * 8 / self.bandwidth_bps
 
     def _schedule(self, kind: str, tensor: torch.Tensor, is_source: bool = True) -> float:
-        duration = self.transfer_seconds(kind, tensor.numel() * tensor.element_size(), is_source)
+        serialise = self.serialise_seconds(kind, tensor.numel() * tensor.element_size(), is_source)
         with self._lock:
             start = max(time.perf_counter(), self._link_free_at)
-            self._link_free_at = start + duration
-            return self._link_free_at
+            self._link_free_at = start + serialise
+            return self._link_free_at + self.latency_s
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> Work:
         finish = self._schedule("all_reduce", tensor)

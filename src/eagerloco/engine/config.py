@@ -9,7 +9,6 @@ from typing import Any, Literal
 Mode = Literal["sync", "overlap", "delayed", "eager"]
 MODES: tuple[str, ...] = ("sync", "overlap", "delayed", "eager")
 FragmentLayout = Literal["strided", "sequential"]
-NonFinitePolicy = Literal["raise", "skip"]
 
 
 class ConfigError(ValueError):
@@ -39,7 +38,8 @@ class DiLoCoConfig:
     'sequential' (P contiguous runs of blocks). Ignored when the caller passes explicit fragments."""
 
     overlap_steps: int = 1
-    """τ (mode 'overlap' only): inner steps an all-reduce may take before it is waited for; 1 ≤ τ < H."""
+    """τ (mode 'overlap' only): inner steps an all-reduce may take before it is waited for; 0 ≤ τ < H. τ = 0
+    waits at once and loads φ̃ into θ (no local steps were taken meanwhile, so α does not apply): that is sync."""
 
     alpha: float = 0.5
     """α (mode 'overlap' only): θ ← α·θ + (1 − α)·φ̃ when the average arrives. 0 discards the τ local steps
@@ -66,10 +66,6 @@ class DiLoCoConfig:
 
     error_feedback: bool = False
     """Carry each worker's encoding residual into its next outer gradient (compression only)."""
-
-    nonfinite: NonFinitePolicy = "raise"
-    """What to do when an outer gradient holds NaN or Inf: 'raise' stops before the outer parameters are
-    touched; 'skip' skips that outer step (consistently on every worker)."""
 
     collective_timeout_s: float | None = None
     """Seconds any wait on an outer collective may block before raising (``None``: the communicator's own)."""
@@ -99,7 +95,7 @@ class DiLoCoConfig:
             )
         if self.fragment_layout not in ("strided", "sequential"):
             raise bad("fragment_layout", "must be 'strided' or 'sequential'")
-        _check_int(self, "overlap_steps", 1, "τ must be an integer >= 1")
+        _check_int(self, "overlap_steps", 0, "τ must be an integer >= 0")
         if self.mode == "overlap" and self.overlap_steps >= self.sync_every:
             raise ConfigError(
                 f"overlap_steps={self.overlap_steps} >= sync_every={self.sync_every}: τ must be < H (the "
@@ -117,8 +113,6 @@ class DiLoCoConfig:
             raise bad("outer_lr", "must be > 0 (0 would never move the outer parameters)")
         if self.outer_momentum >= 1:
             raise bad("outer_momentum", "must be < 1")
-        if self.nonfinite not in ("raise", "skip"):
-            raise bad("nonfinite", "must be 'raise' or 'skip'")
         if self.collective_timeout_s is not None and not (
             isinstance(self.collective_timeout_s, (int, float)) and self.collective_timeout_s > 0
         ):

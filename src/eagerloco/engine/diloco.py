@@ -237,7 +237,7 @@ class DiLoCo:
         if self.finalized:
             return
         enter = self._enter_call()
-        self._open_event()
+        self._open_event(kind="finalize")
         assert self._event is not None
         for state in self.states:  # fragment order, oldest first: the same on every worker
             while state.in_flight:
@@ -249,6 +249,7 @@ class DiLoCo:
                 self._event.fragments_applied.append(state.index)
             self.reset_inner(state)
         self._arrivals.clear()
+        self.stats.finalize_blocked_s += self._blocked_in_call
         if self._event.fragments_applied:
             self._close_event()
         else:
@@ -470,8 +471,8 @@ class DiLoCo:
         self._window_wall_s += exit_ - self._window_mark
         self._last_exit = exit_
 
-    def _open_event(self) -> None:
-        self._event = OuterStepRecord(inner_step=self.inner_step)
+    def _open_event(self, kind: str = "step") -> None:
+        self._event = OuterStepRecord(inner_step=self.inner_step, kind=kind)
         self._event_wire_start = self.comm.stats.wire_bytes
         self._event_diagnostic_start = self.stats.diagnostic_bytes
 
@@ -487,7 +488,8 @@ class DiLoCo:
         event.utilization = event.window_inner_s / event.window_wall_s if event.window_wall_s > 0 else 1.0
         diagnostic = self.stats.diagnostic_bytes - self._event_diagnostic_start
         event.wire_bytes = self.comm.stats.wire_bytes - self._event_wire_start - diagnostic
-        self.stats.outer_steps += 1
+        if event.kind == "step":
+            self.stats.outer_steps += 1
         self.stats.payload_bytes += event.payload_bytes
         self.stats.wire_bytes += event.wire_bytes
         self.records.append(event)

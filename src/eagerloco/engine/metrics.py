@@ -23,6 +23,8 @@ class OuterStepRecord:
 
     inner_step: int
     """t: the inner step count when the outer work happened."""
+    kind: str = "step"
+    """'step' (an outer step inside ``step()``) or 'finalize' (the drain at the end of training)."""
     fragments_synced: list[int] = field(default_factory=list)
     """Fragments whose outer gradient was launched at this step."""
     fragments_applied: list[int] = field(default_factory=list)
@@ -65,9 +67,12 @@ class RunStats:
 
     inner_steps: int = 0
     outer_steps: int = 0
-    """Number of records (step() calls with outer work)."""
+    """Number of step() calls with outer work (records of kind 'step')."""
     inner_s: float = 0.0
     blocked_s: float = 0.0
+    """All time blocked on outer collectives, the final drain included."""
+    finalize_blocked_s: float = 0.0
+    """The part of ``blocked_s`` spent in ``finalize()`` draining the collectives still in flight."""
     overhead_s: float = 0.0
     payload_bytes: int = 0
     wire_bytes: int = 0
@@ -85,7 +90,8 @@ class RunStats:
 
     @property
     def blocked_per_outer_step_s(self) -> float:
-        return self.blocked_s / self.outer_steps if self.outer_steps else 0.0
+        """Mean time blocked per outer step, the final drain excluded."""
+        return (self.blocked_s - self.finalize_blocked_s) / self.outer_steps if self.outer_steps else 0.0
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)

@@ -62,12 +62,19 @@ class OverlapStrategy(OuterStrategy):
 
     def on_sync(self, core: DiLoCo, state: FragmentState, t: int) -> None:
         core.launch(state, t)
-        core.schedule_arrival(state, t + self.overlap_steps)
+        if self.overlap_steps == 0:  # no local step is taken meanwhile: nothing to mix, this is sync
+            self._complete(core, state, alpha=0.0)
+        else:
+            core.schedule_arrival(state, t + self.overlap_steps)
 
     def on_arrival(self, core: DiLoCo, state: FragmentState, t: int) -> None:
+        self._complete(core, state, alpha=self.alpha)
+
+    @staticmethod
+    def _complete(core: DiLoCo, state: FragmentState, alpha: float) -> None:
         item = state.in_flight.popleft()
         core.apply(state, core.wait(state, item), launched_at=item.launch_step)
-        core.reset_inner(state, alpha=self.alpha)
+        core.reset_inner(state, alpha=alpha)
 
 
 class DelayedStrategy(OuterStrategy):
