@@ -46,14 +46,18 @@ def run(variant: str, steps: int, sync_every: int, batches: list[torch.Tensor]) 
 
 
 def step_call_cost(sync_every: int, calls: int = 20000) -> tuple[float, float]:
+    """(seconds per step() call off sync points, median seconds per step() call at a sync point)."""
+    comm = InProcessGroup(1).communicator(0)
     model, inner = build()
-    loco = DiLoCo(
-        model, inner, DiLoCoConfig(mode="eager", sync_every=sync_every), comm=InProcessGroup(1).communicator(0)
-    )
+    never = DiLoCo(model, inner, DiLoCoConfig(mode="eager", sync_every=10**9), comm=comm)
     start = time.perf_counter()
-    for _ in range(calls):  # almost all off sync points
-        loco.step()
+    for _ in range(calls):
+        never.step()
     per_call = (time.perf_counter() - start) / calls
+    model, inner = build()
+    loco = DiLoCo(model, inner, DiLoCoConfig(mode="eager", sync_every=sync_every), comm=comm)
+    for _ in range(sync_every * 20):
+        loco.step()
     syncs = [r.overhead_s + r.blocked_s for r in loco.records if r.kind == "step"]
     return per_call, statistics.median(syncs)
 
