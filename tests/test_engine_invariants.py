@@ -145,7 +145,7 @@ def test_eager_telescoping_without_momentum(world_size, delay):
     phi0 = results[0][0]
     expected = phi0 - lr * torch.stack(logs[0]).sum(0)
     assert len(logs[0]) == 4
-    for _, before, after in results:
+    for _, _before, after in results:
         torch.testing.assert_close(after, expected, rtol=0, atol=1e-6)
     # before finalize the workers' φ differed (each had applied its own fresh contribution only)
     assert not torch.equal(results[0][1], results[1][1])

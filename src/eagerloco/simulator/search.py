@@ -1,0 +1,105 @@
+"""What bandwidth is needed: CU curves on the papers' grid, threshold search, bounds, wall-clock estimates."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from eagerloco.simulator.config import LinkSpec, MethodSpec, ModelSpec, SimulatorConfigError
+from eagerloco.simulator.events import SimResult, simulate
+
+BANDWIDTH_GRID_GBPS: tuple[float, ...] = tuple(10.0 ** (-1.0 + 4.0 * i / 49) for i in range(50))
+"""The papers' grid: 50 points evenly spaced in log10 from 0.1 to 1,000 Gbit/s (ratio 10^(4/49) ≈ 1.207)."""
+
+CU_TARGETS: tuple[float, ...] = (0.50, 0.80, 0.90, 0.95, 0.99)
+"""Compute utilizations the papers' tables report."""
+
+CU_TOLERANCE = 1e-12
+"""A simulated CU counts as reaching a target t when CU >= t − CU_TOLERANCE (float rounding only)."""
+
+
+def cu_curve(
+    model: ModelSpec,
+    method: MethodSpec,
+    *,
+    workers: int = 2,
+    latency_s: float = 0.0,
+    grid: Sequence[float] = BANDWIDTH_GRID_GBPS,
+) -> list[SimResult]:
+    """One steady-state simulation per bandwidth of ``grid`` (Gbit/s)."""
+    return [simulate(model, method, LinkSpec(bandwidth_gbps=bw, workers=workers, latency_s=latency_s)) for bw in grid]
+
+
+def min_bandwidth_for_targets(
+    cus: Sequence[float], grid: Sequence[float] = BANDWIDTH_GRID_GBPS, targets: Sequence[float] = CU_TARGETS
+) -> list[float | None]:
+    """For each target, the smallest bandwidth of ``grid`` whose CU reaches it; None if none does."""
+    if len(cus) != len(grid):
+        raise SimulatorConfigError(f"{len(cus)} CU values for a grid of {len(grid)} bandwidths")
+    found: list[float | None] = []
+    for target in targets:
+        if not 0 < target <= 1:
+            raise SimulatorConfigError(f"CU target {target!r}: must be in (0, 1]")
+        hits = [bw for bw, cu in zip(grid, cus) if cu >= target - CU_TOLERANCE]
+        found.append(min(hits) if hits else None)
+    return found
+
+
+def bits_per_outer_step(model: ModelSpec, method: MethodSpec, workers: int) -> float:
+    """Bits each worker sends per outer step (per inner step for data-parallel):
+    N·bits·2(M − 1)/M. Every fragment syncs once per H steps, so streaming sends the same volume as DiLoCo."""
+    return model.params * method.bits * 2.0 * (workers - 1) / workers
+
+
+def sustained_bandwidth_bound_gbps(model: ModelSpec, method: MethodSpec, workers: int = 2) -> float:
+    """Lowest bandwidth at which the link can carry the traffic at all (PAPER_FACTS):
+    bits per outer step / (H·T), and bits per step / T for data-parallel. Below it,
+    CU <= bandwidth / bound whatever the overlap; CU = c needs at least c·bound."""
+    steps = 1 if method.data_parallel else method.sync_every
+    return bits_per_outer_step(model, method, workers) / (steps * model.step_time_s) / 1e9
+
+
+@dataclass(frozen=True)
+class WallClockEstimate:
+    """Time to train on a token budget at one bandwidth, in steady state (start-up and the final drain of
+    in-flight reductions, at most one outer step, are ignored)."""
+
+    cu: float
+    """Steady-state compute utilization at that bandwidth."""
+    inner_steps: int
+    """ceil(tokens / tokens_per_step)."""
+    compute_hours: float
+    """inner_steps · T / 3600: the time with an infinitely fast link."""
+    hours: float
+    """compute_hours / CU."""
+    bytes_per_worker: float
+    """Bytes each worker sends: bits per outer step / 8 · inner_steps / H (H = 1 for data-parallel)."""
+    simulated_steps: int
+    """Inner steps the event simulation ran to find the CU."""
+
+
+def estimate_wall_clock(
+    model: ModelSpec,
+    method: MethodSpec,
+    link: LinkSpec,
+    tokens: float,
+    tokens_per_step: float,
+) -> WallClockEstimate:
+    """Hours to process ``tokens`` tokens at ``tokens_per_step`` per inner step (all workers together):
+    ceil(tokens / tokens_per_step)·T / CU(bandwidth)."""
+    for name, value in (("tokens", tokens), ("tokens_per_step", tokens_per_step)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise SimulatorConfigError(f"{name}={value!r}: must be a finite number > 0")
+    result = simulate(model, method, link)
+    steps = math.ceil(tokens / tokens_per_step)
+    compute_hours = steps * model.step_time_s / 3600.0
+    period = 1 if method.data_parallel else method.sync_every
+    return WallClockEstimate(
+        cu=result.cu,
+        inner_steps=steps,
+        compute_hours=compute_hours,
+        hours=compute_hours / result.cu,
+        bytes_per_worker=bits_per_outer_step(model, method, link.workers) / 8.0 * steps / period,
+        simulated_steps=result.inner_steps,
+    )

@@ -1,0 +1,119 @@
+"""Bandwidth grid, threshold search, link bound, wall-clock estimate and reading a run's summary."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+
+import pytest
+
+from eagerloco.simulator import (
+    BANDWIDTH_GRID_GBPS,
+    TOKENS_PER_STEP_PAPER,
+    LinkSpec,
+    SimulatorConfigError,
+    bits_per_outer_step,
+    estimate_wall_clock,
+    load_run_summary,
+    method_preset,
+    min_bandwidth_for_targets,
+    model_preset,
+    sustained_bandwidth_bound_gbps,
+)
+
+
+def test_grid_is_the_papers_log_grid():
+    grid = BANDWIDTH_GRID_GBPS
+    assert len(grid) == 50
+    assert grid[0] == pytest.approx(0.1, rel=1e-15)
+    assert grid[-1] == pytest.approx(1000.0, rel=1e-15)
+    ratios = [b / a for a, b in itertools.pairwise(grid)]
+    assert ratios == pytest.approx([10 ** (4 / 49)] * 49, rel=1e-12)
+
+
+def test_min_bandwidth_for_targets_picks_first_grid_point_reaching_each():
+    grid = [1.0, 2.0, 4.0, 8.0]
+    cus = [0.4, 0.85, 0.95, 0.98]
+    assert min_bandwidth_for_targets(cus, grid, [0.5, 0.8, 0.9, 0.95, 0.99]) == [2.0, 2.0, 4.0, 4.0, None]
+    with pytest.raises(SimulatorConfigError, match="3 CU values for a grid of 4"):
+        min_bandwidth_for_targets(cus[:3], grid)
+    with pytest.raises(SimulatorConfigError, match=r"CU target 1.5: must be in \(0, 1\]"):
+        min_bandwidth_for_targets(cus, grid, [1.5])
+
+
+def test_link_bound_formula():
+    model = model_preset("100B")
+    # 1e11 params · 4 bits · 2(M−1)/M = 4e11 bits per outer step over H·T = 490 s
+    assert bits_per_outer_step(model, method_preset("eager_fp4"), 2) == 4e11
+    assert sustained_bandwidth_bound_gbps(model, method_preset("eager_fp4")) == pytest.approx(400 / 490)
+    assert sustained_bandwidth_bound_gbps(model, method_preset("dp"), workers=4) == pytest.approx(1.6e12 * 1.5 / 4.9e9)
+
+
+def test_wall_clock_25b_tokens_at_1_gbit():
+    """The eager paper's column: 1B, 25e9 tokens at 1 Gbit/s, 2^20 tokens per step → 23,842 steps, 0.662 h."""
+    model, link = model_preset("1B"), LinkSpec(bandwidth_gbps=1.0)
+    compute_h = 23842 * 0.1 / 3600
+    eager = estimate_wall_clock(model, method_preset("eager_fp4"), link, 25e9, TOKENS_PER_STEP_PAPER)
+    assert eager.inner_steps == 23842
+    assert eager.hours == pytest.approx(compute_h, rel=1e-12) and eager.cu == 1.0
+    assert eager.bytes_per_worker == pytest.approx(1e9 * 4 / 8 * 238.42, rel=1e-12)
+    dp = estimate_wall_clock(model, method_preset("dp"), link, 25e9, TOKENS_PER_STEP_PAPER)
+    d, r = 0.1 / 71, 16.0 / 24  # node time, per-layer transfer at 1 Gbit/s
+    assert dp.hours == pytest.approx(23842 * max(0.1 + r, 25 * d + 24 * r) / 3600, rel=1e-10)
+    assert dp.bytes_per_worker == pytest.approx(23842 * 2e9, rel=1e-12)
+    # τ = 1 with FP4: 8 fragment syncs per outer step each expose 0.5 s − 0.1 s − p·d
+    tau1 = estimate_wall_clock(model, method_preset("streaming_tau1_fp4"), link, 25e9, TOKENS_PER_STEP_PAPER)
+    waits = sum(0.5 - 0.1 - p * d for p in range(8))
+    assert tau1.hours == pytest.approx(compute_h * (10 + waits) / 10, rel=1e-10)
+    with pytest.raises(SimulatorConfigError, match=r"tokens=-1.0: must be a finite number > 0"):
+        estimate_wall_clock(model, method_preset("dp"), link, -1.0, TOKENS_PER_STEP_PAPER)
+
+
+def write_summary(tmp_path, **summary):
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    return tmp_path
+
+
+def test_load_run_summary(tmp_path):
+    run = write_summary(
+        tmp_path, params=123456, inner_step_time_s=0.25, num_layers=6, sync_every=30, num_fragments=3, workers=4
+    )
+    info = load_run_summary(run)
+    assert (info.model.params, info.model.layers, info.model.step_time_s) == (123456, 6, 0.25)
+    assert (info.sync_every, info.fragments, info.workers) == (30, 3, 4)
+    assert load_run_summary(run, layers=2).model.layers == 2
+
+
+@pytest.mark.parametrize(
+    ("summary", "layers", "message"),
+    [
+        ({"inner_step_time_s": 0.1, "num_layers": 2}, None, r"missing key 'params' \(the parameter count\)"),
+        ({"params": 10, "num_layers": 2}, None, r"missing key 'inner_step_time_s'"),
+        ({"params": 10, "inner_step_time_s": 0.1}, None, r"missing key 'num_layers'.*--layers"),
+        ({"params": -3, "inner_step_time_s": 0.1}, 2, r"params=-3: must be an integer > 0"),
+        ({"params": 10, "inner_step_time_s": "fast"}, 2, r"inner_step_time_s='fast': must be a number > 0"),
+        ({"params": 10, "inner_step_time_s": 0.1, "workers": 1.5}, 2, r"workers=1.5: must be an integer > 0"),
+    ],
+)
+def test_load_run_summary_errors(tmp_path, summary, layers, message):
+    with pytest.raises(SimulatorConfigError, match=message):
+        load_run_summary(write_summary(tmp_path, **summary), layers=layers)
+
+
+def test_load_run_summary_missing_file(tmp_path):
+    with pytest.raises(SimulatorConfigError, match=r"summary.json: no such file"):
+        load_run_summary(tmp_path)
+    with pytest.raises(SimulatorConfigError, match="not a directory"):
+        load_run_summary(tmp_path / "nope")
+    (tmp_path / "summary.json").write_text("{oops")
+    with pytest.raises(SimulatorConfigError, match="cannot read it as JSON"):
+        load_run_summary(tmp_path)
+
+
+def test_wall_clock_hours_scale_with_cu():
+    model, method = model_preset("10B"), method_preset("diloco")
+    est = estimate_wall_clock(model, method, LinkSpec(bandwidth_gbps=2.0), 1e12, 4e6)
+    # R = 1e10·16 / 2e9 = 80 s per outer step of H·T = 80 s: CU = 1/2
+    assert est.cu == pytest.approx(0.5, rel=1e-12)
+    assert est.hours == pytest.approx(2 * math.ceil(1e12 / 4e6) * 0.8 / 3600, rel=1e-12)
