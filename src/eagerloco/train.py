@@ -1,0 +1,504 @@
+"""Pretrain a small GPT with DiLoCo, streaming, delayed or eager outer steps: eagerloco's main job.
+
+    eagerloco train                                     # the default: 2 simulated workers, eager, 3-5 min on 2 cores
+    eagerloco train --mode sync --out-dir runs/sync     # blocking DiLoCo on the same (emulated) link, to compare
+    eagerloco train --mode dp --out-dir runs/dp         # the data-parallel baseline
+    eagerloco train --launch processes                  # 2 real processes over gloo on this machine
+    eagerloco train --config configs/smoke.toml         # a named experiment (flags still override it)
+    torchrun --nproc-per-node 2 -m eagerloco.train --link-mbit 0        # one rank per worker, any torchrun job
+    torchrun --nnodes 2 --node-rank R --rdzv-backend c10d --rdzv-endpoint HOST:29400 \\
+        --nproc-per-node 1 -m eagerloco.train --link-mbit 0             # one worker per site
+
+Every worker builds the same model from the same seed, samples its own shard of the text, and trains with AdamW;
+the DiLoCo wrapper runs the outer loop after each inner step. The run directory (``--out-dir``) receives
+``config.json`` (as resolved), ``metrics.jsonl`` (per inner step: loss and lr; per outer step: the engine's
+record; per evaluation: the eval loss of the outer parameters), ``summary.json``, ``checkpoints/`` and
+``model.pt`` (the final outer parameters, consolidated). The loop reads top to bottom in :func:`train_worker`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from eagerloco.comm import Communicator, EmulatedLink, InProcessGroup, TorchDistributedCommunicator, run_workers
+from eagerloco.engine import DiLoCo, RunStats
+from eagerloco.engine.data_parallel import GradientAverager
+from eagerloco.lm import checkpoint as ckpt
+from eagerloco.lm.config import TrainConfig, add_arguments, from_args
+from eagerloco.lm.data import LMData, default_cache_dir, prepare_data
+from eagerloco.lm.model import GPT, GPTConfig, evaluate_loss
+
+
+# ----------------------------------------------------------------------------------------------- bookkeeping
+class MetricsLog:
+    """Appends JSON lines to ``metrics.jsonl``; shared by simulated workers (thread-safe)."""
+
+    def __init__(self, path: Path, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self._lock = threading.Lock()
+        self._fh = path.open("a") if enabled else None
+        self._tb: Any = None
+
+    def attach_tensorboard(self, directory: Path) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as exc:
+            raise RuntimeError("run.tensorboard=true needs the tensorboard package: pip install tensorboard") from exc
+        self._tb = SummaryWriter(str(directory))
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        line = json.dumps(record)
+        with self._lock:
+            assert self._fh is not None
+            self._fh.write(line + "\n")
+            if self._tb is not None and record.get("worker", 0) == 0:
+                step = record.get("step", record.get("inner_step", 0))
+                for key in ("loss", "lr", "eval_loss", "utilization", "blocked_s"):
+                    if isinstance(record.get(key), (int, float)):
+                        self._tb.add_scalar(f"{record['type']}/{key}", record[key], step)
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def lr_at(step: int, config: TrainConfig) -> float:
+    """Linear warm-up to lr over warmup_steps, then cosine decay to lr·min_lr_ratio at the last step."""
+    o, total = config.optim, config.run.steps
+    if step < o.warmup_steps:
+        return o.lr * (step + 1) / o.warmup_steps
+    progress = (step - o.warmup_steps) / max(1, total - o.warmup_steps)
+    return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+@dataclass
+class WorkerResult:
+    """What one worker reports at the end (gathered into summary.json)."""
+
+    rank: int
+    params: int
+    stats: dict[str, Any]
+    final_train_loss: float
+    eval_loss: float | None
+    comm_payload_bytes: int
+    comm_wire_bytes: int
+    inner_steps: int
+    evals: list[dict[str, Any]] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------------------------- one worker
+def train_worker(config: TrainConfig, comm: Communicator, data: LMData, run_dir: Path, log: MetricsLog) -> WorkerResult:
+    rank, world = comm.rank, comm.world_size
+    device = torch.device(config.run.device)
+    if config.run.link_mbit > 0 or config.run.link_latency_ms > 0:
+        comm = EmulatedLink(comm, config.run.link_mbit * 1e6 or None, config.run.link_latency_ms / 1e3)
+
+    # Model: identical on every worker (same seed); the wrapper also broadcasts worker 0's φ_0 to be sure.
+    model_cfg = GPTConfig(**{**config.model.to_dict(), "vocab_size": data.vocab_size})
+    model = GPT(model_cfg, seed=config.run.seed).to(device)
+    o = config.optim
+    inner = torch.optim.AdamW(model.optimizer_groups(o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2))
+    dp = config.outer.mode == "dp"
+    loco = None if dp else DiLoCo(model, inner, config.outer.diloco(), comm=comm)
+    averager = GradientAverager(model, comm, config.outer.collective_timeout_s) if dp else None
+    timer: DiLoCo | GradientAverager = averager if dp else loco  # type: ignore[assignment]
+    eval_model = GPT(model_cfg, seed=0).to(device)  # evaluates the outer parameters φ mid-run
+    eval_batches = data.eval_batches(config.data.eval_batch_size, model_cfg.seq_len, config.data.eval_batches)
+    sampler = data.sampler(
+        config.data.batch_size, model_cfg.seq_len, seed=config.run.seed, worker=rank, num_workers=world,
+        sharding=config.data.sharding,
+    )  # fmt: skip
+    tokens_per_step = config.data.batch_size * model_cfg.seq_len * world  # global tokens per inner step
+
+    start_step = 0
+    elapsed_before = 0.0
+    if config.run.resume and (directory := ckpt.latest_valid(run_dir)) is not None:
+        state = ckpt.load_worker(directory, rank, world)
+        model.load_state_dict(state["model"])
+        inner.load_state_dict(state["inner_optimizer"])
+        sampler.load_state_dict(state["sampler"])
+        if loco is not None:
+            loco.load_state_dict(state["outer"])
+        torch.set_rng_state(state["rng"])
+        start_step = state["inner_step"]
+        elapsed_before = state["elapsed_s"]
+    if loco is not None:
+        loco.add_record_listener(
+            lambda r: log.write(
+                {"type": "outer", "worker": rank, "tokens": r.inner_step * tokens_per_step, **r.to_dict()}
+            )
+        )
+
+    def evaluate(step: int) -> float:
+        """Eval loss of this worker's outer parameters φ (θ for dp), on the fixed validation windows."""
+        with timer.paused():
+            if loco is not None:
+                loco.copy_outer_parameters_to(eval_model)
+            else:
+                eval_model.load_state_dict(model.state_dict())
+            loss = evaluate_loss(eval_model, eval_batches, device)
+            log.write({"type": "eval", "worker": rank, "step": step, "tokens": step * tokens_per_step,
+                       "time_s": elapsed(), "eval_loss": loss})  # fmt: skip
+        return loss
+
+    def save_checkpoint(step: int) -> None:
+        """Every worker writes its file; worker 0 commits the manifest once all are on disk."""
+        with timer.paused():
+            state = {
+                "inner_step": step,
+                "model": model.state_dict(),
+                "inner_optimizer": inner.state_dict(),
+                "outer": loco.state_dict() if loco is not None else None,  # waits for averages in flight
+                "sampler": sampler.state_dict(),
+                "rng": torch.get_rng_state(),
+                "elapsed_s": elapsed(),
+                "config": config.to_dict(),
+            }
+            digest = ckpt.save_worker(run_dir, step, rank, state)
+            digests = comm.all_gather_object(digest)  # also the barrier: every file is on disk
+            if rank == 0:
+                ckpt.commit(run_dir, step, world, digests, config.run.keep_checkpoints)
+
+    progress = None
+    if rank == 0 and config.run.progress:
+        from tqdm import tqdm
+
+        progress = tqdm(total=config.run.steps, initial=start_step, desc=f"{config.outer.mode} x{world}", unit="step")
+
+    # ------------------------------------------------------------------------------------------- the loop
+    loop_start = time.perf_counter()
+    paused_total = 0.0
+
+    def elapsed() -> float:
+        return elapsed_before + time.perf_counter() - loop_start - paused_total
+
+    evals: list[dict[str, Any]] = []
+    loss_value = float("nan")
+    timer.reset_clock()  # measure the loop only, not data preparation and start-up
+    for step in range(start_step, config.run.steps):
+        lr = lr_at(step, config)
+        for group in inner.param_groups:
+            group["lr"] = lr
+        x, y = sampler.next_batch()
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        _, loss = model(x, y)
+        loss.backward()
+        if averager is not None:
+            averager.average_gradients()  # dp: every step, blocking
+        if o.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
+        inner.step()
+        inner.zero_grad(set_to_none=True)
+        if loco is not None:
+            loco.step()  # the outer loop: launches, waits and outer steps happen here
+        done = step + 1
+        loss_value = loss.item()
+        log.write({"type": "inner", "worker": rank, "step": done, "loss": loss_value, "lr": lr,
+                   "tokens": done * tokens_per_step, "time_s": elapsed()})  # fmt: skip
+        if progress is not None:
+            stats = timer.stats
+            progress.set_postfix(loss=f"{loss_value:.3f}", cu=f"{stats.utilization:.3f}", refresh=False)
+            progress.update(1)
+        pause = time.perf_counter()
+        if config.run.eval_every and done % config.run.eval_every == 0 and done < config.run.steps:
+            evals.append({"step": done, "eval_loss": evaluate(done)})
+        at_outer_boundary = done % config.outer.sync_every == 0
+        outer_index = done // config.outer.sync_every
+        every = config.run.checkpoint_every
+        if every and at_outer_boundary and outer_index % every == 0 and done < config.run.steps:
+            save_checkpoint(done)
+        paused_total += time.perf_counter() - pause
+    if progress is not None:
+        progress.close()
+
+    # Drain what is still in flight, then (eager) average the workers' φ into one model: the model to keep.
+    if loco is not None:
+        loco.finalize()
+        with loco.paused():
+            loco.consolidate()
+    stats: RunStats = timer.stats
+    final_eval = evaluate(config.run.steps)
+    evals.append({"step": config.run.steps, "eval_loss": final_eval})
+    save_checkpoint(config.run.steps)
+    if rank == 0:
+        final = {"model_config": model_cfg.to_dict(), "model": model.state_dict(), "train_config": config.to_dict(),
+                 "tokenizer": data.tokenizer.fingerprint, "eval_loss": final_eval}  # fmt: skip
+        buffer = io.BytesIO()
+        torch.save(final, buffer)
+        ckpt.atomic_write_bytes(run_dir / "model.pt", buffer.getvalue())
+    return WorkerResult(
+        rank=rank,
+        params=model.num_parameters(),
+        stats=stats.to_dict(),
+        final_train_loss=loss_value,
+        eval_loss=final_eval,
+        comm_payload_bytes=comm.stats.payload_bytes,
+        comm_wire_bytes=comm.stats.wire_bytes,
+        inner_steps=config.run.steps,
+        evals=evals,
+    )
+
+
+# ----------------------------------------------------------------------------------------------- launchers
+def load_data(config: TrainConfig) -> LMData:
+    return prepare_data(
+        config.data.corpus,
+        tokenizer=config.data.tokenizer,
+        vocab_size=config.data.bpe_vocab_size if config.data.tokenizer == "bpe" else None,
+        val_fraction=config.data.val_fraction,
+        cache_dir=default_cache_dir(),
+    )
+
+
+def prepare_run_dir(config: TrainConfig) -> Path:
+    run_dir = Path(config.run.out_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    metrics = run_dir / "metrics.jsonl"
+    if config.run.resume:
+        directory = ckpt.latest_valid(run_dir)
+        if directory is None:
+            raise SystemExit(f"--resume: no complete checkpoint under {run_dir / 'checkpoints'}")
+        step = int(directory.name.split("-")[1])
+        if metrics.exists():  # drop what the interrupted run logged after its checkpoint
+            kept = [line for line in metrics.read_text().splitlines() if _step_of(line) <= step]
+            ckpt.atomic_write_bytes(metrics, ("\n".join(kept) + "\n" if kept else "").encode())
+    else:
+        if (run_dir / "checkpoints").exists():
+            import shutil
+
+            shutil.rmtree(run_dir / "checkpoints")
+        metrics.write_text("")
+    ckpt.atomic_write_bytes(run_dir / "config.json", json.dumps(config.to_dict(), indent=2).encode())
+    return run_dir
+
+
+def _step_of(line: str) -> int:
+    record = json.loads(line)
+    return int(record.get("step", record.get("inner_step", 0)))
+
+
+def set_threads(config: TrainConfig, workers_here: int) -> None:
+    threads = config.run.threads or max(1, (os.cpu_count() or 1) // workers_here)
+    torch.set_num_threads(threads)
+
+
+def run_simulated(config: TrainConfig) -> list[WorkerResult]:
+    set_threads(config, config.run.workers)
+    data = load_data(config)
+    run_dir = prepare_run_dir(config)
+    log = MetricsLog(run_dir / "metrics.jsonl")
+    if config.run.tensorboard:
+        log.attach_tensorboard(run_dir / "tb")
+    group = InProcessGroup(config.run.workers, timeout=config.outer.collective_timeout_s)
+    try:
+        return run_workers(group, lambda comm: train_worker(config, comm, data, run_dir, log))
+    finally:
+        log.close()
+
+
+def run_torchrun(config: TrainConfig) -> list[WorkerResult] | None:
+    """This process is one rank of a torchrun (or ``--launch processes``) job; rank 0 returns all results."""
+    import torch.distributed as dist
+
+    world = int(os.environ["WORLD_SIZE"])
+    if world != config.run.workers:
+        raise SystemExit(f"torchrun started {world} ranks but run.workers={config.run.workers}: pass --workers {world}")
+    set_threads(config, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+    backend = "nccl" if config.run.device.startswith("cuda") else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        config.run.device = f"cuda:{torch.cuda.current_device()}"
+    dist.init_process_group(backend)
+    try:
+        rank = dist.get_rank()
+        comm = TorchDistributedCommunicator(timeout=config.outer.collective_timeout_s)
+        data = load_data(config)
+        run_dir = Path(config.run.out_dir)
+        if rank == 0:
+            prepare_run_dir(config)
+        comm.all_gather_object(None)  # the run directory is ready
+        log = MetricsLog(run_dir / "metrics.jsonl")
+        if rank == 0 and config.run.tensorboard:
+            log.attach_tensorboard(run_dir / "tb")
+        try:
+            result = train_worker(config, comm, data, run_dir, log)
+        finally:
+            log.close()
+        results = comm.all_gather_object(result)
+        return results if rank == 0 else None
+    finally:
+        dist.destroy_process_group()
+
+
+def run_processes(config: TrainConfig) -> list[WorkerResult]:
+    """Spawn ``workers`` local processes that run :func:`run_torchrun` over gloo; worker 0 writes the summary."""
+    import socket
+
+    run_dir = Path(config.run.out_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    resolved = run_dir / "config.launch.json"
+    child = TrainConfig.from_dict(config.to_dict())
+    child.run.launch = "torchrun"
+    resolved.write_text(json.dumps(child.to_dict(), indent=2))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in range(config.run.workers):
+        env = dict(os.environ, EAGERLOCO_PARENT=str(os.getpid()), RANK=str(rank), LOCAL_RANK=str(rank),
+                   WORLD_SIZE=str(config.run.workers), LOCAL_WORLD_SIZE=str(config.run.workers),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                   GLOO_SOCKET_IFNAME=os.environ.get("GLOO_SOCKET_IFNAME", "lo"))  # fmt: skip
+        cmd = [sys.executable, "-m", "eagerloco.train", "--resolved-config", str(resolved)]
+        procs.append(subprocess.Popen(cmd, env=env))
+    codes = [p.wait() for p in procs]
+    if any(codes):
+        raise SystemExit(f"worker processes exited with codes {codes}")
+    return [WorkerResult(**r) for r in json.loads((run_dir / "results.json").read_text())]
+
+
+# ----------------------------------------------------------------------------------------------- summary
+def summarize(config: TrainConfig, results: list[WorkerResult], data_summary: str | None = None) -> dict[str, Any]:
+    world = len(results)
+    steps = config.run.steps
+    tokens = steps * config.data.batch_size * config.model.seq_len * world
+    walls = [r.stats["wall_s"] for r in results]
+    summary = {
+        "mode": config.outer.mode,
+        "workers": world,
+        "launch": config.run.launch,
+        "eval_loss": results[0].eval_loss,
+        "tokens": tokens,
+        "tokens_per_s": tokens / max(walls),
+        "wall_s": max(walls),
+        "utilization": sum(r.stats["utilization"] for r in results) / world,
+        "blocked_s": sum(r.stats["blocked_s"] for r in results) / world,
+        "blocked_per_outer_step_s": sum(r.stats["blocked_per_outer_step_s"] for r in results) / world,
+        "bytes_sent_per_worker": sum(r.stats["payload_bytes"] for r in results) // world,
+        "wire_bytes_per_worker": sum(r.stats["wire_bytes"] for r in results) // world,
+        "outer_steps": results[0].stats["outer_steps"],
+        # for `eagerloco simulate --from-run`
+        "params": results[0].params,
+        "num_layers": config.model.n_layer,
+        "inner_step_time_s": sum(r.stats["inner_s"] / max(1, r.stats["inner_steps"]) for r in results) / world,
+        "sync_every": config.outer.sync_every,
+        "num_fragments": config.outer.num_fragments,
+        "link_mbit": config.run.link_mbit,
+        "link_latency_ms": config.run.link_latency_ms,
+        "per_worker": [
+            {"rank": r.rank, "eval_loss": r.eval_loss, "final_train_loss": r.final_train_loss, **r.stats}
+            for r in results
+        ],
+        "evals": results[0].evals,
+    }
+    return summary
+
+
+def print_summary(summary: dict[str, Any], config: TrainConfig) -> None:
+    mode = summary["mode"]
+    detail = {
+        "dp": "gradients averaged every step",
+        "sync": f"H={config.outer.sync_every}",
+        "overlap": f"H={config.outer.sync_every}, τ={config.outer.overlap_steps}, α={config.outer.alpha}",
+        "delayed": f"H={config.outer.sync_every}, k={config.outer.delay}",
+        "eager": f"H={config.outer.sync_every}, k={config.outer.delay}",
+    }[mode]
+    link = f"emulated {config.run.link_mbit:g} Mbit/s" if config.run.link_mbit else "no emulated link"
+    print()
+    print(f"eagerloco train: {mode} ({detail}, P={config.outer.num_fragments}), {summary['workers']} workers "
+          f"({config.run.launch}), {link}, {summary['params']:,} parameters")  # fmt: skip
+    rows = [
+        ("eval loss of the outer parameters", f"{summary['eval_loss']:.4f}"),
+        ("tokens seen (all workers)", f"{summary['tokens']:,}"),
+        ("tokens/s (all workers)", f"{summary['tokens_per_s']:,.0f}"),
+        ("wall time of the training loop", f"{summary['wall_s']:.1f} s"),
+        ("compute utilization", f"{summary['utilization']:.3f}"),
+        ("time blocked on collectives", f"{summary['blocked_s']:.2f} s"),
+        ("  per outer step", f"{summary['blocked_per_outer_step_s'] * 1e3:.1f} ms"),
+        ("outer steps", f"{summary['outer_steps']}"),
+        ("bytes sent per worker", _human(summary["bytes_sent_per_worker"])),
+    ]
+    width = max(len(r[0]) for r in rows)
+    for name, value in rows:
+        print(f"  {name:<{width}}  {value}")
+    workers = summary["per_worker"]
+    if len(workers) > 1:
+        print(f"  {'per worker':<{width}}  " + "  ".join(f"{'worker ' + str(w['rank']):>12}" for w in workers))
+        for key, fmt in (("utilization", "{:.3f}"), ("blocked_s", "{:.2f} s"), ("final_train_loss", "{:.4f}")):
+            print(f"  {'  ' + key:<{width}}  " + "  ".join(f"{fmt.format(w[key]):>12}" for w in workers))
+
+
+def _human(nbytes: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(nbytes) < 1000:
+            return f"{nbytes:.1f} {unit}"
+        nbytes /= 1000
+    return f"{nbytes:.1f} PB"
+
+
+# ----------------------------------------------------------------------------------------------- entry
+def run(config: TrainConfig) -> dict[str, Any] | None:
+    """Run the configured training; return the summary (on the process that writes it, else None)."""
+    launch = config.run.launch
+    if launch == "auto":
+        launch = "torchrun" if "RANK" in os.environ and "WORLD_SIZE" in os.environ else "simulated"
+        config.run.launch = launch
+    if launch == "processes":
+        results = run_processes(config)
+    elif launch == "torchrun":
+        gathered = run_torchrun(config)
+        if gathered is None:
+            return None
+        results = gathered
+    else:
+        results = run_simulated(config)
+    summary = summarize(config, results)
+    run_dir = Path(config.run.out_dir)
+    ckpt.atomic_write_bytes(run_dir / "summary.json", json.dumps(summary, indent=2).encode())
+    if launch == "torchrun":
+        ckpt.atomic_write_bytes(run_dir / "results.json", json.dumps([r.__dict__ for r in results]).encode())
+    if launch != "torchrun" or "EAGERLOCO_PARENT" not in os.environ:
+        print_summary(summary, config)
+    return summary
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="eagerloco train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("--config", help="TOML experiment file (see configs/); flags override it")
+    parser.add_argument("--resolved-config", help=argparse.SUPPRESS)  # --launch processes hands its config over
+    add_arguments(parser)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    if args.resolved_config:
+        return TrainConfig.from_dict(json.loads(Path(args.resolved_config).read_text())).validate()
+    return from_args(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    run(config_from_args(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
