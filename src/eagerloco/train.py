@@ -351,6 +351,7 @@ def run_processes(config: TrainConfig) -> list[WorkerResult]:
     """Spawn ``workers`` local processes that run :func:`run_torchrun` over gloo; worker 0 writes the summary."""
     import socket
 
+    load_data(config)  # fail here on bad data, and build the tokenizer cache once for all children
     run_dir = Path(config.run.out_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = run_dir / "config.launch.json"

@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         config = config_from_args(args)
-    except (ConfigError, CorpusError) as exc:
+        run_training(config)
+    except (ConfigError, CorpusError) as exc:  # bad input: a one-line message, not a traceback
         raise SystemExit(f"eagerloco train: error: {exc}") from None
-    run_training(config)
     return 0

@@ -152,8 +152,13 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        """Inverse of :meth:`to_dict` (derived fields such as model.vocab_size are recomputed, not read)."""
         config = cls()
-        apply_overrides(config, values, source="dict")
+        settable = {
+            section: {k: v for k, v in table.items() if f"{section}.{k}" not in DERIVED}
+            for section, table in values.items()
+        }
+        apply_overrides(config, settable, source="dict")
         return config
 
     def validate(self) -> TrainConfig:
