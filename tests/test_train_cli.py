@@ -161,3 +161,20 @@ def test_default_config_is_the_documented_main_job():
     apply_overrides(shipped, load_toml(ROOT / "configs" / "eager.toml"), "eager.toml")
     shipped.run.out_dir = config.run.out_dir
     assert shipped.to_dict() == config.to_dict()
+
+
+def test_quickstart_example_runs(tmp_path):
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "quickstart.py"), "--steps", "60", "--sync-every", "10"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    lines = sorted(line for line in out.splitlines() if line.startswith("worker"))
+    assert len(lines) == 2 and all("compute utilization" in line for line in lines)
+    # after consolidate both workers evaluate the same model
+    assert lines[0].split("eval mse")[1].split(",")[0] == lines[1].split("eval mse")[1].split(",")[0]
