@@ -185,9 +185,11 @@ def train_worker(config: TrainConfig, comm: Communicator, data: LMData, run_dir:
     # ------------------------------------------------------------------------------------------- the loop
     loop_start = time.perf_counter()
     paused_total = 0.0
+    paused_since: float | None = None  # set while evaluating/checkpointing: the clock stands still
 
     def elapsed() -> float:
-        return elapsed_before + time.perf_counter() - loop_start - paused_total
+        now = time.perf_counter() if paused_since is None else paused_since
+        return elapsed_before + now - loop_start - paused_total
 
     evals: list[dict[str, Any]] = []
     loss_value = float("nan")
@@ -216,7 +218,7 @@ def train_worker(config: TrainConfig, comm: Communicator, data: LMData, run_dir:
             stats = timer.stats
             progress.set_postfix(loss=f"{loss_value:.3f}", cu=f"{stats.utilization:.3f}", refresh=False)
             progress.update(1)
-        pause = time.perf_counter()
+        paused_since = time.perf_counter()
         if config.run.eval_every and done % config.run.eval_every == 0 and done < config.run.steps:
             evals.append({"step": done, "eval_loss": evaluate(done)})
         at_outer_boundary = done % config.outer.sync_every == 0
@@ -224,7 +226,8 @@ def train_worker(config: TrainConfig, comm: Communicator, data: LMData, run_dir:
         every = config.run.checkpoint_every
         if every and at_outer_boundary and outer_index % every == 0 and done < config.run.steps:
             save_checkpoint(done)
-        paused_total += time.perf_counter() - pause
+        paused_total += time.perf_counter() - paused_since
+        paused_since = None
     if progress is not None:
         progress.close()
 
@@ -258,13 +261,16 @@ def train_worker(config: TrainConfig, comm: Communicator, data: LMData, run_dir:
 
 # ----------------------------------------------------------------------------------------------- launchers
 def load_data(config: TrainConfig) -> LMData:
-    return prepare_data(
+    """The run's corpus, split and tokenised; sets ``config.model.vocab_size`` from the tokenizer."""
+    data = prepare_data(
         config.data.corpus,
         tokenizer=config.data.tokenizer,
         vocab_size=config.data.bpe_vocab_size if config.data.tokenizer == "bpe" else None,
         val_fraction=config.data.val_fraction,
         cache_dir=default_cache_dir(),
     )
+    config.model.vocab_size = data.vocab_size
+    return data
 
 
 def prepare_run_dir(config: TrainConfig) -> Path:

@@ -4,25 +4,32 @@
 Needs the ``lm`` extra (numpy; ``tokenizers`` for BPE only).
 """
 
-from eagerloco.lm.data import (
-    CORPORA,
-    SHARDINGS,
-    BatchSampler,
-    Corpus,
-    CorpusError,
-    Document,
-    EvalBatches,
-    LMData,
-    TokenStream,
-    default_cache_dir,
-    load_corpus,
-    prepare_data,
-    shard_documents,
-    split_corpus,
-    split_text,
-)
-from eagerloco.lm.model import GPT, GPTConfig, evaluate_loss
-from eagerloco.lm.tokenizer import TOKENIZER_KINDS, BPETokenizer, ByteTokenizer, Tokenizer, build_tokenizer
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# Resolved lazily (``eagerloco plot`` and ``simulate`` must not pay for torch and numpy imports).
+_MODULE_OF = {
+    **dict.fromkeys(
+        ["CORPORA", "SHARDINGS", "BatchSampler", "Corpus", "CorpusError", "Document", "EvalBatches", "LMData",
+         "TokenStream", "default_cache_dir", "load_corpus", "prepare_data", "shard_documents", "split_corpus",
+         "split_text"],
+        "eagerloco.lm.data",
+    ),
+    **dict.fromkeys(["GPT", "GPTConfig", "evaluate_loss"], "eagerloco.lm.model"),
+    **dict.fromkeys(
+        ["TOKENIZER_KINDS", "BPETokenizer", "ByteTokenizer", "Tokenizer", "build_tokenizer"], "eagerloco.lm.tokenizer"
+    ),
+}  # fmt: skip
+
+
+def __getattr__(name: str) -> Any:
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module 'eagerloco.lm' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
 
 __all__ = [
     "CORPORA",
