@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
+from eagerloco.fileio import atomic_write_bytes
 from eagerloco.lm import tokenizer as tokmod
 from eagerloco.lm.tokenizer import (
     BPETokenizer,
     ByteTokenizer,
     Tokenizer,
-    atomic_write_bytes,
     bpe_cache_path,
     build_tokenizer,
 )

@@ -71,7 +71,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from eagerloco.lm.tokenizer import ByteTokenizer, Tokenizer, atomic_write_bytes, build_tokenizer
+from eagerloco.fileio import atomic_write_bytes
+from eagerloco.lm.tokenizer import ByteTokenizer, Tokenizer, build_tokenizer
 
 __all__ = [
     "CORPORA",

@@ -24,20 +24,19 @@ later build loads it instead of training again.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
-import secrets
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
+
+from eagerloco.fileio import atomic_write_bytes
 
 __all__ = [
     "TOKENIZER_KINDS",
     "BPETokenizer",
     "ByteTokenizer",
     "Tokenizer",
-    "atomic_write_bytes",
     "bpe_cache_path",
     "build_tokenizer",
     "texts_fingerprint",
@@ -181,23 +180,6 @@ def texts_fingerprint(texts: Iterable[str]) -> str:
         h.update(len(data).to_bytes(8, "little"))
         h.update(data)
     return h.hexdigest()
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: a uniquely named temporary file in the same directory (created with
-    the usual umask permissions), fsync, then ``os.replace``; readers see the old file or the complete new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(6)}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def bpe_cache_path(cache_dir: str | os.PathLike[str], texts: Sequence[str], vocab_size: int) -> Path:
