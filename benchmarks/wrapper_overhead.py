@@ -3,11 +3,12 @@
     .venv/bin/python benchmarks/wrapper_overhead.py [--repeats 30] [--sync-every 30]
 
 One worker (M = 1, in-process group: collectives complete at once), the default small GPT of the training CLI,
-AdamW inner steps on random tokens. Three variants run *interleaved* in each repeat so that machine noise hits
-all of them alike: the plain loop, the loop with ``DiLoCo.step()`` in sync mode, and in eager mode, both with
-H = --sync-every and 2 streaming fragments. Reports median time per inner step and the wrapper's overhead
-relative to the plain loop (the median of paired chunk differences), which must stay below 1 %. It also reports the cost of one ``step()`` call off sync
-points and at a sync point, measured directly.
+AdamW inner steps on random tokens. Three variants advance interleaved, one chunk of H inner steps at a time (each
+chunk holds every fragment's sync point), in rotating order: the plain loop, the loop with ``DiLoCo.step()`` in
+sync mode, and in eager mode, both with H = --sync-every and 2 streaming fragments. Reports the median time per
+inner step and the wrapper's overhead relative to the plain loop, as the median of paired differences between
+chunks of the same round (adjacent in time, so machine drift cancels); it must stay below 1 %. It also reports
+the cost of one ``step()`` call off sync points and at a sync point, measured directly.
 """
 
 from __future__ import annotations
