@@ -1,0 +1,296 @@
+"""Helpers shared by the benchmark drivers: run ``eagerloco train``, read its outputs, describe the machine.
+
+Standard library only (the drivers import torch only where they train themselves). Every driver:
+
+* runs its variants *interleaved* (repeat loop outermost, the order of variants rotated every repeat) so that
+  machine noise -- the project machine has 2 cores shared with other people's test runs -- hits every variant
+  alike, and reports medians;
+* writes ``<name>.json`` (raw results, the machine, the command, the date) and ``<name>.md`` (the tables) under
+  ``benchmarks/results/`` (``--out``);
+* has a ``--smoke`` flag: a seconds-long version (tiny model, a few steps) that the CI test runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+# The methods of issue 6, as `eagerloco train` flags (the model, optimizer and H are the CLI's defaults:
+# 820k-parameter GPT, AdamW lr 3e-3, H = 30, outer SGD Nesterov 0.9, outer lr 0.7).
+METHODS: dict[str, list[str]] = {
+    "dp": ["--mode", "dp"],
+    "sync": ["--mode", "sync"],
+    "streaming": ["--mode", "overlap", "--num-fragments", "2", "--overlap-steps", "1", "--alpha", "0.5"],
+    "delayed": ["--mode", "delayed", "--delay", "1"],
+    "eager": ["--mode", "eager", "--delay", "1"],
+    "eager2": ["--mode", "eager", "--delay", "2"],
+    "eager_fp4": ["--mode", "eager", "--delay", "1", "--compression", "fp4", "--error-feedback"],
+    # the codecs of issue 5, all in eager k=1 (codec_loss.py)
+    "eager_bf16": ["--mode", "eager", "--delay", "1", "--compression", "bf16"],
+    "eager_fp16": ["--mode", "eager", "--delay", "1", "--compression", "fp16"],
+    "eager_fp8": ["--mode", "eager", "--delay", "1", "--compression", "fp8"],
+    "eager_int8": ["--mode", "eager", "--delay", "1", "--compression", "int8"],
+    "eager_fp4_noef": ["--mode", "eager", "--delay", "1", "--compression", "fp4"],
+}
+LABELS: dict[str, str] = {
+    "dp": "data-parallel (DDP)",
+    "sync": "DiLoCo (sync)",
+    "streaming": "streaming, P=2, τ=1, α=0.5",
+    "delayed": "delayed k=1 (naive)",
+    "eager": "eager k=1",
+    "eager2": "eager k=2",
+    "eager_fp4": "eager k=1, fp4 + EF",
+    "eager_bf16": "eager k=1, bf16",
+    "eager_fp16": "eager k=1, fp16",
+    "eager_fp8": "eager k=1, fp8 e4m3",
+    "eager_int8": "eager k=1, int8",
+    "eager_fp4_noef": "eager k=1, fp4 (no EF)",
+}
+
+# A seconds-long model for --smoke (configs/smoke.toml's model and batch).
+SMOKE_ARGS: list[str] = [
+    "--n-layer", "2", "--n-head", "2", "--d-model", "32", "--seq-len", "32",
+    "--batch-size", "4", "--eval-batch-size", "4", "--eval-batches", "2", "--warmup-steps", "2",
+]  # fmt: skip
+
+
+def python() -> str:
+    """The interpreter running the driver (the project's .venv when started as ``.venv/bin/python``)."""
+    return sys.executable
+
+
+def train_argv(args: Sequence[str]) -> list[str]:
+    """``python -m eagerloco.train ARGS`` with this interpreter."""
+    return [python(), "-m", "eagerloco.train", *args]
+
+
+def run_train(
+    args: Sequence[str], out_dir: Path, *, timeout: float = 3600.0, env: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """Run ``eagerloco train ARGS --out-dir OUT --no-progress`` to completion; return its summary.json (plus
+    ``driver_wall_s``, the whole command's wall time). Raises RuntimeError with the output tail on failure."""
+    out_dir = Path(out_dir)
+    argv = train_argv([*args, "--out-dir", str(out_dir), "--no-progress"])
+    start = time.perf_counter()
+    proc = subprocess.run(
+        argv, capture_output=True, text=True, timeout=timeout, env=dict(env) if env is not None else None, cwd=ROOT
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"{shlex.join(argv)} exited {proc.returncode}:\n{(proc.stdout + proc.stderr)[-4000:]}")
+    summary = read_summary(out_dir)
+    summary["driver_wall_s"] = time.perf_counter() - start
+    return summary
+
+
+def read_summary(run_dir: Path) -> dict[str, Any]:
+    return json.loads((Path(run_dir) / "summary.json").read_text())
+
+
+def read_metrics(run_dir: Path, kind: str | None = None, worker: int | None = 0) -> list[dict[str, Any]]:
+    """Records of ``metrics.jsonl`` (optionally of one type and one worker)."""
+    out = []
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        if not line.strip():
+            continue
+        rec = json.loads(line)
+        if kind is not None and rec.get("type") != kind:
+            continue
+        if worker is not None and rec.get("worker", 0) != worker:
+            continue
+        out.append(rec)
+    return out
+
+
+def steady_state(summary: Mapping[str, Any]) -> dict[str, float]:
+    """CU and blocked time without the final drain (``finalize``), averaged over workers.
+
+    A run of a few outer steps ends with ``finalize()`` waiting for the collectives still in flight: for eager
+    and delayed that is one whole all-reduce, paid once per run however long it is. The steady-state CU is
+    inner / (wall - finalize_blocked), what a long run approaches (and what the simulator predicts).
+    """
+    cus, walls = [], []
+    for w in summary["per_worker"]:
+        wall = w["wall_s"] - w.get("finalize_blocked_s", 0.0)
+        cus.append(w["inner_s"] / wall if wall > 0 else 1.0)
+        walls.append(wall)
+    return {"cu_steady": sum(cus) / len(cus), "wall_steady_s": max(walls)}
+
+
+def rotate(items: Sequence[Any], k: int) -> list[Any]:
+    """``items`` rotated left by k (the order of variants in repeat k)."""
+    items = list(items)
+    if not items:
+        return items
+    k %= len(items)
+    return items[k:] + items[:k]
+
+
+def median(values: Iterable[float]) -> float:
+    vals = [v for v in values if v is not None]
+    return statistics.median(vals) if vals else float("nan")
+
+
+def spread(values: Iterable[float]) -> tuple[float, float, float]:
+    """(mean, sample std, max - min) of the values."""
+    vals = list(values)
+    mean = statistics.fmean(vals)
+    std = statistics.stdev(vals) if len(vals) > 1 else 0.0
+    return mean, std, max(vals) - min(vals)
+
+
+def machine() -> dict[str, Any]:
+    """What ran the benchmark: CPU model, cores, memory, kernel, Python, torch, load, date (UTC)."""
+    cpu = "unknown"
+    with _suppress():
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem_gib = None
+    with _suppress():
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                mem_gib = round(int(line.split()[1]) / 2**20, 1)
+    torch_version = None
+    with _suppress():
+        torch_version = subprocess.run(
+            [python(), "-c", "import torch; print(torch.__version__)"], capture_output=True, text=True, timeout=60
+        ).stdout.strip()
+    return {
+        "date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "mem_gib": mem_gib,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "torch": torch_version,
+        "loadavg_at_start": os.getloadavg(),
+        "note": "2 cores shared with other engineers' test runs: variants interleaved, medians reported",
+    }
+
+
+class _suppress:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> bool:
+        return True
+
+
+def md_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """A GitHub markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(str(c) for c in row) + " |")
+    return "\n".join(lines)
+
+
+def write_results(name: str, out: Path, payload: dict[str, Any], markdown: str) -> tuple[Path, Path]:
+    """Write ``out/name.json`` and ``out/name.md``; return both paths."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    jpath, mpath = out / f"{name}.json", out / f"{name}.md"
+    jpath.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    mpath.write_text(markdown.rstrip() + "\n")
+    return jpath, mpath
+
+
+def command_line() -> str:
+    """The command that started this driver, as one shell line (for the results files)."""
+    exe = sys.executable
+    with _suppress():
+        exe = os.path.relpath(exe, ROOT)
+    script = sys.argv[0]
+    with _suppress():
+        script = os.path.relpath(script, ROOT)
+    return shlex.join([exe, script, *sys.argv[1:]])
+
+
+def machine_line(m: Mapping[str, Any]) -> str:
+    load = ", ".join(f"{x:.2f}" for x in m.get("loadavg_at_start", ()))
+    return (
+        f"{m['date_utc']}; {m['cpu']}, {m['cores']} cores, {m['mem_gib']} GiB, kernel {m['kernel']}, "
+        f"Python {m['python']}, torch {m['torch']}; load average at start {load}. {m['note']}."
+    )
+
+
+# ------------------------------------------------------------------------------------------------ link lab runs
+def netlab():  # type: ignore[no-untyped-def]
+    """The link lab module (``benchmarks/netlab.py``), imported on first use."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import netlab as module
+
+    return module
+
+
+def run_train_torchrun(
+    lab: Any, args: Sequence[str], out_dir: Path, *, port: int, rdzv_id: str, timeout: float = 1800.0
+) -> dict[str, Any]:
+    """Run ``eagerloco train ARGS`` as a 2-site torchrun job across ``lab`` (one worker per namespace, gloo over
+    the shaped links, no emulated link, 1 torch thread per worker); return rank 0's summary.json plus
+    ``ns_tx_bytes`` / ``ns_rx_bytes`` (each site's ``lab0`` counters over the whole job, start-up included)
+    and ``driver_wall_s``."""
+    nl = netlab()
+    out_dir = Path(out_dir)
+    summary_path = out_dir / "summary.json"
+    if summary_path.exists():
+        summary_path.unlink()
+    script = [
+        "-m", "eagerloco.train", *args, "--launch", "torchrun", "--link-mbit", "0", "--threads", "1",
+        "--out-dir", str(out_dir), "--no-progress",
+    ]  # fmt: skip
+    before = [lab.counters(s) for s in lab.site_ids]
+    start = time.perf_counter()
+    procs = [
+        lab.popen(
+            s,
+            nl.torchrun_argv(lab, s, script, port, rdzv_id=rdzv_id, python=python()),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=ROOT,
+        )
+        for s in lab.site_ids
+    ]
+    outputs = _wait_all(procs, timeout)
+    wall = time.perf_counter() - start
+    failed = [(i, p.returncode) for i, p in enumerate(procs) if p.returncode]
+    if failed or not summary_path.exists():
+        tail = "\n".join(f"--- site {i}:\n{out[-3000:]}" for i, out in enumerate(outputs))
+        raise RuntimeError(f"torchrun job failed (exit codes {[p.returncode for p in procs]}):\n{tail}")
+    deltas = [lab.counters(s) - b for s, b in zip(lab.site_ids, before)]
+    summary = read_summary(out_dir)
+    summary["ns_tx_bytes"] = [d.tx_bytes for d in deltas]
+    summary["ns_rx_bytes"] = [d.rx_bytes for d in deltas]
+    summary["driver_wall_s"] = wall
+    return summary
+
+
+def _wait_all(procs: Sequence[subprocess.Popen[str]], timeout: float) -> list[str]:
+    """Collect every process's output; on timeout kill them all and raise."""
+    import signal
+
+    deadline = time.monotonic() + timeout
+    outputs = []
+    try:
+        for p in procs:
+            out, _ = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            outputs.append(out or "")
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            with _suppress():
+                os.killpg(p.pid, signal.SIGKILL)
+        raise RuntimeError(f"job did not finish within {timeout:.0f} s") from None
+    return outputs

@@ -1,0 +1,303 @@
+"""Compute utilization and wall clock vs bandwidth, on real rate-limited links between network namespaces.
+
+    sudo .venv/bin/python benchmarks/cu_bandwidth.py                 # 6 methods x 4 rates x 2 repeats, ~45 min
+    sudo .venv/bin/python benchmarks/cu_bandwidth.py --smoke         # seconds: tiny model, one rate, eager only
+
+Builds a 2-site link lab (``netlab.py``: one namespace per worker, veth + bridge, ``tc tbf`` up and down at
+the rate), and for every rate and method runs ``eagerloco train`` as a 2-node torchrun job, one worker per
+namespace, gloo over the shaped link, 1 torch thread per worker, no emulated link (``--link-mbit 0``). The
+default model (820k parameters, 3.3 MB of fp32), H = 30, ``--steps`` inner steps per worker (120 = 4 outer
+steps; data-parallel runs fewer steps on slow links, see ``--dp-budget-s``, and its wall clock is scaled to the
+same tokens). Order: repeat loop outermost, rates alternately up and down, methods rotated per (repeat, rate).
+
+Reported per (rate, method), medians over repeats:
+
+* ``CU run``: the training loop's compute utilization as the engine measures it (inner time / wall time),
+  the final drain (``finalize``) included;
+* ``CU steady``: the same without the final drain: eager and delayed end every run by waiting for the last
+  all-reduce once, a cost a long run amortises; this is what the simulator predicts;
+* time blocked per outer step (drain excluded) and in all, wall clock of the loop for the same tokens;
+* bytes each site sent (``/proc/net/dev`` of ``lab0`` over the whole job, start-up included);
+* the simulator's steady-state CU for the same model (parameters, layers, measured seconds per inner step),
+  method and nominal rate (``eagerloco.simulator``, bits 32; 4 for fp4).
+
+Writes ``benchmarks/results/<name>.json`` / ``.md`` and the plot ``<name>.png``. Needs root (network
+namespaces); exits with status 2 and the reason where a lab can't be built.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchlib as bl
+
+DEFAULT_METHODS = ["dp", "sync", "streaming", "delayed", "eager", "eager_fp4"]
+DEFAULT_RATES = [100.0, 20.0, 8.0, 4.0]
+MODEL_BYTES = 820_352 * 4
+
+
+def dp_steps(rate_mbit: float, steps: int, budget_s: float, step_s: float = 0.2) -> int:
+    """Data-parallel steps at this rate: all of ``steps`` if the predicted run (one fp32 all-reduce of the model
+    per step at about 0.85 of the rate, plus compute) fits ``budget_s``, else fewer, at least 8."""
+    per_step = MODEL_BYTES * 8 / (0.85 * rate_mbit * 1e6) + step_s
+    return max(8, min(steps, int(budget_s / per_step)))
+
+
+def simulated_cu(method: str, rate_mbit: float, step_s: float, layers: int, params: int, sync_every: int) -> float:
+    """The simulator's steady-state CU for this method at ``rate_mbit`` (M = 2, no latency)."""
+    from eagerloco.simulator.config import LinkSpec, MethodSpec, ModelSpec
+    from eagerloco.simulator.events import simulate
+
+    model = ModelSpec(name="default-gpt", params=float(params), layers=layers, step_time_s=step_s)
+    specs = {
+        "dp": MethodSpec(name="dp", data_parallel=True, bits=32),
+        "sync": MethodSpec(name="sync", sync_every=sync_every, fragments=1, bits=32),
+        "streaming": MethodSpec(name="streaming", sync_every=sync_every, fragments=2, overlap_steps=1, bits=32),
+        "delayed": MethodSpec(name="delayed", sync_every=sync_every, fragments=1, slack_outer_steps=1, bits=32),
+        "eager": MethodSpec(name="eager", sync_every=sync_every, fragments=1, slack_outer_steps=1, bits=32),
+        "eager2": MethodSpec(name="eager2", sync_every=sync_every, fragments=1, slack_outer_steps=2, bits=32),
+        "eager_fp4": MethodSpec(name="eager_fp4", sync_every=sync_every, fragments=1, slack_outer_steps=1, bits=4),
+    }
+    return simulate(model, specs[method], LinkSpec(bandwidth_gbps=rate_mbit / 1e3)).cu
+
+
+def record(method: str, rate: float, rep: int, steps: int, full_steps: int, s: dict[str, Any]) -> dict[str, Any]:
+    steady = bl.steady_state(s)
+    wall = s["wall_s"]
+    return {
+        "method": method,
+        "rate_mbit": rate,
+        "repeat": rep,
+        "steps": steps,
+        "cu_run": s["utilization"],
+        "cu_steady": steady["cu_steady"],
+        "blocked_s": s["blocked_s"],
+        "blocked_per_outer_step_s": s["blocked_per_outer_step_s"],
+        "finalize_blocked_s": sum(w.get("finalize_blocked_s", 0.0) for w in s["per_worker"]) / len(s["per_worker"]),
+        "wall_s": wall,
+        "wall_same_tokens_s": wall * full_steps / steps,
+        "wall_steady_s": steady["wall_steady_s"],
+        "tokens": s["tokens"],
+        "tokens_per_s": s["tokens_per_s"],
+        "inner_step_time_s": s["inner_step_time_s"],
+        "outer_steps": s["outer_steps"],
+        "payload_bytes_per_worker": s["bytes_sent_per_worker"],
+        "ns_tx_bytes": s["ns_tx_bytes"],
+        "ns_rx_bytes": s["ns_rx_bytes"],
+        "eval_loss": s["eval_loss"],
+        "params": s["params"],
+        "num_layers": s["num_layers"],
+        "sync_every": s["sync_every"],
+        "driver_wall_s": s["driver_wall_s"],
+    }
+
+
+def aggregate(payload: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per (rate, method): medians over repeats, and the simulator's CU."""
+    runs = payload["runs"]
+    if not runs:
+        return []
+    step_s = bl.median(r["inner_step_time_s"] for r in runs if r["method"] != "dp")
+    if math.isnan(step_s):
+        step_s = bl.median(r["inner_step_time_s"] for r in runs)
+    params, layers, h = runs[0]["params"], runs[0]["num_layers"], runs[0]["sync_every"]
+    rows = []
+    for rate in sorted({r["rate_mbit"] for r in runs}, reverse=True):
+        for method in payload["methods"]:
+            rs = [r for r in runs if r["rate_mbit"] == rate and r["method"] == method]
+            if not rs:
+                continue
+            row: dict[str, Any] = {"rate_mbit": rate, "method": method, "n": len(rs), "steps": rs[0]["steps"]}
+            for key in (
+                "cu_run", "cu_steady", "blocked_per_outer_step_s", "blocked_s", "wall_s", "wall_same_tokens_s",
+                "tokens_per_s", "inner_step_time_s", "eval_loss", "payload_bytes_per_worker",
+            ):  # fmt: skip
+                row[key] = bl.median(r[key] for r in rs)
+            row["cu_run_min"] = min(r["cu_run"] for r in rs)
+            row["cu_run_max"] = max(r["cu_run"] for r in rs)
+            row["cu_steady_min"] = min(r["cu_steady"] for r in rs)
+            row["cu_steady_max"] = max(r["cu_steady"] for r in rs)
+            row["ns_tx_mb"] = bl.median(sum(r["ns_tx_bytes"]) / len(r["ns_tx_bytes"]) / 1e6 for r in rs)
+            row["cu_sim"] = simulated_cu(method, rate, step_s, layers, params, h)
+            rows.append(row)
+    payload["sim_step_time_s"] = step_s
+    return rows
+
+
+def report(payload: dict[str, Any]) -> str:
+    rows = aggregate(payload)
+    payload["table"] = rows
+    full = payload["steps"]
+    lines = [
+        f"CU vs bandwidth: 2 workers in 2 network namespaces, torchrun + gloo over a tbf-shaped link (rate up and "
+        f"down per site), {full} inner steps per worker (H = {payload['sync_every']}), 1 torch thread per worker, "
+        f"repeats: {payload['repeats']} (medians; min-max of CU in brackets). One fp32 outer all-reduce = "
+        f"{payload['runs'][0]['params'] * 4 / 1e6:.2f} MB; "
+        f"inner step {payload.get('sim_step_time_s', float('nan')):.3f} s (median), "
+        f"inner phase H x step = {payload['sync_every'] * payload.get('sim_step_time_s', float('nan')):.1f} s.",
+        "",
+        f"Command: `{payload['command']}`",
+        "",
+        f"Machine: {bl.machine_line(payload['machine'])}",
+        "",
+    ]
+    header = [
+        "rate Mbit/s", "method", "CU run", "CU steady", "CU simulator", "blocked / outer step s", "blocked s",
+        f"wall s ({full} steps)", "tokens/s", "MB sent / site", "eval loss",
+    ]  # fmt: skip
+    table_rows = []
+    for r in rows:
+        star = "*" if r["steps"] != full else ""
+        table_rows.append(
+            [
+                f"{r['rate_mbit']:g}",
+                bl.LABELS.get(r["method"], r["method"]) + (f" ({r['steps']} steps)" if star else ""),
+                f"{r['cu_run']:.3f} [{r['cu_run_min']:.3f}-{r['cu_run_max']:.3f}]",
+                f"{r['cu_steady']:.3f}",
+                f"{r['cu_sim']:.3f}",
+                f"{r['blocked_per_outer_step_s']:.2f}",
+                f"{r['blocked_s']:.1f}",
+                f"{r['wall_same_tokens_s']:.1f}{star}",
+                f"{r['tokens_per_s']:,.0f}",
+                f"{r['ns_tx_mb']:.1f}",
+                f"{r['eval_loss']:.3f}",
+            ]
+        )
+    lines.append(bl.md_table(header, table_rows))
+    if any(r["steps"] != full for r in rows):
+        lines += [
+            "",
+            f"\\* data-parallel ran fewer steps on slow links (an all-reduce per step); its wall clock is scaled "
+            f"to {full} steps, its CU is per step and needs no scaling; its blocked time per 'outer step' is per "
+            "inner step.",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def plot(payload: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = payload["table"]
+    methods = [m for m in payload["methods"] if any(r["method"] == m for r in rows)]
+    rates = sorted({r["rate_mbit"] for r in rows})
+    grid = [10 ** (math.log10(min(rates) / 2) + i * (math.log10(max(rates) * 2) - math.log10(min(rates) / 2)) / 80)
+            for i in range(81)]  # fmt: skip
+    step_s = payload["sim_step_time_s"]
+    r0 = payload["runs"][0]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, method in enumerate(methods):
+        color = colors[i % len(colors)]
+        pts = [r for r in rows if r["method"] == method]
+        xs = [r["rate_mbit"] for r in pts]
+        ys = [r["cu_steady"] for r in pts]
+        lo = [r["cu_steady"] - r["cu_steady_min"] for r in pts]
+        hi = [r["cu_steady_max"] - r["cu_steady"] for r in pts]
+        ax.errorbar(xs, ys, yerr=[lo, hi], fmt="o", color=color, capsize=3, label=f"{bl.LABELS.get(method, method)}")
+        sim = [simulated_cu(method, g, step_s, r0["num_layers"], r0["params"], r0["sync_every"]) for g in grid]
+        ax.plot(grid, sim, "--", color=color, linewidth=1, alpha=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("link rate per site (Mbit/s, tc tbf up and down)")
+    ax.set_ylabel("compute utilization (steady state)")
+    ax.set_ylim(0, 1.05)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.set_title(
+        f"Measured (points, median and range of {payload['repeats']}) vs simulator (dashed)\n"
+        f"{r0['params']:,}-parameter GPT, 2 workers, H = {r0['sync_every']}, inner step {step_s:.3f} s"
+    )
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rates", nargs="+", type=float, default=DEFAULT_RATES, help="Mbit/s")
+    ap.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=sorted(bl.METHODS))
+    ap.add_argument("--steps", type=int, default=120)
+    ap.add_argument("--sync-every", type=int, default=30)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--dp-budget-s", type=float, default=60.0, help="cap on a data-parallel run's predicted time")
+    ap.add_argument("--name", default="cu_bandwidth")
+    ap.add_argument("--out", type=Path, default=bl.RESULTS)
+    ap.add_argument("--runs-dir", type=Path, default=bl.ROOT / "runs" / "benchmarks")
+    ap.add_argument("--port", type=int, default=29400)
+    ap.add_argument("--no-plot", action="store_true")
+    ap.add_argument("--smoke", action="store_true", help="seconds-long: tiny model, one rate, eager only")
+    args = ap.parse_args(argv)
+    extra: list[str] = []
+    if args.smoke:
+        extra = list(bl.SMOKE_ARGS)
+        if args.rates == DEFAULT_RATES:
+            args.rates = [50.0]
+        if args.methods == DEFAULT_METHODS:
+            args.methods = ["eager"]
+        args.steps, args.sync_every, args.repeats = min(args.steps, 10), 5, 1
+    nl = bl.netlab()
+    ok, why = nl.netns_available()
+    if not ok:
+        print(f"cu_bandwidth: cannot build a link lab here: {why}", file=sys.stderr)
+        return 2
+    runs_dir = args.runs_dir / args.name
+    payload: dict[str, Any] = {
+        "benchmark": "cu_bandwidth",
+        "command": bl.command_line(),
+        "machine": bl.machine(),
+        "methods": args.methods,
+        "rates_mbit": args.rates,
+        "steps": args.steps,
+        "sync_every": args.sync_every,
+        "repeats": args.repeats,
+        "runs": [],
+    }
+    counter = 0
+    with nl.Lab(num_sites=2, rate_mbit=args.rates[0]) as lab:
+        print(f"lab {lab.prefix} up", flush=True)
+        for rep in range(args.repeats):
+            rates = args.rates if rep % 2 == 0 else list(reversed(args.rates))
+            for ri, rate in enumerate(rates):
+                lab.set_rate(rate)
+                for method in bl.rotate(args.methods, rep + ri):
+                    steps = dp_steps(rate, args.steps, args.dp_budget_s) if method == "dp" else args.steps
+                    if args.smoke:
+                        steps = args.steps
+                    train_args = [
+                        *bl.METHODS[method], *extra, "--steps", str(steps), "--sync-every", str(args.sync_every),
+                        "--seed", "0", "--eval-every", "0",
+                    ]  # fmt: skip
+                    counter += 1
+                    summary = bl.run_train_torchrun(
+                        lab,
+                        train_args,
+                        runs_dir / f"{method}-{rate:g}mbit-r{rep}",
+                        port=args.port + (counter % 50),
+                        rdzv_id=f"{lab.prefix}-{counter}",
+                    )
+                    rec = record(method, rate, rep, steps, args.steps, summary)
+                    payload["runs"].append(rec)
+                    print(
+                        f"rep {rep} {rate:>6g} Mbit/s {method:>10}: CU {rec['cu_run']:.3f} steady "
+                        f"{rec['cu_steady']:.3f} blocked/outer {rec['blocked_per_outer_step_s']:.2f} s wall "
+                        f"{rec['wall_s']:.1f} s ({steps} steps)",
+                        flush=True,
+                    )
+                    bl.write_results(args.name, args.out, payload, report(payload))
+    jpath, mpath = bl.write_results(args.name, args.out, payload, report(payload))
+    if not args.no_plot:
+        plot(payload, args.out / f"{args.name}.png")
+    print(mpath.read_text())
+    print(f"wrote {jpath}, {mpath}" + ("" if args.no_plot else f", {args.out / (args.name + '.png')}"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""Time to a target loss on a slow link: each method's wall clock to reach DiLoCo's final eval loss.
+
+    .venv/bin/python benchmarks/time_to_target.py            # after loss_parity.py and cu_bandwidth.py
+    .venv/bin/python benchmarks/time_to_target.py --rate 8   # another link rate of the cu_bandwidth run
+
+Combines two measurements of the same model, data and H, taken by the other drivers:
+
+* ``loss_parity.json``: each method's eval-loss curve against inner steps (every ``--eval-every`` steps, several
+  seeds; the loss does not depend on the link);
+* ``cu_bandwidth.json``: each method's wall seconds per inner step on the real rate-limited link (median over
+  repeats, steady state: the one-off final drain excluded, as a long run amortises it).
+
+The target is DiLoCo's (sync's) final eval loss, mean over seeds. A method's curve is the mean over seeds at each
+evaluation; the step where it first reaches the target is interpolated linearly between evaluations. Its wall
+clock is that step x its seconds per inner step at the chosen rate (the slowest one by default). The mid-run
+evaluations are of worker 0's outer parameters; the last one is after ``finalize`` (and, for eager,
+``consolidate``), as in every run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchlib as bl
+
+
+def mean_curve(runs: list[dict[str, Any]]) -> list[tuple[int, float]]:
+    """(step, mean eval loss over seeds) at the evaluation steps every run has."""
+    steps = sorted(set.intersection(*({e["step"] for e in r["evals"]} for r in runs)))
+    return [(s, sum(_at(r, s) for r in runs) / len(runs)) for s in steps]
+
+
+def _at(run: dict[str, Any], step: int) -> float:
+    return next(e["eval_loss"] for e in run["evals"] if e["step"] == step)
+
+
+def first_crossing(curve: list[tuple[int, float]], target: float) -> float | None:
+    """The first step at which the curve reaches ``target`` (linear between evaluations); None if never."""
+    prev: tuple[int, float] | None = None
+    for step, loss in curve:
+        if loss <= target:
+            if prev is None or prev[1] == loss:
+                return float(step)
+            s0, l0 = prev
+            return s0 + (l0 - target) / (l0 - loss) * (step - s0)
+        prev = (step, loss)
+    return None
+
+
+def seconds_per_step(cu: dict[str, Any], method: str, rate: float) -> float | None:
+    """Median wall seconds per inner step of ``method`` at ``rate`` (steady state), or None if not measured."""
+    rs = [r for r in cu["runs"] if r["method"] == method and r["rate_mbit"] == rate]
+    return bl.median(r["wall_steady_s"] / r["steps"] for r in rs) if rs else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--loss", type=Path, default=bl.RESULTS / "loss_parity.json")
+    ap.add_argument("--cu", type=Path, default=bl.RESULTS / "cu_bandwidth.json")
+    ap.add_argument("--rate", type=float, default=None, help="Mbit/s (default: the slowest rate measured)")
+    ap.add_argument("--name", default="time_to_target")
+    ap.add_argument("--out", type=Path, default=bl.RESULTS)
+    args = ap.parse_args(argv)
+    loss, cu = json.loads(args.loss.read_text()), json.loads(args.cu.read_text())
+    rate = args.rate if args.rate is not None else min(r["rate_mbit"] for r in cu["runs"])
+    by_method: dict[str, list[dict[str, Any]]] = {}
+    for r in loss["runs"]:
+        by_method.setdefault(r["method"], []).append(r)
+    if "sync" not in by_method:
+        raise SystemExit("time_to_target: loss_parity.json has no 'sync' (DiLoCo) runs to take the target from")
+    target = sum(r["eval_loss"] for r in by_method["sync"]) / len(by_method["sync"])
+    rows, table = [], []
+    for method in loss["methods"]:
+        runs = by_method.get(method, [])
+        if not runs:
+            continue
+        curve = mean_curve(runs)
+        step = first_crossing(curve, target)
+        per_step = seconds_per_step(cu, method, rate)
+        wall = step * per_step if step is not None and per_step is not None else None
+        rows.append({"method": method, "step": step, "seconds_per_step": per_step, "wall_s": wall,
+                     "final_mean_loss": curve[-1][1]})  # fmt: skip
+        table.append([
+            bl.LABELS.get(method, method),
+            f"{curve[-1][1]:.3f}",
+            f"{step:.0f}" if step is not None else f"not in {curve[-1][0]}",
+            f"{per_step:.3f}" if per_step is not None else "not measured",
+            f"{wall:.0f}" if wall is not None else "-",
+        ])  # fmt: skip
+    sync_wall = next((r["wall_s"] for r in rows if r["method"] == "sync"), None)
+    for row, cells in zip(rows, table):
+        cells.append(f"{row['wall_s'] / sync_wall:.2f}x" if row["wall_s"] and sync_wall else "-")
+    text = "\n".join([
+        f"Time to DiLoCo's final eval loss ({target:.4f}, mean of {len(by_method['sync'])} seeds) at {rate:g} "
+        f"Mbit/s: loss curves from `{args.loss.name}` ({loss['steps']} steps, seeds {loss['seeds']}), seconds per "
+        f"inner step on the link from `{args.cu.name}` (steady state, median of repeats).",
+        "",
+        f"Command: `{bl.command_line()}`",
+        "",
+        bl.md_table(["method", "final eval loss (mean)", "inner steps to target", f"s / inner step at {rate:g} Mbit/s",
+                     "wall s to target", "vs DiLoCo"], table),
+    ])  # fmt: skip
+    payload = {"benchmark": "time_to_target", "target": target, "rate_mbit": rate, "rows": rows,
+               "sources": [str(args.loss), str(args.cu)]}  # fmt: skip
+    jpath, mpath = bl.write_results(args.name, args.out, payload, text)
+    print(mpath.read_text())
+    print(f"wrote {jpath} and {mpath}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
