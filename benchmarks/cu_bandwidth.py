@@ -176,6 +176,11 @@ def report(payload: dict[str, Any]) -> str:
             f"to {full} steps, its CU is per step and needs no scaling; its blocked time per 'outer step' is per "
             "inner step.",
         ]
+    failures = payload.get("failures", [])
+    if failures:
+        lines += ["", f"Failed jobs (each retried once; the table holds the successful attempts): {len(failures)}"]
+        lines += [f"- rep {f['repeat']}, {f['rate_mbit']:g} Mbit/s, {f['method']}, attempt {f['attempt']}: "
+                  f"{f['error'].strip().splitlines()[-1][:200]}" for f in failures]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -258,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         "sync_every": args.sync_every,
         "repeats": args.repeats,
         "runs": [],
+        "failures": [],
     }
     counter = 0
     with nl.Lab(num_sites=2, rate_mbit=args.rates[0]) as lab:
@@ -274,14 +280,26 @@ def main(argv: list[str] | None = None) -> int:
                         *bl.METHODS[method], *extra, "--steps", str(steps), "--sync-every", str(args.sync_every),
                         "--seed", "0", "--eval-every", "0",
                     ]  # fmt: skip
-                    counter += 1
-                    summary = bl.run_train_torchrun(
-                        lab,
-                        train_args,
-                        runs_dir / f"{method}-{rate:g}mbit-r{rep}",
-                        port=args.port + (counter % 50),
-                        rdzv_id=f"{lab.prefix}-{counter}",
-                    )
+                    summary = None
+                    for attempt in range(2):  # a failed job is reported, retried once, then recorded as failed
+                        counter += 1
+                        try:
+                            summary = bl.run_train_torchrun(
+                                lab,
+                                train_args,
+                                runs_dir / f"{method}-{rate:g}mbit-r{rep}",
+                                port=args.port + (counter % 50),
+                                rdzv_id=f"{lab.prefix}-{counter}",
+                            )
+                            break
+                        except RuntimeError as exc:
+                            print(
+                                f"rep {rep} {rate:g} Mbit/s {method}: attempt {attempt + 1} failed:\n{exc}", flush=True
+                            )
+                            payload["failures"].append({"method": method, "rate_mbit": rate, "repeat": rep,
+                                                        "attempt": attempt + 1, "error": str(exc)[-3000:]})  # fmt: skip
+                    if summary is None:
+                        continue
                     rec = record(method, rate, rep, steps, args.steps, summary)
                     payload["runs"].append(rec)
                     print(
