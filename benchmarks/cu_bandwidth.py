@@ -28,6 +28,7 @@ namespaces); exits with status 2 and the reason where a lab can't be built.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from pathlib import Path
@@ -238,7 +239,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--port", type=int, default=29400)
     ap.add_argument("--no-plot", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="seconds-long: tiny model, one rate, eager only")
+    ap.add_argument("--report-only", action="store_true", help="rebuild <name>.md and .png from <name>.json")
     args = ap.parse_args(argv)
+    if args.report_only:
+        payload = json.loads((args.out / f"{args.name}.json").read_text())
+        jpath, mpath = bl.write_results(args.name, args.out, payload, report(payload))
+        if not args.no_plot:
+            plot(payload, args.out / f"{args.name}.png")
+        print(mpath.read_text())
+        return 0
     extra: list[str] = []
     if args.smoke:
         extra = list(bl.SMOKE_ARGS)
