@@ -367,3 +367,14 @@ def test_cuda_payload_is_bit_identical_to_cpu(name: str) -> None:
         gpu = codec.encode(x.cuda()).payload
         assert gpu.is_cuda and torch.equal(gpu.cpu(), cpu)
         assert torch.equal(codec.decode(gpu, n).cpu(), codec.decode(cpu, n))
+
+
+@pytest.mark.parametrize("name", CODECS)
+def test_nonfinite_payload_decodes_to_nan(name: str) -> None:
+    # What a worker sends in place of a non-finite outer gradient: the right size, and NaN for every value.
+    codec = get_codec(name)
+    for numel in (1, 127, 300):
+        payload = codec.nonfinite_payload(numel)
+        assert payload.dtype == torch.uint8 and payload.numel() == codec.encoded_nbytes(numel)
+        decoded = codec.decode(payload, numel)
+        assert decoded.shape == (numel,) and bool(torch.isnan(decoded).all())

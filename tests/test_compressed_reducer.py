@@ -162,8 +162,10 @@ def test_launch_rejects_non_flat_or_non_fp32() -> None:
         reducer.launch(torch.zeros(4, dtype=torch.bfloat16))
     delta = torch.ones(8)
     delta[2] = float("nan")
-    with pytest.raises(ValueError, match="fp4 codec: refusing to encode 1 non-finite"):
-        reducer.launch(delta)
+    # The codec refuses NaN, but the collective still happens: a payload that decodes to NaN everywhere, so every
+    # worker's average is NaN and the engine's nonfinite policy decides the same on all of them.
+    mean = reducer.launch(delta).wait()
+    assert mean.shape == (8,) and bool(torch.isnan(mean).all())
 
 
 # ---------------------------------------------------------------------------------------------------------------

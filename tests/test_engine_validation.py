@@ -32,7 +32,7 @@ def make(config: DiLoCoConfig, model=None, **kwargs) -> DiLoCo:
         ({"outer_lr": float("nan")}, r"outer_lr=nan: must be a finite number >= 0"),
         ({"outer_momentum": 1.0}, r"outer_momentum=1.0: must be < 1"),
         ({"fragment_layout": "random"}, r"fragment_layout='random': must be 'strided' or 'sequential'"),
-        ({"collective_timeout_s": 0}, r"collective_timeout_s=0: must be a number of seconds > 0"),
+        ({"collective_timeout_s": 0}, r"collective_timeout_s=0: must be a finite number of seconds > 0"),
         ({"error_feedback": True}, r"error_feedback=True needs a lossy codec"),
     ],
 )

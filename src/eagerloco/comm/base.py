@@ -130,3 +130,11 @@ class Communicator(abc.ABC):
 
     def describe(self) -> str:
         return f"{self.backend} rank {self.rank}/{self.world_size}"
+
+    def diagnose_peers(self) -> str:
+        """After a collective failed: what this backend can tell about which peers did not answer, as one
+        sentence for the error message. The default knows nothing beyond the group's other ranks; backends that
+        can do better (heartbeats, the in-process group's bookkeeping) override it. Never raises, never hangs
+        for more than a few seconds."""
+        others = [r for r in range(self.world_size) if r != self.rank]
+        return f"this backend cannot tell which of the other ranks {others} failed"

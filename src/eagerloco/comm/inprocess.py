@@ -216,6 +216,16 @@ class InProcessCommunicator(Communicator):
         _InProcessWork(self._group, slot, self.rank, objects.extend).wait()
         return objects
 
+    def diagnose_peers(self) -> str:
+        """Exact in one process: the ranks that have issued fewer collectives than this one never reached the
+        collective this rank waits on (they died, hang or run behind)."""
+        with self._group._lock:
+            issued = list(self._group._next_seq)
+        behind = [r for r, n in enumerate(issued) if n < issued[self.rank]]
+        if not behind:
+            return "every rank has issued as many collectives as this one"
+        return f"peers that did not answer: ranks {behind} (collectives issued per rank: {issued})"
+
 
 def run_workers(
     group: InProcessGroup,

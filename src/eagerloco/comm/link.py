@@ -98,3 +98,6 @@ class EmulatedLink(Communicator):
 
     def all_gather_object(self, obj: Any) -> list[Any]:
         return self.inner.all_gather_object(obj)
+
+    def diagnose_peers(self) -> str:
+        return self.inner.diagnose_peers()

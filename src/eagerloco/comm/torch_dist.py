@@ -2,7 +2,17 @@
 
 Collectives are issued with ``async_op=True``: gloo runs them on its own worker threads and NCCL on its own
 stream, so the transfer really proceeds while the next inner steps compute. ``Work.wait(timeout)`` bounds every
-wait; a peer that died makes the survivors raise :class:`CollectiveTimeout` instead of hanging.
+wait; a peer that died makes the survivors raise :class:`CollectiveTimeout` instead of hanging (gloo reports a
+closed connection at once; a hung peer is caught by the timeout). Blocking object collectives (start-up checks,
+checkpoint barriers) are bounded by the process group's own timeout: initialise it with
+``init_process_group(..., timeout=timedelta(seconds=...))``.
+
+Which peer failed? gloo's error names a socket address, not a rank. Each communicator therefore runs a heartbeat
+(a daemon thread adding 1 to the key ``eagerloco/heartbeat/<global rank>`` of the process group's store every
+0.25 s). After a failure :meth:`TorchDistributedCommunicator.diagnose_peers` reads every rank's counter twice,
+1 s apart: ranks whose counter did not move did not answer. If the store itself is unreachable, its host died
+(rank 0 under ``env://`` launches; torchrun's agent and ``eagerloco train --launch processes`` host it outside
+the workers, so it outlives any of them) and the message says so.
 
 Launch with ``torchrun`` (one process per worker, or per rank when a worker is a group of ranks) and pass the
 process group that joins the workers (default: the world group)::
@@ -13,13 +23,94 @@ process group that joins the workers (default: the world group)::
 
 from __future__ import annotations
 
+import atexit
+import threading
+import time
 from datetime import timedelta
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
 
 from eagerloco.comm.base import CollectiveTimeout, CommStats, Communicator, Work
+
+_PEER_FAILURE_WORDS = ("timed out", "timeout", "connection", "closed", "reset by peer", "broken pipe", "socket",
+                       "abort")  # fmt: skip
+
+
+def is_peer_failure(exc: BaseException) -> bool:
+    """True for the errors gloo and NCCL raise when a peer died, hung or is unreachable (not for misuse such as
+    mismatched tensor sizes, which stays a plain RuntimeError)."""
+    text = str(exc).lower()
+    return any(word in text for word in _PEER_FAILURE_WORDS)
+
+
+def _first_line(exc: BaseException) -> str:
+    """gloo's messages start with a source path and end with an emoji; keep the sentence that matters."""
+    line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if line.startswith("[") and "] " in line:
+        line = line.split("] ", 1)[1]
+    return line.split(" This is typically caused", 1)[0]
+
+
+class _Heartbeat:
+    """One per process and store: bumps ``eagerloco/heartbeat/<global rank>`` every ``interval`` seconds."""
+
+    interval = 0.25
+    _instances: ClassVar[dict[int, _Heartbeat]] = {}
+    _lock = threading.Lock()
+
+    def __init__(self, store: Any, global_rank: int) -> None:
+        self.store = store
+        self.global_rank = global_rank
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="eagerloco-heartbeat", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def for_store(cls, store: Any, global_rank: int) -> _Heartbeat:
+        with cls._lock:
+            if not cls._instances:
+                atexit.register(cls.stop_all)
+            beat = cls._instances.get(id(store))
+            if beat is None or beat._stop.is_set():
+                beat = cls._instances[id(store)] = cls(store, global_rank)
+            return beat
+
+    @classmethod
+    def stop_all(cls) -> None:
+        """Stop and join every heartbeat (at exit, before the stores go away: no thread is left inside a store
+        call while the interpreter and the process group are torn down)."""
+        with cls._lock:
+            beats = list(cls._instances.values())
+            cls._instances.clear()
+        for beat in beats:
+            beat._stop.set()
+        for beat in beats:
+            beat._thread.join(timeout=2 * cls.interval)
+
+    @staticmethod
+    def key(global_rank: int) -> str:
+        return f"eagerloco/heartbeat/{global_rank}"
+
+    @staticmethod
+    def failed_key(global_rank: int) -> str:
+        return f"eagerloco/failed/{global_rank}"
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.store.add(self.key(self.global_rank), 1)
+            except Exception:  # the store is gone: nothing left to report to
+                self._stop.set()
+
+    def counters(self, global_ranks: list[int]) -> list[int]:
+        return [int(self.store.add(self.key(r), 0)) for r in global_ranks]
+
+
+def stop_heartbeats() -> None:
+    """Stop this process's heartbeat threads (before ``destroy_process_group``; also done at exit)."""
+    _Heartbeat.stop_all()
 
 
 class _TorchWork:
@@ -36,15 +127,17 @@ class _TorchWork:
         if self._done:
             return
         timeout = self._default_timeout if timeout is None else timeout
+        start = time.monotonic()
         try:
             if timeout is None:
                 self._work.wait()
             else:
                 self._work.wait(timeout=timedelta(seconds=timeout))
         except RuntimeError as exc:  # gloo and NCCL report timeouts and dead peers as RuntimeError
-            text = str(exc).lower()
-            if "timed out" in text or "timeout" in text or "connection" in text or "closed" in text:
-                raise CollectiveTimeout(f"{self._what} did not complete within {timeout} s: {exc}") from exc
+            if is_peer_failure(exc):
+                waited = time.monotonic() - start
+                message = f"{self._what} failed after {waited:.1f} s (limit {timeout} s): {_first_line(exc)}"
+                raise CollectiveTimeout(message) from exc
             raise
         self._done = True
 
@@ -78,6 +171,15 @@ class TorchDistributedCommunicator(Communicator):
         self.stats = CommStats()
         self.default_timeout = timeout
         self._backend = str(dist.get_backend(group))
+        ranks = range(self.world_size)
+        self._global_ranks = [dist.get_global_rank(group, r) for r in ranks] if group is not None else list(ranks)
+        self._heartbeat: _Heartbeat | None = None
+        try:  # a private torch API: without it, diagnose_peers says what it cannot know
+            from torch.distributed.distributed_c10d import _get_default_store
+
+            self._heartbeat = _Heartbeat.for_store(_get_default_store(), dist.get_rank())
+        except Exception:
+            self._heartbeat = None
 
     @property
     def backend(self) -> str:
@@ -106,5 +208,40 @@ class TorchDistributedCommunicator(Communicator):
 
     def all_gather_object(self, obj: Any) -> list[Any]:
         out: list[Any] = [None] * self.world_size
-        dist.all_gather_object(out, obj, group=self.group)
+        try:  # blocking, bounded by the process group's timeout
+            dist.all_gather_object(out, obj, group=self.group)
+        except RuntimeError as exc:
+            if is_peer_failure(exc):
+                raise CollectiveTimeout(
+                    f"all_gather_object on {self.describe()} did not complete: {_first_line(exc)}; "
+                    f"{self.diagnose_peers()}"
+                ) from exc
+            raise
         return out
+
+    def diagnose_peers(self) -> str:
+        """Which ranks of this group stopped beating (see the module docstring); takes about 1 s."""
+        others = [r for r in range(self.world_size) if r != self.rank]
+        if self._heartbeat is None:
+            return f"this backend cannot tell which of the other ranks {others} failed"
+        store = self._heartbeat.store
+        try:
+            # Mark this rank as one that saw the failure and is about to stop: a survivor that diagnoses later
+            # must not blame it for the silence of its own exit.
+            store.set(_Heartbeat.failed_key(dist.get_rank()), "1")
+            before = self._heartbeat.counters(self._global_ranks)
+            time.sleep(4 * _Heartbeat.interval)
+            after = self._heartbeat.counters(self._global_ranks)
+            stopped = [r for r in others if store.check([_Heartbeat.failed_key(self._global_ranks[r])])]
+        except Exception as exc:
+            return (
+                f"the process group's store is unreachable ({_first_line(exc)}): the process hosting it died "
+                "(under an env:// launch that is global rank 0)"
+            )
+        silent = [r for r in others if after[r] == before[r] and r not in stopped]
+        if not silent and not stopped:
+            return f"every other rank {others} is still alive (heartbeats advance): a peer hung inside the collective"
+        text = f"peers that did not answer: ranks {silent} of this group (their heartbeats stopped)"
+        if stopped:
+            text += f"; ranks {stopped} saw the failure too and stop"
+        return text

@@ -173,6 +173,14 @@ class Codec(abc.ABC):
             )
         return self._decode(payload.contiguous(), numel)
 
+    def nonfinite_payload(self, numel: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """A payload of ``encoded_nbytes(numel)`` bytes that decodes to ``numel`` NaN: what a worker sends in place
+        of an outer gradient that held NaN/Inf (which :meth:`encode` refuses), so that the average every worker
+        decodes is NaN and all of them take the same decision (docs/reliability.md)."""
+        payload = self._nonfinite_payload(_check_numel(numel), torch.device(device))
+        assert payload.dtype == torch.uint8 and payload.numel() == self.encoded_nbytes(numel)
+        return payload
+
     def roundtrip(self, x: torch.Tensor) -> torch.Tensor:
         """``decode(encode(x))``, flat."""
         encoded = self.encode(x)
@@ -221,6 +229,9 @@ class Codec(abc.ABC):
 
     @abc.abstractmethod
     def _decode(self, payload: torch.Tensor, numel: int) -> torch.Tensor: ...
+
+    @abc.abstractmethod
+    def _nonfinite_payload(self, numel: int, device: torch.device) -> torch.Tensor: ...
 
     def _reject_nonfinite(self, flat: torch.Tensor) -> None:
         """Raise the codec's ValueError for a tensor known to hold non-finite values (the slow path)."""
@@ -277,6 +288,9 @@ class _CastCodec(Codec):
 
     def _decode(self, payload: torch.Tensor, numel: int) -> torch.Tensor:
         return _bytes_as(payload, self.dtype).to(torch.float32, copy=True)
+
+    def _nonfinite_payload(self, numel: int, device: torch.device) -> torch.Tensor:
+        return torch.full((numel,), float("nan"), dtype=self.dtype, device=device).view(torch.uint8)
 
 
 class NoneCodec(_CastCodec):
@@ -364,6 +378,12 @@ class _BlockCodec(Codec):
         padded = F.pad(values, (0, nb * self.block_size - numel)) if nb * self.block_size != numel else values
         padded.view(nb, self.block_size).mul_(absmax.unsqueeze(1))
         return padded[:numel]
+
+    def _nonfinite_payload(self, numel: int, device: torch.device) -> torch.Tensor:
+        # NaN scales: every decoded value is code · NaN = NaN, whatever the (zero) codes mean.
+        scales = torch.full((self.num_blocks(numel),), float("nan"), dtype=torch.float32, device=device)
+        codes = torch.zeros(self._code_nbytes(numel), dtype=torch.uint8, device=device)
+        return torch.cat((scales.view(torch.uint8), codes))
 
     @abc.abstractmethod
     def _quantize(self, u: torch.Tensor) -> torch.Tensor: ...

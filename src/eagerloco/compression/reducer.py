@@ -100,13 +100,22 @@ class CompressedReducer:
                     "one CompressedReducer per fragment"
                 )
             delta.add_(self._residual.to(delta.device))
-        encoded = self.codec.encode(delta)
-        if self.error_feedback:
-            self._residual = torch.sub(delta, self.codec.decode(encoded.payload, numel))
+        try:
+            payload = self.codec.encode(delta).payload
+        except ValueError:
+            if bool(torch.isfinite(delta).all()):
+                raise  # a finite value the codec cannot represent (fp16 range): a configuration error
+            # The codec refuses NaN/Inf, but the collective must still happen (the others are waiting for it):
+            # send a payload that decodes to NaN, so every worker's average is NaN and all of them take the same
+            # decision (the engine's nonfinite policy). The residual stays as it was (nothing was sent).
+            payload = self.codec.nonfinite_payload(numel, delta.device)
+        else:
+            if self.error_feedback:
+                self._residual = torch.sub(delta, self.codec.decode(payload, numel))
         world_size = self.comm.world_size
-        gathered = torch.empty((world_size, encoded.nbytes), dtype=torch.uint8, device=encoded.payload.device)
-        work = self.comm.all_gather(gathered, encoded.payload)
-        return _PendingCompressedMean(work, gathered, self.codec, numel, world_size, encoded.nbytes)
+        gathered = torch.empty((world_size, payload.numel()), dtype=torch.uint8, device=payload.device)
+        work = self.comm.all_gather(gathered, payload)
+        return _PendingCompressedMean(work, gathered, self.codec, numel, world_size, payload.numel())
 
     def state_dict(self) -> dict[str, Any]:
         return {

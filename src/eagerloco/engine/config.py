@@ -67,8 +67,17 @@ class DiLoCoConfig:
     error_feedback: bool = False
     """Carry each worker's encoding residual into its next outer gradient (compression only)."""
 
-    collective_timeout_s: float | None = None
-    """Seconds any wait on an outer collective may block before raising (``None``: the communicator's own)."""
+    collective_timeout_s: float | None = 600.0
+    """Seconds any wait on an outer collective may block before raising :class:`CollectiveTimeout`, which names
+    the outer step, the fragment and the peers that did not answer (``None``: the communicator's own, which is
+    forever for an :class:`InProcessGroup` without a timeout). Raise it for collectives that legitimately take
+    longer (huge fragments on slow links in mode 'sync')."""
+
+    nonfinite: Literal["raise", "skip"] = "raise"
+    """What every worker does when an outer gradient to apply holds NaN or Inf (from any worker): 'raise'
+    :class:`NonFiniteOuterGradient` on every worker at the same outer step, or 'skip' that outer step on every
+    worker (φ and the outer optimizer state untouched, θ ← φ). Either way φ never becomes non-finite. See
+    docs/reliability.md."""
 
     broadcast_initial_parameters: bool = True
     """At start, overwrite every worker's parameters with worker 0's, so all workers begin from the same φ_0
@@ -113,10 +122,12 @@ class DiLoCoConfig:
             raise bad("outer_lr", "must be > 0 (0 would never move the outer parameters)")
         if self.outer_momentum >= 1:
             raise bad("outer_momentum", "must be < 1")
-        if self.collective_timeout_s is not None and not (
-            isinstance(self.collective_timeout_s, (int, float)) and self.collective_timeout_s > 0
-        ):
-            raise bad("collective_timeout_s", "must be a number of seconds > 0, or None")
+        timeout = self.collective_timeout_s
+        number = isinstance(timeout, (int, float)) and not isinstance(timeout, bool)
+        if timeout is not None and not (number and math.isfinite(timeout) and timeout > 0):
+            raise bad("collective_timeout_s", "must be a finite number of seconds > 0, or None")
+        if self.nonfinite not in ("raise", "skip"):
+            raise bad("nonfinite", "must be 'raise' or 'skip'")
         _check_int(self, "divergence_every", 0, "must be an integer >= 0 (0 disables the measurement)")
         if self.error_feedback and self.compression == "none":
             raise ConfigError("error_feedback=True needs a lossy codec: compression='none' has no residual")

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from eagerloco.comm.base import Communicator, wire_bytes
+from eagerloco.comm.base import CollectiveAborted, CollectiveTimeout, Communicator, wire_bytes
 from eagerloco.engine.metrics import RunStats
 
 
@@ -58,7 +58,13 @@ class GradientAverager:
         torch._foreach_copy_(self.views, [p.grad for p in self.params])
         work = self.comm.all_reduce_sum(self.buffer)
         start = time.perf_counter()
-        work.wait(self.timeout)
+        try:
+            work.wait(self.timeout)
+        except (CollectiveTimeout, CollectiveAborted) as exc:
+            raise type(exc)(
+                f"the gradient all-reduce of inner step {self.stats.inner_steps} failed on {self.comm.describe()} "
+                f"(timeout {self.timeout} s): {exc}; {self.comm.diagnose_peers()}"
+            ) from exc
         blocked = time.perf_counter() - start
         self.buffer.div_(self.world_size)
         torch._foreach_copy_([p.grad for p in self.params], self.views)

@@ -78,6 +78,8 @@ class RunStats:
     wire_bytes: int = 0
     diagnostic_bytes: int = 0
     """Bytes of divergence measurements and consolidation, not part of the algorithm's traffic."""
+    skipped_outer_steps: int = 0
+    """Averages (one per fragment and outer step) not applied because they held NaN/Inf (``nonfinite='skip'``)."""
 
     @property
     def wall_s(self) -> float:

@@ -10,7 +10,11 @@ Layout under the run directory::
 A checkpoint counts only once its ``COMPLETE.json`` exists and every file matches its checksum: a crash while
 writing, a truncated or corrupted file, leaves the previous checkpoint in use (with a warning). Every file is
 written to a temporary name in the same directory, flushed, fsynced and renamed, so no reader ever sees half a
-file.
+file. ``commit`` keeps the newest ``keep`` complete checkpoints and removes unfinished ones older than the newest.
+
+The manifest also records the run's configuration and whether the outer loop was finalized, so that a resume
+with another number of workers, another model or (before finalize) another mode is refused with a clear message
+before any worker starts (:func:`check_compatible`); see docs/reliability.md.
 """
 
 from __future__ import annotations
@@ -25,10 +29,33 @@ from typing import Any
 
 import torch
 
+from eagerloco.engine.config import ConfigError
 from eagerloco.fileio import atomic_write_bytes
 
 CHECKPOINT_FORMAT = 1
 MANIFEST = "COMPLETE.json"
+
+
+# Outer settings that may change on resume only from a finalized checkpoint (nothing in flight, the workers' φ
+# consolidated): a new outer loop starts from φ with a fresh outer optimizer.
+SWITCHABLE_AFTER_FINALIZE = (
+    "outer.mode",
+    "outer.overlap_steps",
+    "outer.alpha",
+    "outer.delay",
+    "outer.compression",
+    "outer.error_feedback",
+    "outer.outer_lr",
+    "outer.outer_momentum",
+    "outer.nesterov",
+)
+# Settings a resume must keep: the model (the tensors' shapes), the tokenizer (the vocabulary), the outer schedule.
+MUST_MATCH = ("model.", "data.tokenizer", "data.bpe_vocab_size", "data.corpus", "outer.sync_every",
+              "outer.num_fragments", "outer.fragment_layout")  # fmt: skip
+
+
+class ResumeError(ConfigError):
+    """A checkpoint cannot be resumed by this run's configuration; the message says which setting and why."""
 
 
 def step_dir(run_dir: Path, inner_step: int) -> Path:
@@ -44,19 +71,33 @@ def save_worker(run_dir: Path, inner_step: int, rank: int, state: dict[str, Any]
     return hashlib.sha256(data).hexdigest()
 
 
-def commit(run_dir: Path, inner_step: int, world_size: int, checksums: list[str], keep: int) -> Path:
+def commit(
+    run_dir: Path,
+    inner_step: int,
+    world_size: int,
+    checksums: list[str],
+    keep: int,
+    config: dict[str, Any] | None = None,
+    finalized: bool = False,
+) -> Path:
     """Write the manifest (after every worker's file is on disk) and prune older checkpoints to ``keep``."""
     directory = step_dir(run_dir, inner_step)
     manifest = {
         "format": CHECKPOINT_FORMAT,
         "inner_step": inner_step,
         "world_size": world_size,
+        "finalized": finalized,
         "sha256": {f"worker-{r}.pt": checksums[r] for r in range(world_size)},
+        "config": config,
     }
     atomic_write_bytes(directory / MANIFEST, json.dumps(manifest, indent=1).encode())
-    complete = [d for d in _candidates(run_dir) if (d / MANIFEST).exists()]
+    candidates = _candidates(run_dir)
+    complete = [d for d in candidates if (d / MANIFEST).exists()]
     for old in complete[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
+    for unfinished in candidates:  # a crash mid-save left these; they can never complete now
+        if unfinished < directory and not (unfinished / MANIFEST).exists():
+            shutil.rmtree(unfinished, ignore_errors=True)
     return directory
 
 
@@ -98,13 +139,53 @@ def latest_valid(run_dir: Path) -> Path | None:
     return None
 
 
-def load_worker(directory: Path, rank: int, world_size: int) -> dict[str, Any]:
+def _flat(config: dict[str, Any]) -> dict[str, Any]:
+    return {
+        f"{section}.{k}": v for section, table in config.items() if isinstance(table, dict) for k, v in table.items()
+    }
+
+
+def check_compatible(directory: Path, world_size: int, config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Refuse (:class:`ResumeError`) a checkpoint this run cannot continue; return its manifest.
+
+    Always refused: another number of workers (each worker's file holds its own inner optimizer, data position
+    and, in eager mode, its own φ), another model, tokenizer or outer schedule (sync_every, fragments). Another
+    mode (or delay, codec, outer optimizer) is refused unless the checkpoint was written after finalize, when
+    nothing is in flight and the workers hold one φ: the run then continues in the new mode from there."""
     manifest = json.loads((directory / MANIFEST).read_text())
     if manifest["world_size"] != world_size:
-        raise ValueError(
+        raise ResumeError(
             f"checkpoint {directory} was written by {manifest['world_size']} workers, this run has {world_size}: "
-            "resume with the same number of workers"
+            f"resume with --workers {manifest['world_size']}, or start a new run (docs/reliability.md)"
         )
+    saved = manifest.get("config")
+    if config is None or saved is None:
+        return manifest
+    old, new = _flat(saved), _flat(config)
+    if old.get("outer.mode") == "dp" and new.get("outer.mode") != "dp":
+        raise ResumeError(
+            f"checkpoint {directory} was written in mode 'dp', which has no outer loop to continue: start a new "
+            f"run in mode {new.get('outer.mode')!r}"
+        )
+    for key in sorted(new):
+        if key == "model.vocab_size" or old.get(key, new[key]) == new[key]:
+            continue
+        if any(key == rule or (rule.endswith(".") and key.startswith(rule)) for rule in MUST_MATCH):
+            raise ResumeError(
+                f"checkpoint {directory} was written with {key}={old[key]!r}, this run has {key}={new[key]!r}: "
+                "the model, tokenizer and outer schedule cannot change on resume"
+            )
+        if key in SWITCHABLE_AFTER_FINALIZE and not manifest.get("finalized", False):
+            raise ResumeError(
+                f"checkpoint {directory} was written with {key}={old[key]!r}, this run has {key}={new[key]!r}: "
+                "the outer loop can change only at a checkpoint written after finalize (the one at the end of "
+                "a run, e.g. resume it with a larger --steps); mid-run checkpoints hold averages in flight"
+            )
+    return manifest
+
+
+def load_worker(directory: Path, rank: int, world_size: int, config: dict[str, Any] | None = None) -> dict[str, Any]:
+    check_compatible(directory, world_size, config)
     state = torch.load(directory / f"worker-{rank}.pt", map_location="cpu", weights_only=False)
     if state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"checkpoint {directory} has format {state.get('format')!r}, expected {CHECKPOINT_FORMAT}")

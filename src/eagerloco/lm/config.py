@@ -91,6 +91,10 @@ class OuterConfig(DiLoCoConfig):
     """H: inner steps between two sync points of a fragment (30 in the eager paper)."""
     outer_lr: float = 0.7
     """Outer SGD learning rate (0.7 in DiLoCo, 0.4 in the streaming and eager papers at scale)."""
+    collective_timeout_s: float | None = 300.0
+    """Seconds any wait on a collective may block (outer all-reduces, start-up checks, checkpoint barriers, the
+    stop vote) before the run stops with an error naming the outer step, the fragment and the peers that did not
+    answer. Raise it for huge models on slow links in mode 'sync'."""
 
     def diloco(self) -> DiLoCoConfig:
         """The engine's config (mode 'dp' has none)."""
