@@ -25,6 +25,15 @@ import benchlib as bl
 from loss_parity import run_one
 
 DEFAULT_CODECS = ["eager", "eager_bf16", "eager_fp16", "eager_fp8", "eager_int8", "eager_fp4_noef", "eager_fp4"]
+CODEC_LABELS = {
+    "eager": "fp32 (none)",
+    "eager_bf16": "bf16",
+    "eager_fp16": "fp16",
+    "eager_fp8": "fp8 e4m3, block scale",
+    "eager_int8": "int8, block scale",
+    "eager_fp4_noef": "fp4 E3M0, block scale",
+    "eager_fp4": "fp4 E3M0, block scale, error feedback",
+}
 
 
 def report(payload: dict[str, Any]) -> str:
@@ -41,7 +50,7 @@ def report(payload: dict[str, Any]) -> str:
         mean, std, _ = bl.spread(r["eval_loss"] for r in rs)
         per_step = bl.median(r["bytes_sent_per_worker"] / r["outer_steps"] for r in rs)
         rows.append([
-            bl.LABELS.get(codec, codec),
+            CODEC_LABELS.get(codec, codec),
             f"{mean:.4f}",
             f"{std:.4f}",
             f"{(mean / ref_loss - 1) * 100:+.2f} %" if ref_loss else "-",
