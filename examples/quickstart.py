@@ -19,7 +19,7 @@ from torch import nn
 import eagerloco
 
 
-def train_one_worker(comm, args) -> float:
+def train_one_worker(comm, args) -> str:
     torch.manual_seed(0)  # the same initial model on every worker (eagerloco also broadcasts worker 0's)
     model = nn.Sequential(nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 1))
     inner = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -43,9 +43,8 @@ def train_one_worker(comm, args) -> float:
     with torch.no_grad():
         final = nn.functional.mse_loss(model(x), torch.tanh(x @ w_true / 2)).item()
     stats = loco.stats
-    print(f"worker {comm.rank}: eval mse {final:.4f}, compute utilization {stats.utilization:.3f}, "
-          f"blocked {stats.blocked_s:.3f} s, {stats.payload_bytes / 1e6:.2f} MB sent")  # fmt: skip
-    return final
+    return (f"worker {comm.rank}: eval mse {final:.4f}, compute utilization {stats.utilization:.3f}, "
+            f"blocked {stats.blocked_s:.3f} s, {stats.payload_bytes / 1e6:.2f} MB sent")  # fmt: skip
 
 
 def main() -> None:
@@ -59,11 +58,12 @@ def main() -> None:
     torch.set_num_threads(1)
     if args.torchrun:
         torch.distributed.init_process_group("gloo")
-        train_one_worker(eagerloco.TorchDistributedCommunicator(), args)  # <- the world group
+        print(train_one_worker(eagerloco.TorchDistributedCommunicator(), args))  # <- the world group
         torch.distributed.destroy_process_group()
     else:
         group = eagerloco.InProcessGroup(args.workers)  # <- M workers as threads of this process
-        eagerloco.run_workers(group, lambda comm: train_one_worker(comm, args))
+        lines = eagerloco.run_workers(group, lambda comm: train_one_worker(comm, args))
+        print("\n".join(lines))  # in rank order, once the worker threads are done
 
 
 if __name__ == "__main__":
