@@ -27,6 +27,8 @@ _EXPORTS: dict[str, str] = {
     "InProcessGroup": "eagerloco.comm",
     "TorchDistributedCommunicator": "eagerloco.comm",
     "run_workers": "eagerloco.comm",
+    "WorkerLayout": "eagerloco.distributed",
+    "two_level_mesh": "eagerloco.distributed",
 }
 
 __all__ = [
@@ -41,11 +43,14 @@ __all__ = [
     "OuterStepRecord",
     "RunStats",
     "TorchDistributedCommunicator",
+    "WorkerLayout",
     "run_workers",
+    "two_level_mesh",
 ]
 
 if TYPE_CHECKING:
     from eagerloco.comm import EmulatedLink, InProcessGroup, TorchDistributedCommunicator, run_workers
+    from eagerloco.distributed import WorkerLayout, two_level_mesh
     from eagerloco.engine import (
         MODES,
         ConfigError,

@@ -36,7 +36,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -46,7 +46,11 @@ from eagerloco.comm.reducer import CompletedMean, MeanReducer, PendingMean, Redu
 from eagerloco.engine.config import ConfigError, DiLoCoConfig
 from eagerloco.engine.fragments import Fragment, build_fragments
 from eagerloco.engine.metrics import OuterStepRecord, RunStats
+from eagerloco.engine.sharding import FragmentView, check_replicas_agree, is_dtensor, local_shape
 from eagerloco.engine.strategies import OuterStrategy, make_strategy
+
+if TYPE_CHECKING:
+    from eagerloco.distributed import WorkerLayout
 
 OuterOptimizerFactory = Callable[[list[torch.Tensor]], torch.optim.Optimizer]
 
@@ -83,6 +87,9 @@ class FragmentState:
     staging: torch.Tensor
     """Flat fp32 scratch on the model's device: θ gathered into one buffer, or φ on its way into θ."""
     staging_views: list[torch.Tensor]
+    view: FragmentView
+    """This rank's share of the fragment: reads θ into ``staging`` and writes φ back (inner all-gather included
+    when a worker is a group of ranks); ``phi`` holds exactly the elements it owns."""
     in_flight: deque[InFlight] = field(default_factory=deque)
 
     @property
@@ -114,6 +121,12 @@ class DiLoCo:
         fragments: explicit streaming fragments: one module (or list of modules) per fragment.
         blocks: the repeated blocks to split into fragments (default: the model's largest ModuleList).
         reducer_factory: ``factory(fragment_index, comm) -> Reducer``; default: from ``config.compression``.
+        layout: when a worker is a group of ranks (DDP or FSDP2 inside): this rank's
+            :class:`eagerloco.distributed.WorkerLayout`. The outer collectives then run on ``layout.outer_group``
+            (the default ``comm``) and this rank keeps φ and the outer optimizer state only for its own share of
+            each fragment: its FSDP2 shards, and 1/N of the replicated (DDP) parameters, all-gathered inside the
+            worker after every outer step (see :mod:`eagerloco.engine.sharding`). Build the wrapper after
+            ``fully_shard``/DDP, and call :meth:`step` on every rank of every worker.
     """
 
     def __init__(
@@ -127,15 +140,24 @@ class DiLoCo:
         fragments: Sequence[nn.Module | Sequence[nn.Module]] | None = None,
         blocks: Sequence[nn.Module] | None = None,
         reducer_factory: Callable[[int, Communicator], Reducer] | None = None,
+        layout: WorkerLayout | None = None,
     ) -> None:
         self.config = (config or DiLoCoConfig()).validate()
         cfg = self.config
         self.model = model
         self.inner_optimizer = inner_optimizer
-        if comm is None:
+        self.layout = layout
+        if comm is None and layout is not None:
+            comm = layout.outer_comm(timeout=cfg.collective_timeout_s)
+        elif comm is None:
             from eagerloco.comm.torch_dist import TorchDistributedCommunicator
 
             comm = TorchDistributedCommunicator(timeout=cfg.collective_timeout_s)
+        if layout is not None and (comm.world_size, comm.rank) != (layout.num_workers, layout.worker):
+            raise ConfigError(
+                f"comm is rank {comm.rank} of {comm.world_size} but the layout puts this rank in worker "
+                f"{layout.worker} of {layout.num_workers}: pass comm=layout.outer_comm() (or a wrapper of it)"
+            )
         self.comm = comm
         self.rank = comm.rank
         self.world_size = comm.world_size
@@ -147,27 +169,39 @@ class DiLoCo:
             reducer_factory = _codec_reducer_factory(cfg)
         factory = outer_optimizer or default_outer_optimizer(cfg)
 
+        # This rank's share of every fragment (all of it with one rank per worker; see engine/sharding.py).
+        self._views = [FragmentView(fragment, layout) for fragment in self.fragments]
+        if layout is not None and layout.outer_backend == "gloo":  # gloo moves CPU tensors: φ must live there
+            for view in self._views:
+                where = torch.device(cfg.outer_device) if cfg.outer_device is not None else view.staging.device
+                if where.type != "cpu":
+                    raise ConfigError(
+                        f"outer_device={cfg.outer_device!r} puts the outer state on {where}, but the outer group's "
+                        "backend is gloo, which moves CPU tensors: set DiLoCoConfig(outer_device='cpu') (or "
+                        "two_level_mesh(..., outer_backend='nccl') to keep it on the GPU)"
+                    )
+
         # Every worker must hold the same model and configuration, or the collectives below would pair buffers
         # of different meaning (or sizes, and hang). Compare before the first collective on the data path.
+        # Collective order at start, the same on every rank: the comparison (outer group), the replica check
+        # (inner group), the broadcast of φ_0 (outer group), the write of φ_0 into θ (inner group).
         self._check_same_model_and_config()
+        check_replicas_agree(self._views, layout)
 
         self.states: list[FragmentState] = []
-        for fragment in self.fragments:
-            device = fragment.params[0].device
+        for fragment, view in zip(self.fragments, self._views):
+            device = view.staging.device
             outer_device = torch.device(cfg.outer_device) if cfg.outer_device is not None else device
-            staging = torch.empty(fragment.numel, dtype=torch.float32, device=device)
-            views = list(staging.split([p.numel() for p in fragment.params]))
-            views = [v.view_as(p) for v, p in zip(views, fragment.params)]
-            torch._foreach_copy_(views, [p.detach() for p in fragment.params])
-            phi = staging.to(outer_device, copy=True)
+            phi = view.read_theta().to(outer_device, copy=True)
             self.states.append(
                 FragmentState(
                     fragment=fragment,
                     phi=phi,
                     outer_optimizer=factory([phi]),
                     reducer=reducer_factory(fragment.index, comm),
-                    staging=staging,
-                    staging_views=views,
+                    staging=view.staging,
+                    staging_views=view.staging_views,
+                    view=view,
                 )
             )
         if cfg.broadcast_initial_parameters and self.world_size > 1:
@@ -295,31 +329,53 @@ class DiLoCo:
         self._record_listeners.append(listener)
 
     def outer_parameters(self) -> dict[str, torch.Tensor]:
-        """φ as a ``{parameter name: tensor}`` dict (views into the flat buffers, on the outer device)."""
+        """φ as a ``{parameter name: tensor}`` dict (views into the flat buffers, on the outer device).
+
+        With a layout, each parameter in the form this rank holds it: its local shard for FSDP2 parameters
+        (shaped like ``p.to_local()``), the full tensor for replicated (DDP) ones. When replicated parameters are
+        split over the worker's ranks the values are gathered (copies, on the model's device) with a collective
+        on the worker's inner group: every rank of the worker must then call this method."""
         out: dict[str, torch.Tensor] = {}
         for state in self.states:
-            sizes = [p.numel() for p in state.fragment.params]
-            for name, view, p in zip(state.fragment.names, state.phi.split(sizes), state.fragment.params):
-                out[name] = view.view_as(p)
+            out.update(zip(state.fragment.names, state.view.local_values(state.phi)))
+        return out
+
+    def full_outer_parameters(self) -> dict[str, torch.Tensor]:
+        """φ as ``{parameter name: full tensor}``: FSDP2 shards and split replicas are gathered inside the worker
+        (a collective on its inner group when a layout shards anything: every rank of the worker must call
+        it). For evaluating or saving the whole model on one rank; equal to :meth:`outer_parameters` with one
+        rank per worker."""
+        out: dict[str, torch.Tensor] = {}
+        for state in self.states:
+            out.update(zip(state.fragment.names, state.view.full_values(state.phi)))
         return out
 
     def copy_outer_parameters_to(self, module: nn.Module) -> None:
-        """Load φ into another module of the same architecture (e.g. to evaluate mid-training)."""
+        """Load φ into another module of the same architecture (e.g. to evaluate mid-training).
+
+        With a layout, ``module`` may be sharded the same way as the wrapped model (its FSDP2 parameters get this
+        rank's shards) or be a plain module (it gets the full tensors, gathered inside the worker: every rank of
+        the worker must call this method)."""
         params = dict(module.named_parameters())
         phi = self.outer_parameters()
         missing = sorted(set(phi) - set(params))
         if missing:
             raise ValueError(f"module lacks parameters {missing[:5]}: it is not the wrapped model's architecture")
+        sharded_source = {n for state in self.states for n, p in zip(state.fragment.names, state.fragment.params)
+                          if is_dtensor(p)}  # fmt: skip
+        if any(not is_dtensor(params[n]) for n in sharded_source):
+            phi = self.full_outer_parameters()  # a plain target needs the whole tensor of a sharded source
+        targets = [params[n].to_local() if is_dtensor(params[n]) else params[n] for n in phi]
         with torch.no_grad():
-            torch._foreach_copy_([params[n] for n in phi], list(phi.values()))
+            torch._foreach_copy_(targets, list(phi.values()))
 
     # ------------------------------------------------------------------ the core, used by the strategies
 
     def launch(self, state: FragmentState, t: int, keep_own: bool = False) -> InFlight:
         """Δ_m(t) = φ − θ(t) for this fragment, handed to the reducer; queued as in flight. With ``keep_own``
         (eager) also keep (1/M)·Δ_m(t), the contribution applied at once."""
-        torch._foreach_copy_(state.staging_views, [p.detach() for p in state.fragment.params])
-        theta = state.staging if state.staging.device == state.phi.device else state.staging.to(state.phi.device)
+        theta = state.view.read_theta()  # this rank's owned elements of θ (all of them with one rank per worker)
+        theta = theta if theta.device == state.phi.device else theta.to(state.phi.device)
         delta = torch.sub(state.phi, theta)
         self._check_finite(delta, state, t, fresh=True)
         pending = state.reducer.launch(delta)  # may add the error-feedback residual into delta, in place
@@ -359,15 +415,9 @@ class DiLoCo:
             self._event.staleness = max(self._event.staleness, self.inner_step - launched_at)
 
     def reset_inner(self, state: FragmentState, alpha: float = 0.0) -> None:
-        """θ ← α·θ + (1 − α)·φ for this fragment (θ ← φ when α = 0)."""
-        params = [p.detach() for p in state.fragment.params]
-        with torch.no_grad():
-            if alpha == 0.0:
-                state.staging.copy_(state.phi)
-            else:
-                torch._foreach_copy_(state.staging_views, params)
-                state.staging.lerp_(state.phi.to(state.staging.device), 1.0 - alpha)
-            torch._foreach_copy_(params, state.staging_views)
+        """θ ← α·θ + (1 − α)·φ for this fragment (θ ← φ when α = 0). With a layout whose workers hold replicated
+        parameters this ends with one blocking all-gather inside the worker (see engine/sharding.py)."""
+        state.view.write_theta(state.phi, alpha)
 
     def schedule_arrival(self, state: FragmentState, t: int) -> None:
         """Have ``strategy.on_arrival`` called for this fragment at inner step ``t``."""
@@ -409,6 +459,7 @@ class DiLoCo:
             "config": self.config.to_dict(),
             "world_size": self.world_size,
             "rank": self.rank,
+            "layout": self._layout_key(),
             "inner_step": self.inner_step,
             "finalized": self.finalized,
             "fragments": fragments,
@@ -428,6 +479,11 @@ class DiLoCo:
         if state_dict["world_size"] != self.world_size:
             raise ValueError(
                 f"checkpoint was written by {state_dict['world_size']} workers, this run has {self.world_size}"
+            )
+        if state_dict.get("layout") != self._layout_key():
+            raise ValueError(
+                f"checkpoint was written by a rank with layout {state_dict.get('layout')}, this rank has "
+                f"{self._layout_key()}: resume with the same ranks per worker and parallelism"
             )
         if len(state_dict["fragments"]) != len(self.states):
             raise ValueError("checkpoint has a different number of fragments")
@@ -536,13 +592,29 @@ class DiLoCo:
         event.divergence = math.sqrt(dist_sq)
         event.divergence_rel = math.sqrt(dist_sq / norm_sq) if norm_sq > 0 else 0.0
 
+    def _layout_key(self) -> dict[str, Any] | None:
+        """What a checkpoint of this rank's outer state depends on beyond the configuration (None: one rank per
+        worker)."""
+        if self.layout is None:
+            return None
+        return {
+            "ranks_per_worker": self.layout.ranks_per_worker,
+            "inner_rank": self.layout.inner_rank,
+            "owned": [view.numel for view in self._views],
+        }
+
     def _check_same_model_and_config(self) -> None:
         entries = [
-            (name, tuple(p.shape), str(p.dtype), fragment.index)
+            (name, local_shape(p), str(p.dtype), fragment.index)  # the local shard's shape for FSDP2 parameters
             for fragment in self.fragments
             for name, p in zip(fragment.names, fragment.params)
         ]
         schedule = {k: v for k, v in self.config.to_dict().items() if k != "outer_device"}
+        if self.layout is not None:  # rank n of every worker must own the same elements of every fragment
+            schedule["layout"] = (
+                f"{self.layout.ranks_per_worker} ranks per worker; owned elements per fragment "
+                f"{[view.numel for view in self._views]} ({[view.sharded_numel for view in self._views]} sharded)"
+            )
         digest = hashlib.sha256(repr((entries, sorted(schedule.items()))).encode()).hexdigest()
         mine = (digest, entries, schedule)
         if self.world_size == 1:
