@@ -28,17 +28,22 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from eagerloco.comm import Communicator, EmulatedLink, InProcessGroup, TorchDistributedCommunicator, run_workers
+from eagerloco.comm.base import CollectiveTimeout
 from eagerloco.engine import DiLoCo, RunStats
+from eagerloco.engine.config import ConfigError
 from eagerloco.engine.data_parallel import GradientAverager
+from eagerloco.fileio import atomic_write_bytes
 from eagerloco.lm import checkpoint as ckpt
 from eagerloco.lm.config import TrainConfig, add_arguments, from_args
 from eagerloco.lm.data import LMData, default_cache_dir, prepare_data
+from eagerloco.lm.interrupt import AgreedStop, StopSignal, TrainingInterrupted
 from eagerloco.lm.model import GPT, GPTConfig, evaluate_loss
 
 
@@ -66,6 +71,7 @@ class MetricsLog:
         with self._lock:
             assert self._fh is not None
             self._fh.write(line + "\n")
+            self._fh.flush()  # visible at once to `tail -f`, plots of a live run, and what survives a crash
             if self._tb is not None and record.get("worker", 0) == 0:
                 step = record.get("step", record.get("inner_step", 0))
                 for key in ("loss", "lr", "eval_loss", "utilization", "blocked_s"):
@@ -104,7 +110,18 @@ class WorkerResult:
 
 
 # ----------------------------------------------------------------------------------------------- one worker
-def train_worker(config: TrainConfig, comm: Communicator, data: LMData, run_dir: Path, log: MetricsLog) -> WorkerResult:
+def train_worker(
+    config: TrainConfig,
+    comm: Communicator,
+    data: LMData,
+    run_dir: Path,
+    log: MetricsLog,
+    control: Communicator | None = None,
+    stop: StopSignal | None = None,
+) -> WorkerResult:
+    """One worker's run. ``control`` (a communicator on a group of its own) and ``stop`` enable the agreed stop
+    on SIGINT/SIGTERM (:mod:`eagerloco.lm.interrupt`): it raises :class:`TrainingInterrupted` after writing a
+    checkpoint at the agreed inner step."""
     rank, world = comm.rank, comm.world_size
     device = torch.device(config.run.device)
     if config.run.link_mbit > 0 or config.run.link_latency_ms > 0:
@@ -130,12 +147,14 @@ def train_worker(config: TrainConfig, comm: Communicator, data: LMData, run_dir:
     start_step = 0
     elapsed_before = 0.0
     if config.run.resume and (directory := ckpt.latest_valid(run_dir)) is not None:
-        state = ckpt.load_worker(directory, rank, world)
+        state = ckpt.load_worker(directory, rank, world, config.to_dict())
         model.load_state_dict(state["model"])
         inner.load_state_dict(state["inner_optimizer"])
         sampler.load_state_dict(state["sampler"])
-        if loco is not None:
+        if loco is not None and state["outer"] is not None:
             loco.load_state_dict(state["outer"])
+            if loco.finalized and state["inner_step"] < config.run.steps:
+                loco.reopen()  # a finished run continued with more steps (possibly in another mode)
         torch.set_rng_state(state["rng"])
         start_step = state["inner_step"]
         elapsed_before = state["elapsed_s"]
@@ -159,7 +178,8 @@ def train_worker(config: TrainConfig, comm: Communicator, data: LMData, run_dir:
         return loss
 
     def save_checkpoint(step: int) -> None:
-        """Every worker writes its file; worker 0 commits the manifest once all are on disk."""
+        """Every worker writes its file; worker 0 commits the manifest once all are on disk. Collective: every
+        worker calls it at the same inner step (state_dict waits for the averages in flight, then a barrier)."""
         with timer.paused():
             state = {
                 "inner_step": step,
@@ -172,9 +192,16 @@ def train_worker(config: TrainConfig, comm: Communicator, data: LMData, run_dir:
                 "config": config.to_dict(),
             }
             digest = ckpt.save_worker(run_dir, step, rank, state)
-            digests = comm.all_gather_object(digest)  # also the barrier: every file is on disk
+            try:
+                digests = comm.all_gather_object(digest)  # also the barrier: every file is on disk
+            except CollectiveTimeout as exc:
+                raise CollectiveTimeout(
+                    f"the checkpoint at inner step {step} (outer step {step // config.outer.sync_every}) could not "
+                    f"be committed: {exc}"
+                ) from exc
             if rank == 0:
-                ckpt.commit(run_dir, step, world, digests, config.run.keep_checkpoints)
+                finalized = loco.finalized if loco is not None else True
+                ckpt.commit(run_dir, step, world, digests, config.run.keep_checkpoints, config.to_dict(), finalized)
 
     progress = None
     if rank == 0 and config.run.progress:
@@ -193,6 +220,7 @@ def train_worker(config: TrainConfig, comm: Communicator, data: LMData, run_dir:
 
     evals: list[dict[str, Any]] = []
     loss_value = float("nan")
+    agreed = AgreedStop(control, stop, config.outer.collective_timeout_s) if control and stop else None
     timer.reset_clock()  # measure the loop only, not data preparation and start-up
     for step in range(start_step, config.run.steps):
         lr = lr_at(step, config)
@@ -224,8 +252,16 @@ def train_worker(config: TrainConfig, comm: Communicator, data: LMData, run_dir:
         at_outer_boundary = done % config.outer.sync_every == 0
         outer_index = done // config.outer.sync_every
         every = config.run.checkpoint_every
-        if every and at_outer_boundary and outer_index % every == 0 and done < config.run.steps:
+        checkpointed = bool(every and at_outer_boundary and outer_index % every == 0 and done < config.run.steps)
+        if checkpointed:
             save_checkpoint(done)
+        # Ctrl+C / SIGTERM: every worker reaches the same decision at the same boundary (interrupt.py).
+        if agreed is not None and at_outer_boundary and done < config.run.steps and (signum := agreed.at_boundary()):
+            if not checkpointed:
+                save_checkpoint(done)
+            if progress is not None:
+                progress.close()
+            raise TrainingInterrupted(signum, done, str(ckpt.step_dir(run_dir, done)))
         paused_total += time.perf_counter() - paused_since
         paused_since = None
     if progress is not None:
@@ -245,7 +281,7 @@ def train_worker(config: TrainConfig, comm: Communicator, data: LMData, run_dir:
                  "tokenizer": data.tokenizer.fingerprint, "eval_loss": final_eval}  # fmt: skip
         buffer = io.BytesIO()
         torch.save(final, buffer)
-        ckpt.atomic_write_bytes(run_dir / "model.pt", buffer.getvalue())
+        atomic_write_bytes(run_dir / "model.pt", buffer.getvalue())
     return WorkerResult(
         rank=rank,
         params=model.num_parameters(),
@@ -278,21 +314,30 @@ def prepare_run_dir(config: TrainConfig) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     metrics = run_dir / "metrics.jsonl"
     if config.run.resume:
-        directory = ckpt.latest_valid(run_dir)
-        if directory is None:
-            raise SystemExit(f"--resume: no complete checkpoint under {run_dir / 'checkpoints'}")
+        directory = check_resume(config)
         step = int(directory.name.split("-")[1])
         if metrics.exists():  # drop what the interrupted run logged after its checkpoint
             kept = [line for line in metrics.read_text().splitlines() if _step_of(line) <= step]
-            ckpt.atomic_write_bytes(metrics, ("\n".join(kept) + "\n" if kept else "").encode())
+            atomic_write_bytes(metrics, ("\n".join(kept) + "\n" if kept else "").encode())
     else:
         if (run_dir / "checkpoints").exists():
             import shutil
 
             shutil.rmtree(run_dir / "checkpoints")
         metrics.write_text("")
-    ckpt.atomic_write_bytes(run_dir / "config.json", json.dumps(config.to_dict(), indent=2).encode())
+    atomic_write_bytes(run_dir / "config.json", json.dumps(config.to_dict(), indent=2).encode())
     return run_dir
+
+
+def check_resume(config: TrainConfig) -> Path:
+    """The checkpoint ``--resume`` will continue from; a clear error (before any worker starts) when there is none
+    or when this configuration cannot continue it (lm/checkpoint.py: check_compatible)."""
+    run_dir = Path(config.run.out_dir)
+    directory = ckpt.latest_valid(run_dir)
+    if directory is None:
+        raise ckpt.ResumeError(f"--resume: no complete checkpoint under {run_dir / 'checkpoints'}")
+    ckpt.check_compatible(directory, config.run.workers, config.to_dict())
+    return directory
 
 
 def _step_of(line: str) -> int:
@@ -305,7 +350,8 @@ def set_threads(config: TrainConfig, workers_here: int) -> None:
     torch.set_num_threads(threads)
 
 
-def run_simulated(config: TrainConfig) -> list[WorkerResult]:
+def run_simulated(config: TrainConfig, stop: StopSignal | None = None) -> list[WorkerResult]:
+    stop = stop or StopSignal()
     set_threads(config, config.run.workers)
     data = load_data(config)
     run_dir = prepare_run_dir(config)
@@ -313,16 +359,26 @@ def run_simulated(config: TrainConfig) -> list[WorkerResult]:
     if config.run.tensorboard:
         log.attach_tensorboard(run_dir / "tb")
     group = InProcessGroup(config.run.workers, timeout=config.outer.collective_timeout_s)
+    control = InProcessGroup(config.run.workers, timeout=config.outer.collective_timeout_s)  # the stop vote
+
+    def worker(comm: Communicator) -> WorkerResult:
+        return train_worker(config, comm, data, run_dir, log, control.communicator(comm.rank), stop)
+
     try:
-        return run_workers(group, lambda comm: train_worker(config, comm, data, run_dir, log))
+        return run_workers(group, worker)
+    except RuntimeError as exc:
+        if isinstance(exc.__cause__, TrainingInterrupted):  # every worker stopped at the same step
+            raise exc.__cause__ from None
+        raise
     finally:
         log.close()
 
 
-def run_torchrun(config: TrainConfig) -> list[WorkerResult] | None:
+def run_torchrun(config: TrainConfig, stop: StopSignal | None = None) -> list[WorkerResult] | None:
     """This process is one rank of a torchrun (or ``--launch processes``) job; rank 0 returns all results."""
     import torch.distributed as dist
 
+    stop = stop or StopSignal()
     world = int(os.environ["WORLD_SIZE"])
     if world != config.run.workers:
         raise SystemExit(f"torchrun started {world} ranks but run.workers={config.run.workers}: pass --workers {world}")
@@ -331,12 +387,20 @@ def run_torchrun(config: TrainConfig) -> list[WorkerResult] | None:
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         config.run.device = f"cuda:{torch.cuda.current_device()}"
-    dist.init_process_group(backend)
+    timeout = config.outer.collective_timeout_s
+    # The process group's timeout bounds its blocking calls (start-up checks, checkpoint barriers) as
+    # collective_timeout_s bounds the outer collectives: a dead peer never blocks anyone for longer.
+    dist.init_process_group(backend, timeout=timedelta(seconds=timeout) if timeout else None)
     try:
         rank = dist.get_rank()
-        comm = TorchDistributedCommunicator(timeout=config.outer.collective_timeout_s)
+        comm = TorchDistributedCommunicator(timeout=timeout)
+        # The stop vote on Ctrl+C / SIGTERM runs on a gloo group of its own (interrupt.py); same order on all ranks.
+        control = TorchDistributedCommunicator(dist.new_group(backend="gloo"), timeout=timeout)
+        check_same_config(config, comm)
         data = load_data(config)
         run_dir = Path(config.run.out_dir)
+        if config.run.resume:
+            check_resume(config)  # on every rank: a refusal must stop all of them, not leave them at the barrier
         if rank == 0:
             prepare_run_dir(config)
         comm.all_gather_object(None)  # the run directory is ready
@@ -344,20 +408,47 @@ def run_torchrun(config: TrainConfig) -> list[WorkerResult] | None:
         if rank == 0 and config.run.tensorboard:
             log.attach_tensorboard(run_dir / "tb")
         try:
-            result = train_worker(config, comm, data, run_dir, log)
+            result = train_worker(config, comm, data, run_dir, log, control, stop)
         finally:
             log.close()
         results = comm.all_gather_object(result)
         return results if rank == 0 else None
     finally:
+        from eagerloco.comm.torch_dist import stop_heartbeats
+
+        stop_heartbeats()  # no heartbeat thread inside the store while the process group is destroyed
         dist.destroy_process_group()
 
 
+def check_same_config(config: TrainConfig, comm: Communicator) -> None:
+    """Every rank must run the same configuration (else the collectives would not match, or models differ):
+    compare before anything else, naming the first difference. Per-machine settings may differ."""
+    local = {"run.device", "run.threads", "run.progress", "run.tensorboard"}
+    mine = {f"{section}.{k}": v for section, table in config.to_dict().items() for k, v in table.items()}
+    mine = {k: v for k, v in mine.items() if k not in local}
+    for rank, other in enumerate(comm.all_gather_object(mine)):
+        diff = sorted(k for k in mine if other.get(k) != mine[k])
+        if diff:
+            raise ConfigError(
+                f"worker {rank} runs another configuration than worker {comm.rank}: "
+                + ", ".join(f"{k}={other.get(k)!r} vs {mine[k]!r}" for k in diff[:5])
+            )
+
+
 def run_processes(config: TrainConfig) -> list[WorkerResult]:
-    """Spawn ``workers`` local processes that run :func:`run_torchrun` over gloo; worker 0 writes the summary."""
+    """Spawn ``workers`` local processes that run :func:`run_torchrun` over gloo; worker 0 writes the summary.
+
+    Like torchrun's agent, this process hosts the rendezvous store, so it outlives any worker and the survivors
+    of a crash can still tell which peer stopped answering (comm/torch_dist.py). SIGINT and SIGTERM are
+    forwarded to the workers, which stop at an agreed safe point (interrupt.py)."""
+    import signal
     import socket
 
+    import torch.distributed as dist
+
     load_data(config)  # fail here on bad data, and build the tokenizer cache once for all children
+    if config.run.resume:
+        check_resume(config)
     run_dir = Path(config.run.out_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = run_dir / "config.launch.json"
@@ -367,17 +458,38 @@ def run_processes(config: TrainConfig) -> list[WorkerResult]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    procs = []
-    for rank in range(config.run.workers):
-        env = dict(os.environ, EAGERLOCO_PARENT=str(os.getpid()), RANK=str(rank), LOCAL_RANK=str(rank),
-                   WORLD_SIZE=str(config.run.workers), LOCAL_WORLD_SIZE=str(config.run.workers),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                   GLOO_SOCKET_IFNAME=os.environ.get("GLOO_SOCKET_IFNAME", "lo"))  # fmt: skip
-        cmd = [sys.executable, "-m", "eagerloco.train", "--resolved-config", str(resolved)]
-        procs.append(subprocess.Popen(cmd, env=env))
-    codes = [p.wait() for p in procs]
+    timeout = timedelta(seconds=config.outer.collective_timeout_s or 1800)
+    store = dist.TCPStore("127.0.0.1", port, config.run.workers, is_master=True, wait_for_workers=False,
+                          timeout=timeout)  # fmt: skip
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def forward(signum: int, frame: Any) -> None:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for rank in range(config.run.workers):
+            env = dict(os.environ, EAGERLOCO_PARENT=str(os.getpid()), RANK=str(rank), LOCAL_RANK=str(rank),
+                       WORLD_SIZE=str(config.run.workers), LOCAL_WORLD_SIZE=str(config.run.workers),
+                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                       TORCHELASTIC_USE_AGENT_STORE="True", TORCHELASTIC_RESTART_COUNT="0",  # the store is ours
+                       GLOO_SOCKET_IFNAME=os.environ.get("GLOO_SOCKET_IFNAME", "lo"))  # fmt: skip
+            cmd = [sys.executable, "-m", "eagerloco.train", "--resolved-config", str(resolved)]
+            procs.append(subprocess.Popen(cmd, env=env))
+        codes = [p.wait() for p in procs]
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        del store
     if any(codes):
-        raise SystemExit(f"worker processes exited with codes {codes}")
+        if len(set(codes)) == 1 and codes[0] > 128:  # interrupted: worker 0 said where it stopped
+            raise SystemExit(codes[0])
+        raise SystemExit(
+            f"eagerloco train: error: worker processes exited with codes {codes} (negative: killed by that "
+            "signal); their messages are above"
+        )
     return [WorkerResult(**r) for r in json.loads((run_dir / "results.json").read_text())]
 
 
@@ -467,20 +579,25 @@ def run(config: TrainConfig) -> dict[str, Any] | None:
     if launch == "auto":
         launch = "torchrun" if "RANK" in os.environ and "WORLD_SIZE" in os.environ else "simulated"
         config.run.launch = launch
+    # SIGINT/SIGTERM only set a flag from here on (interrupt.py); the workers agree where to stop. A signal after
+    # the training loop lets the run finish normally. The processes launcher forwards signals to its workers.
+    stop = StopSignal()
     if launch == "processes":
         results = run_processes(config)
     elif launch == "torchrun":
-        gathered = run_torchrun(config)
+        with stop.installed():
+            gathered = run_torchrun(config, stop)
         if gathered is None:
             return None
         results = gathered
     else:
-        results = run_simulated(config)
+        with stop.installed():
+            results = run_simulated(config, stop)
     summary = summarize(config, results)
     run_dir = Path(config.run.out_dir)
-    ckpt.atomic_write_bytes(run_dir / "summary.json", json.dumps(summary, indent=2).encode())
+    atomic_write_bytes(run_dir / "summary.json", json.dumps(summary, indent=2).encode())
     if launch == "torchrun":
-        ckpt.atomic_write_bytes(run_dir / "results.json", json.dumps([r.__dict__ for r in results]).encode())
+        atomic_write_bytes(run_dir / "results.json", json.dumps([r.__dict__ for r in results]).encode())
     if launch != "torchrun" or "EAGERLOCO_PARENT" not in os.environ:
         print_summary(summary, config)
     return summary
@@ -501,10 +618,51 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return from_args(args)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    run(config_from_args(args))
+def _known_failure(exc: BaseException) -> BaseException | None:
+    """The error a user should read, if ``exc`` is (or wraps, e.g. from a simulated worker's thread) one whose
+    message says what happened: bad input, a peer that failed, non-finite outer gradients, a refused resume."""
+    from torch.distributed import DistError  # rendezvous and store failures (a peer that never came)
+
+    from eagerloco.comm.base import CollectiveAborted, CollectiveTimeout
+    from eagerloco.engine.diloco import ModelMismatch, NonFiniteOuterGradient
+    from eagerloco.lm.data import CorpusError
+
+    known = (ConfigError, CorpusError, CollectiveTimeout, CollectiveAborted, NonFiniteOuterGradient, ModelMismatch,
+             DistError)  # fmt: skip
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, known):
+            return seen
+        seen = seen.__cause__
+    return None
+
+
+def cli_main(args: argparse.Namespace) -> int:
+    """Run from parsed arguments; every expected failure ends in ONE line on stderr and a non-zero exit code:
+    bad input or a refused resume (1), a failed peer or non-finite outer gradients (1), an interrupt (128 +
+    signal, after the final checkpoint). Under torchrun each rank prints its own line, prefixed with its rank."""
+    rank = os.environ.get("RANK")
+    prefix = f"[rank {rank}] " if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" else ""
+    try:
+        run(config_from_args(args))
+    except TrainingInterrupted as exc:
+        if rank in (None, "0"):
+            print(f"eagerloco train: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        print(f"eagerloco train: {prefix}aborted (second signal): no final checkpoint", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
+    except BaseException as exc:
+        failure = _known_failure(exc)
+        if failure is None:
+            raise
+        text = " ".join(str(failure).split())  # one line, whatever the message held
+        raise SystemExit(f"eagerloco train: error: {prefix}{type(failure).__name__}: {text}") from None
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli_main(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from eagerloco.engine.config import ConfigError
-
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     from eagerloco.lm.config import add_arguments
@@ -24,13 +22,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from eagerloco.lm.data import CorpusError
-    from eagerloco.train import config_from_args
-    from eagerloco.train import run as run_training
+    from eagerloco.train import cli_main
 
-    try:
-        config = config_from_args(args)
-        run_training(config)
-    except (ConfigError, CorpusError) as exc:  # bad input: a one-line message, not a traceback
-        raise SystemExit(f"eagerloco train: error: {exc}") from None
-    return 0
+    # Bad input, a failed peer, non-finite outer gradients: a one-line message, not a traceback; Ctrl+C/SIGTERM:
+    # a final checkpoint, then exit 128 + signal (see eagerloco.train.cli_main and docs/reliability.md).
+    return cli_main(args)

@@ -33,6 +33,7 @@ import contextlib
 import hashlib
 import math
 import time
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -41,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from eagerloco.comm.base import Communicator
+from eagerloco.comm.base import CollectiveAborted, CollectiveTimeout, Communicator
 from eagerloco.comm.reducer import CompletedMean, MeanReducer, PendingMean, Reducer
 from eagerloco.engine.config import ConfigError, DiLoCoConfig
 from eagerloco.engine.fragments import Fragment, build_fragments
@@ -58,7 +59,9 @@ CHECKPOINT_FORMAT = 1
 
 
 class NonFiniteOuterGradient(FloatingPointError):
-    """An outer gradient held NaN or Inf; the outer parameters were not touched."""
+    """An outer gradient held NaN or Inf; the outer parameters were not touched. Raised by every worker at the same
+    outer step (``nonfinite='raise'``): the bad values travel inside the average, which every worker receives
+    bit-identical."""
 
 
 class ModelMismatch(RuntimeError):
@@ -72,7 +75,10 @@ class InFlight:
     launch_step: int
     mean: PendingMean
     own: torch.Tensor | None = None
-    """Eager only: (1/M)·Δ_m(t), this worker's contribution exactly as it was applied eagerly."""
+    """Eager only: (1/M)·Δ_m(t), this worker's contribution exactly as it was applied eagerly (zero when Δ_m(t)
+    was not finite: nothing was applied)."""
+    own_finite: bool = True
+    """Whether this worker's own Δ_m(t) was finite (for the error message when the average is not)."""
 
 
 @dataclass(eq=False)
@@ -207,8 +213,8 @@ class DiLoCo:
         if cfg.broadcast_initial_parameters and self.world_size > 1:
             # All workers must start from the same φ_0 (prime-diloco shipped a bug where they did not).
             works = [comm.broadcast(state.phi, src=0) for state in self.states]
-            for work in works:
-                work.wait(cfg.collective_timeout_s)
+            for state, work in zip(self.states, works):
+                self._wait_diagnosed(work, f"the broadcast of worker 0's initial parameters (fragment {state.index})")
             for state in self.states:
                 self.reset_inner(state)
 
@@ -276,7 +282,10 @@ class DiLoCo:
         for state in self.states:  # fragment order, oldest first: the same on every worker
             while state.in_flight:
                 item = state.in_flight.popleft()
-                g = self.strategy.final_gradient(item, self.wait(state, item))
+                mean = self.wait(state, item)
+                if not self.check_average(state, item, mean):  # nonfinite='skip': nothing of it is applied
+                    continue
+                g = self.strategy.final_gradient(item, mean)
                 self._check_finite(g, state, item.launch_step)
                 lr = state.outer_optimizer.param_groups[0]["lr"]
                 state.phi.add_(g, alpha=-lr)
@@ -303,7 +312,7 @@ class DiLoCo:
         buffers = [state.phi.clone() for state in self.states]
         works = [self.comm.all_reduce_sum(buf) for buf in buffers]
         for state, buf, work in zip(self.states, buffers, works):
-            work.wait(self.config.collective_timeout_s)
+            self._wait_diagnosed(work, f"consolidate() (the average of φ, fragment {state.index})")
             state.phi.copy_(buf.div_(self.world_size))
             self.reset_inner(state)
         self.stats.diagnostic_bytes += self.comm.stats.wire_bytes - before
@@ -316,6 +325,13 @@ class DiLoCo:
             yield
         finally:
             self._last_exit += time.perf_counter() - start
+
+    def reopen(self) -> None:
+        """Continue training after :meth:`finalize` (e.g. a finished run resumed with more steps): allowed because
+        finalize left nothing in flight. The next :meth:`finalize` drains what the new steps launch."""
+        if any(state.in_flight for state in self.states):
+            raise RuntimeError("reopen() with averages in flight: only a finalized wrapper can be reopened")
+        self.finalized = False
 
     def reset_clock(self) -> None:
         """Restart the measurements (e.g. after warm-up or after loading a checkpoint)."""
@@ -377,12 +393,20 @@ class DiLoCo:
         theta = state.view.read_theta()  # this rank's owned elements of θ (all of them with one rank per worker)
         theta = theta if theta.device == state.phi.device else theta.to(state.phi.device)
         delta = torch.sub(state.phi, theta)
-        self._check_finite(delta, state, t, fresh=True)
+        own_finite = bool(torch.isfinite(delta).all())
+        # A non-finite Δ_m is NOT raised here: the other workers would then block on a collective this worker
+        # never joins. It is launched like any other: NaN/Inf in one contribution makes the average non-finite
+        # on every worker (gloo and the codecs give every worker the same bits; a codec sends a payload that
+        # decodes to NaN), so every worker takes the same decision in check_average when the average arrives.
         pending = state.reducer.launch(delta)  # may add the error-feedback residual into delta, in place
         if self._event is not None:
             self._event.payload_bytes += pending.payload_bytes
-            self._event.delta_norm = math.hypot(self._event.delta_norm, float(delta.norm()))
-        item = InFlight(launch_step=t, mean=pending, own=delta.div_(self.world_size) if keep_own else None)
+            if own_finite:
+                self._event.delta_norm = math.hypot(self._event.delta_norm, float(delta.norm()))
+        own = None
+        if keep_own:  # eager applies this at once: never a non-finite contribution, φ stays finite
+            own = delta.div_(self.world_size) if own_finite else torch.zeros_like(delta)
+        item = InFlight(launch_step=t, mean=pending, own=own, own_finite=own_finite)
         state.in_flight.append(item)
         return item
 
@@ -391,10 +415,17 @@ class DiLoCo:
         start = time.perf_counter()
         try:
             mean = item.mean.wait(self.config.collective_timeout_s)
+        except (CollectiveTimeout, CollectiveAborted) as exc:
+            raise type(exc)(
+                f"outer step {self.outer_index(state, item.launch_step)} of fragment {state.index} (launched at "
+                f"inner step {item.launch_step}, waited for at inner step {self.inner_step}) failed on "
+                f"{self.comm.describe()} (collective_timeout_s={self.config.collective_timeout_s}): {exc}; "
+                f"{self.comm.diagnose_peers()}"
+            ) from exc
         except Exception as exc:
             raise type(exc)(
-                f"outer step at inner step {self.inner_step}, fragment {state.index}: the average launched at "
-                f"inner step {item.launch_step} did not complete on {self.comm.describe()}: {exc}"
+                f"outer step {self.outer_index(state, item.launch_step)} of fragment {state.index}: the average "
+                f"launched at inner step {item.launch_step} failed on {self.comm.describe()}: {exc}"
             ) from exc
         blocked = time.perf_counter() - start
         self.stats.blocked_s += blocked
@@ -402,6 +433,45 @@ class DiLoCo:
         if self._event is not None:
             self._event.blocked_s += blocked
         return mean
+
+    def check_average(self, state: FragmentState, item: InFlight, mean: torch.Tensor) -> bool:
+        """True when the average Δ(t) of ``item`` is finite and may be applied. Otherwise some worker's
+        contribution held NaN/Inf; every worker sees the same non-finite average at the same outer step, so all
+        take the same decision: ``nonfinite='raise'`` raises :class:`NonFiniteOuterGradient`, ``'skip'`` counts
+        the skip and returns False (the caller then leaves φ and the outer optimizer untouched and sets θ ← φ)."""
+        if bool(torch.isfinite(mean).all()):
+            return True
+        bad = int((~torch.isfinite(mean)).sum())
+        whose = (
+            "this worker's own outer gradient was not finite"
+            if not item.own_finite
+            else "this worker's own outer gradient was finite: another worker's was not"
+        )
+        where = (
+            f"outer step {self.outer_index(state, item.launch_step)} of fragment {state.index} (launched at inner "
+            f"step {item.launch_step})"
+        )
+        if self.config.nonfinite == "raise":
+            raise NonFiniteOuterGradient(
+                f"the average outer gradient of {where} has {bad} non-finite values (NaN/Inf) on "
+                f"{self.comm.describe()} at inner step {self.inner_step}; {whose}. The outer parameters were not "
+                "touched and every worker stops here. Lower the inner learning rate, enable gradient clipping, or "
+                "set nonfinite='skip'."
+            )
+        self.stats.skipped_outer_steps += 1
+        if self._event is not None:
+            self._event.skipped = True
+        warnings.warn(
+            f"skipping {where} on {self.comm.describe()}: the average has {bad} non-finite values ({whose})",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return False
+
+    def outer_index(self, state: FragmentState, t: int) -> int:
+        """The outer step number (1, 2, ...) of ``state``'s fragment whose sync point is inner step ``t``."""
+        offset = state.fragment.offset % self.config.sync_every
+        return (t - offset) // self.config.sync_every + (1 if offset > 0 else 0)
 
     def apply(self, state: FragmentState, g: torch.Tensor, launched_at: int) -> None:
         """φ ← OuterOpt(φ, g) for this fragment."""
@@ -441,6 +511,7 @@ class DiLoCo:
                         "launch_step": item.launch_step,
                         "mean": self.wait(state, item).clone(),
                         "own": None if item.own is None else item.own.clone(),
+                        "own_finite": item.own_finite,
                         "payload_bytes": item.mean.payload_bytes,
                     }
                 )
@@ -466,16 +537,30 @@ class DiLoCo:
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`. Refuses a checkpoint from another mode, schedule or number of workers."""
+        """Restore :meth:`state_dict`. Refuses a checkpoint from another schedule or number of workers, and from
+        another mode (delay, τ, codec) unless it was written after :meth:`finalize`: nothing is in flight then,
+        so the outer loop may continue in another mode from φ, with a fresh outer optimizer state (eager's
+        per-worker momentum must not leak into a mode whose outer state is uniform). Call :meth:`reopen` to
+        continue training after loading a finalized state."""
         if state_dict.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"unknown DiLoCo checkpoint format {state_dict.get('format')!r}")
         saved = state_dict["config"]
+        drained = bool(state_dict.get("finalized")) and not any(f["in_flight"] for f in state_dict["fragments"])
+        switchable = ("mode", "overlap_steps", "delay", "compression", "error_feedback")
+        switched = False
         for key in ("mode", "sync_every", "num_fragments", "fragment_layout", "overlap_steps", "delay", "compression"):
             if saved.get(key) != getattr(self.config, key):
+                if drained and key in switchable:
+                    switched = True
+                    continue
+                hint = (
+                    " (another mode is possible only from a state saved after finalize())" if key in switchable else ""
+                )
                 raise ValueError(
                     f"checkpoint was written with {key}={saved.get(key)!r}, this run has {key}="
-                    f"{getattr(self.config, key)!r}: resume with the same setting"
+                    f"{getattr(self.config, key)!r}: resume with the same setting{hint}"
                 )
+        switched = switched or (drained and saved.get("error_feedback", False) != self.config.error_feedback)
         if state_dict["world_size"] != self.world_size:
             raise ValueError(
                 f"checkpoint was written by {state_dict['world_size']} workers, this run has {self.world_size}"
@@ -492,13 +577,15 @@ class DiLoCo:
             if saved_fragment["names"] != state.fragment.names:
                 raise ValueError(f"fragment {state.index} holds other parameters in the checkpoint")
             state.phi.copy_(saved_fragment["phi"])
-            state.outer_optimizer.load_state_dict(saved_fragment["outer_optimizer"])
-            state.reducer.load_state_dict(saved_fragment["reducer"])
+            if not switched:  # a new mode starts a new outer loop: fresh outer optimizer and codec state
+                state.outer_optimizer.load_state_dict(saved_fragment["outer_optimizer"])
+                state.reducer.load_state_dict(saved_fragment["reducer"])
             state.in_flight = deque(
                 InFlight(
                     launch_step=item["launch_step"],
                     mean=CompletedMean(item["mean"].to(state.phi.device), item["payload_bytes"]),
                     own=None if item["own"] is None else item["own"].to(state.phi.device),
+                    own_finite=item.get("own_finite", True),
                 )
                 for item in saved_fragment["in_flight"]
             )
@@ -571,6 +658,16 @@ class DiLoCo:
             "touched. Lower the inner learning rate or enable gradient clipping."
         )
 
+    def _wait_diagnosed(self, work: Any, what: str) -> None:
+        """``work.wait`` bounded by ``collective_timeout_s``; a failure names ``what`` and the silent peers."""
+        try:
+            work.wait(self.config.collective_timeout_s)
+        except (CollectiveTimeout, CollectiveAborted) as exc:
+            raise type(exc)(
+                f"{what} failed on {self.comm.describe()} (collective_timeout_s="
+                f"{self.config.collective_timeout_s}): {exc}; {self.comm.diagnose_peers()}"
+            ) from exc
+
     def _measure_divergence(self, event: OuterStepRecord) -> None:
         """‖φ_m − mean φ‖ over all fragments: one blocking all-reduce of φ (diagnostic traffic)."""
         before = self.comm.stats.wire_bytes
@@ -580,7 +677,9 @@ class DiLoCo:
         dist_sq = 0.0
         norm_sq = 0.0
         for state, buf, work in zip(self.states, buffers, works):
-            work.wait(self.config.collective_timeout_s)
+            self._wait_diagnosed(
+                work, f"the divergence measurement at inner step {self.inner_step} (fragment {state.index})"
+            )
             mean = buf.div_(self.world_size)
             dist_sq += float(torch.sub(state.phi, mean).pow_(2).sum())
             norm_sq += float(mean.pow(2).sum())

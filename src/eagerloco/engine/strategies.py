@@ -7,6 +7,11 @@ formulas below are ALGORITHMS.md's, with Δ_m(t) = φ − θ_m(t) and Δ(t) = (1
 Collective order invariant: every strategy launches the fresh outer gradient *before* waiting on an older one,
 and the core visits fragments in index order at every step, so all workers issue the same collectives in the
 same order whatever their timing (the deadlock torchft fixed in its PR 206).
+
+Non-finite averages: every strategy passes an arrived average through ``core.check_average`` before using it.
+It raises on every worker (``nonfinite='raise'``) or returns False on every worker (``'skip'``): the strategy
+then applies nothing of that average, leaves the outer optimizer untouched and sets θ ← φ (α = 0 for overlap,
+so the local steps of a worker whose θ went bad are dropped too). The collective order is unchanged either way.
 """
 
 from __future__ import annotations
@@ -46,7 +51,9 @@ class SyncStrategy(OuterStrategy):
     def on_sync(self, core: DiLoCo, state: FragmentState, t: int) -> None:
         core.launch(state, t)
         item = state.in_flight.popleft()  # the one just launched: nothing else is ever in flight in sync
-        core.apply(state, core.wait(state, item), launched_at=t)
+        mean = core.wait(state, item)
+        if core.check_average(state, item, mean):
+            core.apply(state, mean, launched_at=t)
         core.reset_inner(state)
 
 
@@ -73,8 +80,12 @@ class OverlapStrategy(OuterStrategy):
     @staticmethod
     def _complete(core: DiLoCo, state: FragmentState, alpha: float) -> None:
         item = state.in_flight.popleft()
-        core.apply(state, core.wait(state, item), launched_at=item.launch_step)
-        core.reset_inner(state, alpha=alpha)
+        mean = core.wait(state, item)
+        if core.check_average(state, item, mean):
+            core.apply(state, mean, launched_at=item.launch_step)
+            core.reset_inner(state, alpha=alpha)
+        else:  # skipped: θ ← φ, whatever α (a worker whose θ went non-finite must not mix it back in)
+            core.reset_inner(state)
 
 
 class DelayedStrategy(OuterStrategy):
@@ -90,7 +101,9 @@ class DelayedStrategy(OuterStrategy):
         core.launch(state, t)
         if len(state.in_flight) > self.delay:
             item = state.in_flight.popleft()
-            core.apply(state, core.wait(state, item), launched_at=item.launch_step)
+            mean = core.wait(state, item)
+            if core.check_average(state, item, mean):
+                core.apply(state, mean, launched_at=item.launch_step)
         core.reset_inner(state)
 
 
@@ -118,7 +131,10 @@ class EagerStrategy(OuterStrategy):
             item = state.in_flight.popleft()
             assert item.own is not None
             mean = core.wait(state, item)
-            g = torch.sub(mean, item.own).add_(fresh.own)
+            if core.check_average(state, item, mean):
+                g = torch.sub(mean, item.own).add_(fresh.own)
+            else:  # skip Δ(t − kH): the others' part is never applied; the own part was, at t − kH (0 if it was bad)
+                g = fresh.own.clone()
             core.apply(state, g, launched_at=item.launch_step)
         else:
             core.apply(state, fresh.own.clone(), launched_at=t)
