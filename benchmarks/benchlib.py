@@ -20,7 +20,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -205,6 +205,30 @@ def write_results(name: str, out: Path, payload: dict[str, Any], markdown: str) 
     jpath.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     mpath.write_text(markdown.rstrip() + "\n")
     return jpath, mpath
+
+
+def run_seeds_interleaved(
+    payload: dict[str, Any],
+    variants: Sequence[str],
+    seeds: Sequence[int],
+    run_one: Callable[[str, int], dict[str, Any]],
+    report: Callable[[dict[str, Any]], str],
+    name: str,
+    out: Path,
+) -> None:
+    """Run ``run_one(variant, seed)`` for every seed and variant, interleaved (seed loop outermost, the order of
+    variants rotated per seed), appending each result to ``payload["runs"]`` and rewriting ``name.json`` /
+    ``name.md`` after every run (partial results survive a crash); print the final table."""
+    for k, seed in enumerate(seeds):
+        for variant in rotate(variants, k):
+            result = run_one(variant, seed)
+            payload["runs"].append(result)
+            print(f"seed {seed} {variant:>15}: eval loss {result['eval_loss']:.4f}  ({result['wall_s']:.0f} s)",
+                  flush=True)  # fmt: skip
+            write_results(name, out, payload, report(payload))
+    jpath, mpath = write_results(name, out, payload, report(payload))
+    print(mpath.read_text())
+    print(f"wrote {jpath} and {mpath}")
 
 
 def command_line() -> str:

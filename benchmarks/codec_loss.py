@@ -102,17 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         "runs": [],
     }
     runs_dir = args.runs_dir / args.name
-    for k, seed in enumerate(args.seeds):
-        for codec in bl.rotate(args.codecs, k):
-            result = run_one(codec, seed, args, runs_dir)
-            payload["runs"].append(result)
-            print(
-                f"seed {seed} {codec:>15}: eval loss {result['eval_loss']:.4f}  ({result['wall_s']:.0f} s)", flush=True
-            )
-            bl.write_results(args.name, args.out, payload, report(payload))  # partial results survive a crash
-    jpath, mpath = bl.write_results(args.name, args.out, payload, report(payload))
-    print(mpath.read_text())
-    print(f"wrote {jpath} and {mpath}")
+    bl.run_seeds_interleaved(payload, args.codecs, args.seeds, lambda c, seed: run_one(c, seed, args, runs_dir),
+                             report, args.name, args.out)  # fmt: skip
     return 0
 
 

@@ -121,17 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         "extra_args": args.extra_args,
         "runs": [],
     }
-    for k, seed in enumerate(args.seeds):
-        for method in bl.rotate(args.methods, k):
-            result = run_one(method, seed, args, runs_dir)
-            payload["runs"].append(result)
-            print(
-                f"seed {seed} {method:>10}: eval loss {result['eval_loss']:.4f}  ({result['wall_s']:.0f} s)", flush=True
-            )
-            bl.write_results(args.name, args.out, payload, report(payload))  # partial results survive a crash
-    jpath, mpath = bl.write_results(args.name, args.out, payload, report(payload))
-    print(mpath.read_text())
-    print(f"wrote {jpath} and {mpath}")
+    bl.run_seeds_interleaved(payload, args.methods, args.seeds, lambda m, seed: run_one(m, seed, args, runs_dir),
+                             report, args.name, args.out)  # fmt: skip
     return 0
 
 
