@@ -113,5 +113,5 @@ def test_compression_keeps_the_overlap_asynchronous():
     sync = run(DiLoCoConfig(mode="sync", sync_every=4, compression="fp4"))
     eager = run(DiLoCoConfig(mode="eager", sync_every=4, delay=2, compression="fp4", error_feedback=True))
     for s, e in zip(sync, eager):
-        assert s.stats["blocked_per_outer_step_s"] == pytest.approx(0.18, rel=0.3)
+        assert 0.9 * 0.18 <= s.stats["blocked_per_outer_step_s"] < 0.5  # a loaded CPU can only add to the wait
         assert e.stats["blocked_per_outer_step_s"] < 0.1 * s.stats["blocked_per_outer_step_s"]
