@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -103,6 +106,37 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def launch_ranks(script: str | Path, world_size: int, out_dir: Path, *args: str, timeout: float = 240) -> list:
+    """Run ``python SCRIPT RANK WORLD PORT *ARGS OUT_DIR/RANK.pt`` for every rank (real processes, gloo on
+    localhost, one thread each); fail with a rank's output if it exits non-zero; return what each rank saved."""
+    port = free_port()
+    here = Path(__file__).resolve().parent
+    env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(here), env.get("PYTHONPATH", "")) if p)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(r), str(world_size), str(port), *args, str(out_dir / f"{r}.pt")],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for r in range(world_size)
+    ]
+    outputs = []
+    try:
+        for proc in procs:
+            out, _ = proc.communicate(timeout=timeout)
+            outputs.append(out.decode(errors="replace"))
+    finally:  # a rank that hangs (its peer died) must not outlive the test
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    for rank, proc in enumerate(procs):
+        assert proc.returncode == 0, f"rank {rank} failed:\n{outputs[rank]}"
+    return [torch.load(out_dir / f"{r}.pt", weights_only=False) for r in range(world_size)]
 
 
 def init_gloo(rank: int, world_size: int, port: int) -> None:

@@ -8,9 +8,6 @@ process group and saves what it saw (used by the multi-process test).
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,6 +15,7 @@ from typing import Any
 import pytest
 import torch
 
+from _toy import launch_ranks
 from eagerloco.comm import Communicator, InProcessGroup, MeanReducer, run_workers, wire_bytes
 from eagerloco.compression import CODECS, CompressedReducer, get_codec, make_reducer
 
@@ -239,39 +237,8 @@ def test_error_feedback_state_dict_roundtrip() -> None:
 # Real processes: gloo on localhost
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch_gloo(world_size: int, tmp_path: Path) -> list[dict[str, Any]]:
-    port = free_port()
-    src = str(Path(__file__).resolve().parents[1] / "src")
-    env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH", "")) if p)
-    procs = [
-        subprocess.Popen(
-            [sys.executable, __file__, str(r), str(world_size), str(port), str(tmp_path / f"{r}.pt")],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        for r in range(world_size)
-    ]
-    outputs = []
-    try:
-        for proc in procs:
-            out, _ = proc.communicate(timeout=120)
-            outputs.append(out.decode(errors="replace"))
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    for rank, proc in enumerate(procs):
-        assert proc.returncode == 0, f"rank {rank} failed:\n{outputs[rank]}"
-    return [torch.load(tmp_path / f"{r}.pt") for r in range(world_size)]
+    return launch_ranks(__file__, world_size, tmp_path, timeout=120)
 
 
 @pytest.mark.parametrize("world_size", [2, 3])

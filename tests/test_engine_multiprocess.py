@@ -2,46 +2,19 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from _mp_worker import CASES, STEPS
-from _toy import free_port, run_inprocess, train_tinynet
+from _toy import launch_ranks, run_inprocess, train_tinynet
 
 HERE = Path(__file__).parent
 
 
 def launch(world_size: int, tmp_path: Path) -> list[dict]:
-    port = free_port()
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(HERE))
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                str(HERE / "_mp_worker.py"),
-                str(r),
-                str(world_size),
-                str(port),
-                str(tmp_path / f"{r}.pt"),
-            ],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        for r in range(world_size)
-    ]
-    outputs = []
-    for proc in procs:
-        out, _ = proc.communicate(timeout=240)
-        outputs.append(out.decode(errors="replace"))
-    for rank, proc in enumerate(procs):
-        assert proc.returncode == 0, f"rank {rank} failed:\n{outputs[rank]}"
-    return [torch.load(tmp_path / f"{r}.pt") for r in range(world_size)]
+    return launch_ranks(HERE / "_mp_worker.py", world_size, tmp_path)
 
 
 @pytest.mark.parametrize("world_size", [2, 3])

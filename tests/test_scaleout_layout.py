@@ -10,16 +10,13 @@ the outer step across workers rank by rank (``eagerloco.two_level_mesh``).
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from _layout_worker import CASES, CONSISTENCY_ONLY, PARALLEL, STEPS, train_case
-from _toy import free_port, run_inprocess
+from _toy import launch_ranks, run_inprocess
 
 HERE = Path(__file__).parent
 WORKERS, RANKS_PER_WORKER = 2, 2
@@ -29,38 +26,7 @@ WORKERS, RANKS_PER_WORKER = 2, 2
 def layout_results(tmp_path_factory) -> list[dict]:
     """Run every case once in 4 gloo processes (2 workers x 2 ranks); one result dict per global rank."""
     tmp = tmp_path_factory.mktemp("layout")
-    world = WORKERS * RANKS_PER_WORKER
-    port = free_port()
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(HERE))
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                str(HERE / "_layout_worker.py"),
-                str(r),
-                str(world),
-                str(port),
-                str(RANKS_PER_WORKER),
-                str(tmp / f"{r}.pt"),
-            ],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        for r in range(world)
-    ]
-    outputs = []
-    for proc in procs:
-        try:
-            out, _ = proc.communicate(timeout=240)
-        except subprocess.TimeoutExpired:
-            for p in procs:
-                p.kill()
-            raise
-        outputs.append(out.decode(errors="replace"))
-    for rank, proc in enumerate(procs):
-        assert proc.returncode == 0, f"rank {rank} failed:\n{outputs[rank]}"
-    return [torch.load(tmp / f"{r}.pt", weights_only=False) for r in range(world)]
+    return launch_ranks(HERE / "_layout_worker.py", WORKERS * RANKS_PER_WORKER, tmp, str(RANKS_PER_WORKER))
 
 
 def test_mesh_groups_are_workers_and_shard_positions(layout_results):
