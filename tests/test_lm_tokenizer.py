@@ -119,3 +119,25 @@ def test_atomic_write_replaces_and_cleans_up(tmp_path):
 def test_texts_fingerprint_depends_on_split_into_texts():
     assert tokmod.texts_fingerprint(["ab", "c"]) != tokmod.texts_fingerprint(["a", "bc"])
     assert tokmod.texts_fingerprint(["ab", "c"]) == tokmod.texts_fingerprint(("ab", "c"))
+
+
+def test_atomic_write_gives_the_umask_mode_not_0600(tmp_path):
+    import os
+
+    from eagerloco.fileio import current_umask
+
+    old = os.umask(0o027)
+    try:
+        assert current_umask() == 0o027
+        atomic_write_bytes(tmp_path / "a.bin", b"x")
+        assert (tmp_path / "a.bin").stat().st_mode & 0o777 == 0o640
+    finally:
+        os.umask(old)
+    atomic_write_bytes(tmp_path / "b.bin", b"y")
+    assert (tmp_path / "b.bin").stat().st_mode & 0o777 == 0o666 & ~old
+
+
+def test_bpe_default_vocabulary_is_the_training_default():
+    from eagerloco.lm.config import DataConfig
+
+    assert tokmod.DEFAULT_BPE_VOCAB == DataConfig().bpe_vocab_size == 2048

@@ -43,8 +43,9 @@ __all__ = [
 ]
 
 TOKENIZER_KINDS = ("byte", "bpe")
-DEFAULT_BPE_VOCAB = 1024
-"""Vocabulary size of :func:`build_tokenizer` ('bpe') when none is given."""
+DEFAULT_BPE_VOCAB = 2048
+"""Vocabulary size of :func:`build_tokenizer` ('bpe') when none is given; the same as the training run's default
+(``DataConfig.bpe_vocab_size``)."""
 _BPE_MIN_FREQUENCY = 2
 _BPE_FORMAT = 1  # bump when the training recipe changes: it is part of the cache key
 
