@@ -14,7 +14,7 @@ import torch
 
 from eagerloco.cli.evaluate import evaluate_run
 from eagerloco.cli.main import main as cli
-from eagerloco.cli.plot import load_runs, make_figure, moving_average, plot_runs
+from eagerloco.cli.plot import PANEL_TITLES, load_runs, make_figure, moving_average, plot_runs
 from eagerloco.cli.sample import generate_samples
 from eagerloco.lm.config import TrainConfig
 from eagerloco.lm.runs import RunError, load_run, load_saved_model, run_label
@@ -110,11 +110,13 @@ def test_moving_average():
 # --------------------------------------------------------------------------------------------------------- plot
 
 
-def test_plot_figure_has_four_panels_and_one_line_per_run(runs):
+def test_plot_figure_has_eight_panels_and_one_line_per_run(runs):
     fig = make_figure(load_runs([runs["eager"], runs["dp"]]), smooth=3)
     axes = fig.get_axes()
-    assert len(axes) == 4
-    train, evals, wall, cu = axes
+    assert len(axes) == 8
+    for ax, phrase in zip(axes, PANEL_TITLES):
+        assert phrase in ax.get_title()
+    train, evals, wall, cu, blocked, sent, norm, lr = axes
     assert [line.get_label() for line in train.get_lines()] == ["eager k=1 H=5", "dp"]
     assert len(evals.get_lines()) == 2 and len(wall.get_lines()) == 2
     assert [len(line.get_xdata()) for line in evals.get_lines()] == [2, 2]  # evals at steps 10 and 20
@@ -125,6 +127,23 @@ def test_plot_figure_has_four_panels_and_one_line_per_run(runs):
     assert "eager k=1 H=5: overall CU" in text and "dp: overall CU" in text and "no outer steps" in text
     assert "eval loss" in wall.get_title()
 
+    # the outer-step panels hold exactly what metrics.jsonl logged for worker 0 (the final drain included)
+    outer = records(runs["eager"], "outer")
+    steps = [r for r in outer if r["kind"] == "step"]
+    (blocked_line,) = blocked.get_lines()
+    assert list(blocked_line.get_xdata()) == [r["tokens"] for r in outer]
+    assert list(blocked_line.get_ydata()) == [r["blocked_s"] for r in outer]
+    (sent_line,) = sent.get_lines()
+    assert sent_line.get_ydata()[-1] == sum(r["payload_bytes"] for r in outer) > 0
+    summary = json.loads((runs["eager"] / "summary.json").read_text())
+    assert sent_line.get_ydata()[-1] == summary["per_worker"][0]["payload_bytes"]
+    (norm_line,) = norm.get_lines()
+    assert list(norm_line.get_ydata()) == [r["delta_norm"] for r in steps if r["fragments_synced"]]
+    assert len(norm_line.get_ydata()) == STEPS // 5 and all(v > 0 for v in norm_line.get_ydata())
+    inner = records(runs["dp"], "inner")
+    assert [line.get_label() for line in lr.get_lines()] == ["eager k=1 H=5", "dp"]
+    assert list(lr.get_lines()[1].get_ydata()) == [r["lr"] for r in inner]
+
 
 def test_plot_cli_writes_a_png(runs, tmp_path, capsys):
     out = tmp_path / "sub" / "plot.png"
@@ -132,6 +151,21 @@ def test_plot_cli_writes_a_png(runs, tmp_path, capsys):
     data = out.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
     assert str(out) in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("suffix", "magic"), [(".pdf", b"%PDF-"), (".svg", b"<?xml"), (".jpg", b"\xff\xd8\xff")])
+def test_plot_writes_any_format_matplotlib_writes(runs, tmp_path, suffix, magic):
+    path, _ = plot_runs([runs["eager"]], tmp_path / f"plot{suffix}")
+    assert path == tmp_path / f"plot{suffix}" and path.read_bytes().startswith(magic)
+
+
+def test_plot_default_output_is_plot_png_in_the_first_run(runs, tmp_path, capsys):
+    first = tmp_path / "first"
+    shutil.copytree(runs["eager"], first, ignore=shutil.ignore_patterns("checkpoints", "model.pt"))
+    assert cli(["plot", str(first), str(runs["dp"])]) == 0
+    assert (first / "plot.png").read_bytes()[:4] == b"\x89PNG"
+    assert capsys.readouterr().out == f"plot written to {first / 'plot.png'}\n"
+    assert not (runs["dp"] / "plot.png").exists()
 
 
 def test_plot_same_label_twice_is_disambiguated(runs, tmp_path):
@@ -162,7 +196,8 @@ def test_plot_names_the_missing_file(runs, tmp_path, capsys, missing):
     [
         (["--worker", "5"], "no metrics of worker 5"),
         (["--smooth", "0"], "--smooth 0"),
-        (["-o", "plot.pdf"], "PNG"),
+        (["-o", "plot.docx"], "the suffix picks the format; matplotlib writes "),
+        (["-o", "plot"], "-o plot: the suffix picks the format"),
     ],
 )
 def test_plot_bad_options(runs, tmp_path, capsys, flags, message):
@@ -170,7 +205,9 @@ def test_plot_bad_options(runs, tmp_path, capsys, flags, message):
     if "-o" not in flags:
         argv += ["-o", str(tmp_path / "x.png")]
     assert cli(argv) == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not (tmp_path / "x.png").exists() and not (runs["eager"] / "plot.png").exists()
 
 
 def test_plot_malformed_metrics_line(runs, tmp_path, capsys):
