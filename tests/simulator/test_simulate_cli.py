@@ -19,8 +19,9 @@ def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
-def grid_at_least(value: float) -> float:
-    return min(bw for bw in BANDWIDTH_GRID_GBPS if bw >= value * (1 - 1e-12))
+def grid_at_least(value: float) -> float | None:
+    """The smallest grid rate >= value (Gbit/s); None above the grid, as the JSON writes it."""
+    return min((bw for bw in BANDWIDTH_GRID_GBPS if bw >= value * (1 - 1e-12)), default=None)
 
 
 @pytest.fixture(scope="module")
@@ -45,20 +46,56 @@ def test_default_json_shape_and_values(default_json):
         pytest.approx(grid_at_least(1.6 * c / (1 - c)), rel=1e-5) for c in (0.5, 0.8, 0.9, 0.95, 0.99)
     ]
     # eager FP4, 100B: CU = min(1, bw / 0.816) → 99 % needs 0.99·0.816 = 0.808 Gbit/s
-    assert table["100B"]["eager_fp4"][4] == pytest.approx(grid_at_least(0.99 * 400 / 490), rel=1e-5)
-    assert "1050 points" in err and "inner steps simulated per point" in err
+    assert table["100B"]["streaming_eager_fp4"][4] == pytest.approx(grid_at_least(0.99 * 400 / 490), rel=1e-5)
+    assert "1827 points" in err and "inner steps simulated per point" in err  # 3 presets × 7 methods × 87 rates
 
 
 def test_table_output(capsys):
-    code, out, _ = run_cli(capsys, "--presets", "1B", "--methods", "dp", "diloco", "eager_fp4")
+    code, out, _ = run_cli(capsys, "--presets", "1B", "--methods", "dp_bf16", "diloco", "eager_fp4")
     assert code == 0
     lines = out.splitlines()
+    assert lines[0].startswith("Smallest link rate (G: Gbit/s, M: Mbit/s) on the log grid 0.0954 Mbit/s to 1000 Gbit/s")
+    assert "H = 100" in lines[1]
     header = next(line for line in lines if line.startswith("method"))
     assert header.split() == ["method", "50%", "80%", "90%", "95%", "99%", "link", "bound"]
-    diloco = next(line for line in lines if line.startswith("diloco")).split()
-    assert diloco[1:6] == [f"{grid_at_least(1.6 * c / (1 - c)):.3g}" for c in (0.5, 0.8, 0.9, 0.95, 0.99)]
-    assert diloco[6] == "1.6"
+    rows = {line.split()[0]: line.split()[1:] for line in lines if line.split()[:1] in (["diloco"], ["dp_bf16"])}
+    assert rows["diloco"] == ["1.68G", "7.54G", "16G", "33.9G", "184G", "1.6G"]
+    assert rows["dp_bf16"] == ["105G", "184G", "222G", "268G", "687G", "160G"]
+    fp4 = next(line for line in lines if line.startswith("streaming_eager_fp4")).split()  # the old name's row
+    assert fp4[1:] == ["212M", "373M", "373M", "450M", "450M", "400M"]
     assert "inner steps simulated per point" in out
+
+
+def test_training_modes_with_trains_defaults(capsys):
+    """`--methods sync ...`: train's modes, H = 30 and fp32 (all-reduce) unless told otherwise."""
+    code, out, _ = run_cli(capsys, "--presets", "1B", "--methods", "sync", "eager", "dp", "--json")
+    assert code == 0
+    table = json.loads(out)["1B"]
+    assert list(table) == ["sync", "eager", "dp"]
+    # blocking sync: CU = 3 / (3 + 32/bw) >= c  <=>  bw >= 32/3 · c / (1 − c) Gbit/s
+    cus = (0.5, 0.8, 0.9, 0.95, 0.99)
+    assert table["sync"][:4] == [pytest.approx(grid_at_least(32 / 3 * c / (1 - c)), rel=1e-5) for c in cus[:4]]
+    assert table["sync"][4] is None and grid_at_least(32 / 3 * 99) is None  # 1,056 Gbit/s: above the grid
+    # eager: CU = min(1, bw / (32 / 3))
+    assert table["eager"] == [pytest.approx(grid_at_least(32 / 3 * c), rel=1e-5) for c in cus]
+    code, out, _ = run_cli(
+        capsys, "--presets", "1B", "--methods", "eager", "--num-fragments", "2", "--compression", "fp4", "--json"
+    )
+    assert list(json.loads(out)["1B"]) == ["eager[P=2,fp4]"]
+    assert json.loads(out)["1B"]["eager[P=2,fp4]"][4] == pytest.approx(grid_at_least(0.99 * 4.25 / 3), rel=1e-5)
+
+
+def test_small_models_get_answers_below_0_1_gbit(tmp_path, capsys):
+    """A train-sized model (0.82M parameters, T = 0.2 s, H = 30, fp32): thresholds in Mbit/s, not 0.1 everywhere."""
+    code, out, _ = run_cli(
+        capsys, "--params", "820352", "--layers", "4", "--step-time", "0.2", "--methods", "sync", "eager"
+    )
+    assert code == 0
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.split()[:1] in (["sync"], ["eager"])}
+    bound = 820352 * 32 / 6.0 / 1e9  # 4.375 Mbit/s
+    assert rows["sync"][0] == f"{grid_at_least(bound) * 1e3:.3g}M" == "4.94M"
+    assert rows["eager"] == ["2.33M", "4.09M", "4.09M", "4.94M", "4.94M", "4.38M"]
+    assert f"{grid_at_least(0.95 * bound) * 1e3:.3g}M" == rows["eager"][3]
 
 
 def test_wall_clock_json(capsys):
@@ -66,10 +103,12 @@ def test_wall_clock_json(capsys):
     assert code == 0
     report = json.loads(out)["1B"]
     compute_h = 23842 * 0.1 / 3600
-    assert report["eager_fp4"]["hours"] == pytest.approx(compute_h, rel=1e-12)
-    assert report["eager"]["hours"] == pytest.approx(compute_h * 1.6, rel=1e-9)  # 16 Gbit per 10 s outer step
-    assert report["dp"]["hours"] == pytest.approx(compute_h / report["dp"]["cu"], rel=1e-12)
-    assert 100 < report["dp"]["hours"] < 110
+    assert report["streaming_eager_fp4"]["hours"] == pytest.approx(compute_h, rel=1e-12)
+    assert report["streaming_eager"]["hours"] == pytest.approx(compute_h * 1.6, rel=1e-9)  # 16 Gbit per 10 s
+    assert report["dp_bf16"]["hours"] == pytest.approx(compute_h / report["dp_bf16"]["cu"], rel=1e-12)
+    assert 100 < report["dp_bf16"]["hours"] < 110
+    code, out_mbit, _ = run_cli(capsys, "--presets", "1B", "--link-mbit", "1000", "--tokens", "25e9", "--json")
+    assert json.loads(out_mbit) == json.loads(out)
 
 
 def test_wall_clock_table_without_tokens(capsys):
@@ -77,6 +116,11 @@ def test_wall_clock_table_without_tokens(capsys):
     assert code == 0
     row = next(line for line in out.splitlines() if line.startswith("diloco")).split()
     assert row[1:] == ["50.0%", "80"]  # R = 160 Gbit / 2 Gbit/s = 80 s blocked per 80 s outer step
+    assert out.startswith("At 2 Gbit/s\n")
+    code, out, _ = run_cli(capsys, "--presets", "10B", "--methods", "diloco", "--link-mbit", "500")
+    assert out.startswith("At 500 Mbit/s\n")
+    row = next(line for line in out.splitlines() if line.startswith("diloco")).split()
+    assert row[1:] == ["20.0%", "320"]
 
 
 def test_from_run_answers_for_that_model(tmp_path, capsys):
@@ -87,6 +131,81 @@ def test_from_run_answers_for_that_model(tmp_path, capsys):
     got = json.loads(out)[tmp_path.name]
     code, out, _ = run_cli(capsys, "--presets", "1B", "--methods", "diloco", "eager_fp4", "--json")
     assert got == json.loads(out)["1B"]
+    assert list(got) == ["diloco", "streaming_eager_fp4"]
+
+
+def write_run(tmp_path, mode="sync", link_mbit=16.0, **outer):
+    """A finished run's summary.json and config.json: N = 1e6 fp32 parameters, L = 4, T = 0.1 s, H = 10."""
+    summary = {"params": 1_000_000, "inner_step_time_s": 0.1, "num_layers": 4, "mode": mode, "utilization": 0.3,
+               "blocked_per_outer_step_s": 2.1, "sync_every": 10, "link_mbit": link_mbit}  # fmt: skip
+    config = {
+        "outer": {"mode": mode, "sync_every": 10, "num_fragments": 1, "overlap_steps": 1, "delay": 1,
+                  "compression": "none", "fragment_layout": "strided", **outer},
+        "run": {"workers": 2, "link_mbit": link_mbit, "link_latency_ms": 0.0},
+    }  # fmt: skip
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    return tmp_path
+
+
+def test_from_run_predicts_the_cu_at_the_runs_link_next_to_the_measured_one(tmp_path, capsys):
+    run = write_run(tmp_path)
+    # sync, fp32: R = 1e6·32 bit / 16 Mbit/s = 2 s per outer step of H·T = 1 s → CU = 1/3
+    code, out, _ = run_cli(capsys, "--from-run", str(run), "--json")
+    assert code == 0
+    assert json.loads(out) == {
+        run.name: {
+            "sync": {
+                "cu": pytest.approx(1 / 3, rel=1e-12),
+                "blocked_s_per_outer_step": pytest.approx(2.0, rel=1e-12),
+                "measured_cu": 0.3,
+            }
+        }
+    }
+    code, out, _ = run_cli(capsys, "--from-run", str(run))
+    lines = out.splitlines()
+    assert lines[0] == "At 16 Mbit/s"
+    assert "link: the run's, 16 Mbit/s (config.json run.link_mbit)" in lines
+    assert "H = 10" in lines[1]
+    assert next(line for line in lines if line.startswith("method")).split()[-2:] == ["measured", "CU"]
+    assert next(line for line in lines if line.startswith("sync")).split() == ["sync", "33.3%", "2", "30.0%"]
+    assert "add --grid" in out
+    # a what-if on the same run: fp4 by all-gather (4.25 bits per value), no measured column
+    code, out, _ = run_cli(capsys, "--from-run", str(run), "--compression", "fp4", "--json")
+    ((name, got),) = json.loads(out)[run.name].items()
+    assert name == "sync[fp4]" and "measured_cu" not in got
+    assert got["cu"] == pytest.approx(1 / (1 + 4.25e6 / 16e6), rel=1e-12)
+    # another rate given: it wins over the run's link
+    code, out, _ = run_cli(capsys, "--from-run", str(run), "--link-mbit", "32", "--json")
+    assert json.loads(out)[run.name]["sync"]["cu"] == pytest.approx(0.5, rel=1e-12)
+
+
+def test_from_run_takes_mode_options_from_config_json(tmp_path):
+    run = write_run(tmp_path, mode="overlap", overlap_steps=2, num_fragments=2, compression="int8")
+    args = build_parser(["simulate"]).parse_args(["simulate", "--from-run", str(run)])
+    plan = build_plan(args)
+    (spec,) = plan.methods[run.name]
+    assert (spec.name, spec.overlap_steps, spec.fragments, spec.bits, spec.gather) == (
+        "overlap[P=2,tau=2,int8]",
+        2,
+        2,
+        8.25,
+        True,
+    )
+    assert plan.run_method == spec.name and plan.bandwidth_gbps == 0.016
+
+
+def test_from_run_grid_and_a_run_without_a_link(tmp_path, capsys):
+    run = write_run(tmp_path, mode="eager", link_mbit=0.0)
+    code, out, _ = run_cli(capsys, "--from-run", str(run), "--json")
+    assert code == 0
+    bound = 32e6 / 1.0 / 1e9  # 32 Mbit per outer step of H·T = 1 s
+    assert json.loads(out)[run.name]["eager"][0] == pytest.approx(grid_at_least(0.5 * bound), rel=1e-5)
+    code, out, _ = run_cli(capsys, "--from-run", str(run))
+    assert "link: the run emulated none (link_mbit 0)" in out
+    run = write_run(tmp_path, mode="eager")
+    code, out, _ = run_cli(capsys, "--from-run", str(run), "--grid", "--json")
+    assert json.loads(out)[run.name]["eager"][0] == pytest.approx(grid_at_least(0.5 * bound), rel=1e-5)
 
 
 def test_from_run_takes_fragments_h_and_workers(tmp_path):
@@ -119,24 +238,33 @@ def test_custom_method_from_flags(capsys):
     assert list(json.loads(out)["1B"]) == ["streaming[tau=5,bits=8]"]
 
 
-def test_plot_writes_png(tmp_path, capsys):
-    path = tmp_path / "cu.png"
+@pytest.mark.parametrize(("suffix", "magic"), [(".png", b"\x89PNG\r\n\x1a\n"), (".pdf", b"%PDF-"), (".svg", b"<?xml")])
+def test_plot_writes_any_format(tmp_path, capsys, suffix, magic):
+    path = tmp_path / f"cu{suffix}"
     code, out, _ = run_cli(capsys, "--presets", "1B", "10B", "--methods", "dp", "eager", "--plot", str(path))
     assert code == 0 and f"plot written to {path}" in out
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert path.read_bytes().startswith(magic)
 
 
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--bits", "5"], "bits=5: must be one of 32, 16, 8, 4"),
+        (["--bits", "5"], "--compression 5: must be a codec of eagerloco train (none, bf16, fp16, fp8, int8, fp4)"),
+        (["--compression", "int4"], "--compression int4: must be a codec of eagerloco train"),
         (["--methods", "async"], "unknown method 'async'"),
         (["--methods", "dp", "dp"], "each method may be named once"),
+        (["--methods", "eager_fp4", "streaming_eager_fp4"], "each method may be named once"),
         (["--presets", "1B", "1b"], "each model needs its own name"),
         (["--presets", "2B"], "unknown preset '2B'"),
         (["--bandwidth", "-1"], "--bandwidth -1.0: must be a finite number of Gbit/s > 0"),
-        (["--tokens", "25e9"], "--tokens needs --bandwidth"),
-        (["--sync-every", "0"], "sync_every=0: H must be an integer >= 1"),
+        (["--link-mbit", "0"], "--link-mbit 0.0: must be a finite number of Mbit/s > 0"),
+        (["--tokens", "25e9"], "--tokens needs a link rate (--link-mbit or --bandwidth)"),
+        (["--grid"], "--grid goes with --from-run"),
+        (["--plot", "cu.docx"], "--plot cu.docx: the suffix picks the format; matplotlib writes"),
+        (["--sync-every", "0"], "--sync-every 0: must be an integer >= 1"),
+        (["--num-fragments", "0"], "--num-fragments 0: must be an integer >= 1"),
+        (["--methods", "eager", "--delay", "0"], "mode 'eager': delay=0: k must be an integer >= 1"),
+        (["--methods", "overlap", "--overlap-steps", "30"], "overlap_steps=30 >= sync_every=30"),
         (["--presets", "1B", "--fragments", "30"], "fragments=30 > layers=24"),
         (["--overlap-steps", "100"], "overlap_steps=100 >= sync_every=100"),
         (["--overlap-steps", "2", "--slack", "1"], "choose one"),
@@ -150,9 +278,9 @@ def test_plot_writes_png(tmp_path, capsys):
     ],
 )
 def test_bad_input_exits_2_with_a_message(capsys, argv, message):
-    code, _, err = run_cli(capsys, *argv)
+    code, out, err = run_cli(capsys, *argv)
     assert code == 2
-    assert message in err
+    assert message in err and err.count("\n") == 1 and out == ""
 
 
 def test_from_run_missing_key(tmp_path, capsys):

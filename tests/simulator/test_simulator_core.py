@@ -10,18 +10,24 @@ import pytest
 
 from eagerloco.simulator import (
     BANDWIDTH_GRID_GBPS,
+    CODEC_BITS,
     CU_TARGETS,
     DEFAULT_MODEL_PRESETS,
     METHOD_PRESETS,
     MODEL_PRESETS,
+    TRAIN_DEFAULTS,
+    TRAIN_MODES,
+    TRAIN_SYNC_EVERY,
     LinkSpec,
     MethodSpec,
     ModelSpec,
     SimulatorConfigError,
+    compression_bits,
     cu_curve,
     customize_method,
     method_preset,
     min_bandwidth_for_targets,
+    mode_method,
     model_preset,
     simulate,
     step_time_from_flops,
@@ -87,7 +93,7 @@ def test_data_parallel_and_backward_ready_diloco_closed_form(bandwidth: float, p
     T, L = model.step_time_s, model.layers
     d, r = T / (3 * L - 1), transfer_s(model, 16, link) / L
     tail = max(T + r, (L + 1) * d + L * r)
-    assert simulate(model, method_preset("dp"), link).cu == pytest.approx(T / tail, rel=1e-10)
+    assert simulate(model, method_preset("dp_bf16"), link).cu == pytest.approx(T / tail, rel=1e-10)
     diloco = replace(method_preset("diloco"), outer_ready="backward")
     expected = 100 * T / (99 * T + tail)
     assert simulate(model, diloco, link).cu == pytest.approx(expected, rel=1e-10)
@@ -108,7 +114,7 @@ def test_streaming_overlap_closed_form(bandwidth: float):
 
 
 @pytest.mark.parametrize("preset", DEFAULT_MODEL_PRESETS)
-@pytest.mark.parametrize("name", ["eager", "eager_fp4"])
+@pytest.mark.parametrize("name", ["streaming_eager", "streaming_eager_fp4"])
 @pytest.mark.parametrize("ratio", [0.25, 0.6, 0.97, 1.0, 1.5])
 def test_eager_is_throughput_bound(preset: str, name: str, ratio: float):
     """One outer step of slack hides everything the link can carry: CU = min(1, bandwidth / bound)."""
@@ -122,7 +128,7 @@ def test_eager_is_throughput_bound(preset: str, name: str, ratio: float):
 def test_slow_backlog_is_simulated_until_it_blocks():
     """100B eager at 90 % of the link bound: the backlog grows by 11 % of an outer step per outer step and
     blocks only after about nine outer steps; the simulation must run past that."""
-    model, method = model_preset("100B"), method_preset("eager")
+    model, method = model_preset("100B"), method_preset("streaming_eager")
     result = simulate(model, method, LinkSpec(bandwidth_gbps=0.9 * sustained_bandwidth_bound_gbps(model, method)))
     assert result.periods > 9
     assert result.cu == pytest.approx(0.9, rel=1e-9)
@@ -142,7 +148,7 @@ def test_eager_99_percent_bandwidth_never_below_throughput_bound(default_curves)
     """PAPER_FACTS: with a whole outer step of slack the link must still carry each outer step's bits within
     the outer step, so CU 99 % needs bandwidth >= 0.99 · bits per outer step / (H·T)."""
     for preset, by_method in default_curves.items():
-        for name in ("eager", "eager_fp4"):
+        for name in ("streaming_eager", "streaming_eager_fp4"):
             bw99 = min_bandwidth_for_targets(by_method[name], targets=[0.99])[0]
             bound = sustained_bandwidth_bound_gbps(model_preset(preset), METHOD_PRESETS[name])
             assert bw99 is not None
@@ -199,21 +205,77 @@ def test_presets_as_documented():
         assert method_preset("streaming").num_fragments(model) == fragments
     bits = {name: m.bits for name, m in METHOD_PRESETS.items()}
     assert bits == {n: 4 if n.endswith("fp4") else 16 for n in METHOD_PRESETS}
-    assert method_preset("eager").delay_steps == 100
+    assert method_preset("streaming_eager").delay_steps == 100
     assert method_preset("streaming_tau1").delay_steps == 1
 
 
 def test_customize_method_names_what_changed():
-    spec = customize_method(method_preset("eager"), overlap_steps=2, bits=8, sync_every=30)
+    spec = customize_method(method_preset("streaming_eager"), overlap_steps=2, bits=8, sync_every=30)
     assert (spec.name, spec.overlap_steps, spec.slack_outer_steps, spec.bits, spec.sync_every) == (
-        "eager[tau=2,k=0,bits=8]",
+        "streaming_eager[tau=2,k=0,bits=8]",
         2,
         0,
         8,
         30,
     )
-    dp = customize_method(method_preset("dp"), fragments=4, overlap_steps=3, bits=4)
-    assert (dp.name, dp.data_parallel, dp.bits) == ("dp[bits=4]", True, 4)
+    dp = customize_method(method_preset("dp_bf16"), fragments=4, overlap_steps=3, bits=4)
+    assert (dp.name, dp.data_parallel, dp.bits) == ("dp_bf16[bits=4]", True, 4)
+    fp4 = customize_method(method_preset("diloco"), compression="fp4")
+    assert (fp4.name, fp4.bits, fp4.gather) == ("diloco[fp4]", 4.25, True)
+    assert customize_method(method_preset("streaming_tau1_fp4"), compression="4").name == "streaming_tau1_fp4"
+    assert customize_method(method_preset("diloco"), compression="bf16").name == "diloco[bf16]"  # all-gather now
+
+
+def test_training_modes_take_trains_defaults_and_names():
+    """The modes of `eagerloco train` with train's defaults: H = 30, P = 1, fp32 by all-reduce, τ = 1, k = 1."""
+    from eagerloco.engine.config import DiLoCoConfig
+
+    train = DiLoCoConfig()
+    assert {
+        "sync_every": train.sync_every,
+        "num_fragments": train.num_fragments,
+        "overlap_steps": train.overlap_steps,
+        "delay": train.delay,
+        "compression": train.compression,
+    } == TRAIN_DEFAULTS
+    assert MethodSpec(name="x").sync_every == TRAIN_SYNC_EVERY == train.sync_every == 30
+    specs = {mode: method_preset(mode) for mode in TRAIN_MODES}
+    assert {m: (s.sync_every, s.fragments, s.bits, s.gather) for m, s in specs.items()} == {
+        m: (30, 1, 32.0, False) for m in TRAIN_MODES
+    }
+    assert specs["dp"].data_parallel and specs["sync"].delay_steps == 0
+    assert specs["overlap"].delay_steps == 1 and specs["delayed"].delay_steps == specs["eager"].delay_steps == 30
+    spec = mode_method("eager", num_fragments=2, delay=2, compression="fp4", overlap_steps=5, sync_every=60)
+    assert (spec.name, spec.fragments, spec.slack_outer_steps, spec.overlap_steps, spec.bits, spec.gather) == (
+        "eager[P=2,k=2,fp4]",
+        2,
+        2,
+        0,  # as in train, τ belongs to mode 'overlap' only
+        4.25,
+        True,
+    )
+    assert spec.delay_steps == 120
+    assert mode_method("overlap", overlap_steps=3, delay=4).name == "overlap[tau=3]"
+    assert mode_method("dp", compression="fp4", num_fragments=4) == specs["dp"]  # dp averages fp32
+    assert mode_method("sync", compression=8).name == "sync[bits=8]"
+    assert method_preset("eager_fp4") is METHOD_PRESETS["streaming_eager_fp4"]  # the old name
+
+
+def test_codec_bits_include_block_scales_and_compressed_all_gather():
+    assert CODEC_BITS == {"none": 32, "bf16": 16, "fp16": 16, "fp8": 8.25, "int8": 8.25, "fp4": 4.25}
+    assert compression_bits("none") == (32.0, False) and compression_bits("int8") == (8.25, True)
+    assert compression_bits("16") == (16.0, False) and compression_bits(4) == (4.0, False)
+    model = ModelSpec(name="m", params=1.2e6, layers=4, step_time_s=0.1)
+    link = LinkSpec(bandwidth_gbps=0.01, workers=4)
+    # blocking sync, fp4 by all-gather: each worker sends (M − 1) = 3 × 1.2e6 · 4.25 bits = 15.3 Mbit per outer step
+    sync = mode_method("sync", compression="fp4")
+    R = 3 * 1.2e6 * 4.25 / 1e7
+    assert simulate(model, sync, link).cu == pytest.approx(3.0 / (3.0 + R), rel=1e-12)
+    ring = mode_method("sync")  # fp32 by ring all-reduce: 2(M − 1)/M = 1.5 × 1.2e6 · 32 bits
+    assert simulate(model, ring, link).cu == pytest.approx(3.0 / (3.0 + 1.5 * 1.2e6 * 32 / 1e7), rel=1e-12)
+    assert sustained_bandwidth_bound_gbps(model, sync, workers=4) == pytest.approx(3 * 1.2e6 * 4.25 / 3.0 / 1e9)
+    dp = replace(mode_method("dp"), gather=True)  # data-parallel always all-reduces
+    assert dp.wire_factor(4) == 1.5
 
 
 @pytest.mark.parametrize(
@@ -223,11 +285,16 @@ def test_customize_method_names_what_changed():
         (lambda: LinkSpec(bandwidth_gbps=0.0), r"bandwidth_gbps=0.0: must be > 0"),
         (lambda: LinkSpec(bandwidth_gbps=1.0, workers=0), r"workers=0: M must be an integer >= 1"),
         (lambda: LinkSpec(bandwidth_gbps=1.0, latency_s=-0.1), r"latency_s=-0.1"),
-        (lambda: MethodSpec(name="x", bits=5), r"bits=5: must be one of 32, 16, 8, 4"),
+        (lambda: MethodSpec(name="x", bits=33), r"bits=33: must be a number of bits per value in \(0, 32\]"),
+        (lambda: MethodSpec(name="x", bits=0), r"bits=0: must be a number of bits per value"),
+        (lambda: compression_bits("int4"), r"compression 'int4': must be a codec \(none, bf16, fp16, fp8, int8, fp4\)"),
+        (lambda: compression_bits(5), r"compression 5: must be a codec .* or bits per value \(32, 16, 8, 4\)"),
+        (lambda: mode_method("async"), r"unknown mode 'async': the training modes are dp, sync, overlap"),
+        (lambda: mode_method("eager", delay=0), r"mode 'eager': delay=0: k must be an integer >= 1"),
         (lambda: MethodSpec(name="x", sync_every=0), r"sync_every=0: H must be an integer >= 1"),
         (lambda: MethodSpec(name="x", fragments=0), r"fragments=0: P must be an integer >= 1"),
         (lambda: MethodSpec(name="x", sync_every=4, fragments=5), r"fragments=5 > sync_every=4"),
-        (lambda: MethodSpec(name="x", overlap_steps=100), r"overlap_steps=100 >= sync_every=100: τ must be < H"),
+        (lambda: MethodSpec(name="x", overlap_steps=30), r"overlap_steps=30 >= sync_every=30: τ must be < H"),
         (lambda: MethodSpec(name="x", overlap_steps=1, slack_outer_steps=1), "not both"),
         (lambda: MethodSpec(name="x", layout="random"), r"layout='random'"),
         (lambda: MethodSpec(name="x", outer_ready="never"), r"outer_ready='never'"),
@@ -236,10 +303,13 @@ def test_customize_method_names_what_changed():
         (lambda: ModelSpec(name="m", params=5, layers=2, step_time_s=0.0), r"step_time_s=0.0: must be > 0"),
         (lambda: model_preset("2B"), r"unknown preset '2B': known presets are 1B, 10B"),
         (
-            lambda: simulate(model_preset("1B"), method_preset("dp"), LinkSpec(bandwidth_gbps=1.0), periods=0),
+            lambda: simulate(model_preset("1B"), method_preset("dp_bf16"), LinkSpec(bandwidth_gbps=1.0), periods=0),
             r"periods=0: must be an integer >= 1",
         ),
-        (lambda: method_preset("async"), r"unknown method 'async': known methods are dp, diloco"),
+        (
+            lambda: method_preset("async"),
+            r"unknown method 'async': known methods are dp, sync, overlap, delayed, eager, dp_bf16",
+        ),
         (
             lambda: MethodSpec(name="x", fragments=30).num_fragments(model_preset("1B")),
             r"fragments=30 > layers=24",

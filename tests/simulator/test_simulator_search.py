@@ -10,6 +10,7 @@ import pytest
 
 from eagerloco.simulator import (
     BANDWIDTH_GRID_GBPS,
+    PAPER_GRID_GBPS,
     TOKENS_PER_STEP_PAPER,
     LinkSpec,
     SimulatorConfigError,
@@ -23,13 +24,16 @@ from eagerloco.simulator import (
 )
 
 
-def test_grid_is_the_papers_log_grid():
+def test_grid_is_the_papers_log_grid_extended_below():
     grid = BANDWIDTH_GRID_GBPS
-    assert len(grid) == 50
-    assert grid[0] == pytest.approx(0.1, rel=1e-15)
+    assert len(grid) == 87 and len(PAPER_GRID_GBPS) == 50
+    assert grid[37:] == PAPER_GRID_GBPS
+    assert PAPER_GRID_GBPS[0] == pytest.approx(0.1, rel=1e-15)
     assert grid[-1] == pytest.approx(1000.0, rel=1e-15)
+    assert grid[0] == pytest.approx(10 ** (-1 - 37 * 4 / 49), rel=1e-14)  # 0.0954 Mbit/s
+    assert 0.09e-3 < grid[0] < 0.1e-3
     ratios = [b / a for a, b in itertools.pairwise(grid)]
-    assert ratios == pytest.approx([10 ** (4 / 49)] * 49, rel=1e-12)
+    assert ratios == pytest.approx([10 ** (4 / 49)] * 86, rel=1e-12)
 
 
 def test_min_bandwidth_for_targets_picks_first_grid_point_reaching_each():
@@ -45,20 +49,22 @@ def test_min_bandwidth_for_targets_picks_first_grid_point_reaching_each():
 def test_link_bound_formula():
     model = model_preset("100B")
     # 1e11 params · 4 bits · 2(M−1)/M = 4e11 bits per outer step over H·T = 490 s
-    assert bits_per_outer_step(model, method_preset("eager_fp4"), 2) == 4e11
-    assert sustained_bandwidth_bound_gbps(model, method_preset("eager_fp4")) == pytest.approx(400 / 490)
-    assert sustained_bandwidth_bound_gbps(model, method_preset("dp"), workers=4) == pytest.approx(1.6e12 * 1.5 / 4.9e9)
+    assert bits_per_outer_step(model, method_preset("streaming_eager_fp4"), 2) == 4e11
+    assert sustained_bandwidth_bound_gbps(model, method_preset("streaming_eager_fp4")) == pytest.approx(400 / 490)
+    assert sustained_bandwidth_bound_gbps(model, method_preset("dp_bf16"), workers=4) == pytest.approx(
+        1.6e12 * 1.5 / 4.9e9
+    )
 
 
 def test_wall_clock_25b_tokens_at_1_gbit():
     """The eager paper's column: 1B, 25e9 tokens at 1 Gbit/s, 2^20 tokens per step → 23,842 steps, 0.662 h."""
     model, link = model_preset("1B"), LinkSpec(bandwidth_gbps=1.0)
     compute_h = 23842 * 0.1 / 3600
-    eager = estimate_wall_clock(model, method_preset("eager_fp4"), link, 25e9, TOKENS_PER_STEP_PAPER)
+    eager = estimate_wall_clock(model, method_preset("streaming_eager_fp4"), link, 25e9, TOKENS_PER_STEP_PAPER)
     assert eager.inner_steps == 23842
     assert eager.hours == pytest.approx(compute_h, rel=1e-12) and eager.cu == 1.0
     assert eager.bytes_per_worker == pytest.approx(1e9 * 4 / 8 * 238.42, rel=1e-12)
-    dp = estimate_wall_clock(model, method_preset("dp"), link, 25e9, TOKENS_PER_STEP_PAPER)
+    dp = estimate_wall_clock(model, method_preset("dp_bf16"), link, 25e9, TOKENS_PER_STEP_PAPER)
     d, r = 0.1 / 71, 16.0 / 24  # node time, per-layer transfer at 1 Gbit/s
     assert dp.hours == pytest.approx(23842 * max(0.1 + r, 25 * d + 24 * r) / 3600, rel=1e-10)
     assert dp.bytes_per_worker == pytest.approx(23842 * 2e9, rel=1e-12)
@@ -67,7 +73,7 @@ def test_wall_clock_25b_tokens_at_1_gbit():
     waits = sum(0.5 - 0.1 - p * d for p in range(8))
     assert tau1.hours == pytest.approx(compute_h * (10 + waits) / 10, rel=1e-10)
     with pytest.raises(SimulatorConfigError, match=r"tokens=-1.0: must be a finite number > 0"):
-        estimate_wall_clock(model, method_preset("dp"), link, -1.0, TOKENS_PER_STEP_PAPER)
+        estimate_wall_clock(model, method_preset("dp_bf16"), link, -1.0, TOKENS_PER_STEP_PAPER)
 
 
 def write_summary(tmp_path, **summary):
@@ -82,7 +88,51 @@ def test_load_run_summary(tmp_path):
     info = load_run_summary(run)
     assert (info.model.params, info.model.layers, info.model.step_time_s) == (123456, 6, 0.25)
     assert (info.sync_every, info.fragments, info.workers) == (30, 3, 4)
+    assert (info.mode, info.compression, info.link_mbit, info.measured_cu) == (None, None, None, None)
     assert load_run_summary(run, layers=2).model.layers == 2
+
+
+def test_load_run_summary_reads_the_method_and_link_from_config_json(tmp_path):
+    run = write_summary(
+        tmp_path,
+        params=820352,
+        inner_step_time_s=0.2,
+        num_layers=4,
+        sync_every=30,
+        mode="sync",
+        link_mbit=20.0,
+        utilization=0.875,
+        blocked_per_outer_step_s=0.5,
+    )
+    config = {
+        "outer": {"mode": "overlap", "sync_every": 10, "num_fragments": 2, "overlap_steps": 0, "delay": 3,
+                  "compression": "fp4", "fragment_layout": "sequential", "outer_lr": 0.7},
+        "run": {"workers": 3, "link_mbit": 8.5, "link_latency_ms": 5.0, "steps": 100},
+        "model": {"n_layer": 4},
+    }  # fmt: skip
+    (run / "config.json").write_text(json.dumps(config))
+    info = load_run_summary(run)
+    assert (info.mode, info.sync_every, info.fragments, info.overlap_steps, info.delay) == ("overlap", 10, 2, 0, 3)
+    assert (info.compression, info.layout, info.workers) == ("fp4", "sequential", 3)
+    assert (info.link_mbit, info.link_latency_ms) == (8.5, 5.0)
+    assert (info.measured_cu, info.measured_blocked_s) == (0.875, 0.5)
+
+
+@pytest.mark.parametrize(
+    ("outer", "run", "message"),
+    [
+        ({"compression": "int4"}, {}, r"config.json: compression='int4': must be one of none, bf16"),
+        ({"mode": "async"}, {}, r"config.json: mode='async': must be one of dp, sync"),
+        ({"overlap_steps": -1}, {}, r"config.json: overlap_steps=-1: must be an integer >= 0"),
+        ({}, {"link_mbit": -3}, r"config.json: link_mbit=-3: must be a number >= 0"),
+        ({"num_fragments": 0}, {}, r"config.json: num_fragments=0: must be an integer > 0"),
+    ],
+)
+def test_load_run_summary_config_errors(tmp_path, outer, run, message):
+    write_summary(tmp_path, params=10, inner_step_time_s=0.1, num_layers=2)
+    (tmp_path / "config.json").write_text(json.dumps({"outer": outer, "run": run}))
+    with pytest.raises(SimulatorConfigError, match=message):
+        load_run_summary(tmp_path)
 
 
 @pytest.mark.parametrize(

@@ -1,15 +1,20 @@
 """``eagerloco simulate``: what bandwidth does each method need, and how long will training take?
 
-    eagerloco simulate                                  # 1B/10B/100B × every method: bandwidth per CU target
+    eagerloco simulate                                  # the papers' table: 1B/10B/100B x their 7 methods
     eagerloco simulate --json                           # {preset: {method: [Gbit/s for CU 50/80/90/95/99 % or null]}}
-    eagerloco simulate --plot docs/simulator_cu.png     # CU vs bandwidth, one panel per preset
+    eagerloco simulate --plot docs/simulator_cu.png     # CU vs bandwidth, one panel per preset (png, pdf, svg, ...)
     eagerloco simulate --presets 1B --bandwidth 1 --tokens 25e9     # hours for 25B tokens at 1 Gbit/s
     eagerloco simulate --params 7B --layers 32 --step-time 2.5      # a custom model
     eagerloco simulate --params 7B --layers 32 --chips 256 --peak-tflops 989 --mfu 0.4
-    eagerloco simulate --from-run runs/my_run            # the model a training run measured
-    eagerloco simulate --methods diloco streaming --overlap-steps 5 --bits 8   # any other method
+    eagerloco simulate --from-run runs/my_run            # predicted CU at the run's link next to the measured one
+    eagerloco simulate --from-run runs/my_run --grid     # the bandwidth each CU target needs for that run
+    eagerloco simulate --methods sync eager --num-fragments 3 --compression fp4 --link-mbit 20   # train's words
 
-The model and its assumptions are in docs/simulator.md.
+Method names, options and units are ``eagerloco train``'s: the modes dp, sync, overlap, delayed and eager with
+train's defaults (H = 30, P = 1, fp32, tau = 1, k = 1), --sync-every, --num-fragments, --overlap-steps, --delay,
+--compression (the same codec names) and --link-mbit (Mbit/s). The papers' presets (diloco, streaming, ...,
+H = 100, bf16) make the default table; the old flag names (--fragments, --slack, --bits, --bandwidth in Gbit/s)
+still work. The model and its assumptions are in docs/simulator.md.
 """
 
 from __future__ import annotations
@@ -23,23 +28,29 @@ from dataclasses import dataclass, field
 
 from eagerloco.simulator.config import (
     ALLOWED_BITS,
+    CODEC_BITS,
     LAYOUTS,
     OUTER_READY,
+    TRAIN_SYNC_EVERY,
     LinkSpec,
     MethodSpec,
     ModelSpec,
     SimulatorConfigError,
 )
 from eagerloco.simulator.events import SimResult, simulate
-from eagerloco.simulator.from_run import load_run_summary
+from eagerloco.simulator.from_run import RunModel, load_run_summary
 from eagerloco.simulator.presets import (
     DEFAULT_MODEL_PRESETS,
+    METHOD_ALIASES,
     METHOD_PRESETS,
     MODEL_PRESETS,
     PAPER_SYNC_EVERY,
     TOKENS_PER_STEP_PAPER,
+    TRAIN_MODES,
+    compression_bits,
     customize_method,
     method_preset,
+    mode_method,
     model_preset,
     step_time_from_flops,
 )
@@ -67,19 +78,44 @@ def count(text: str) -> float:
     return value
 
 
+def format_rate(gbps: float | None) -> str:
+    """A link rate for tables, in Gbit/s from 1 Gbit/s up and Mbit/s below: '1.68G', '212M', '0.0954M'; None is
+    '>1000G' (no grid point reached the target)."""
+    if gbps is None:
+        return f">{BANDWIDTH_GRID_GBPS[-1]:.0f}G"
+    value, unit = (gbps, "G") if gbps >= 1 else (gbps * 1e3, "M")
+    return (f"{value:.3g}" if value < 100 else f"{value:.0f}") + unit
+
+
+def format_rate_words(gbps: float) -> str:
+    """'1 Gbit/s', '20 Mbit/s', '0.5 Mbit/s'."""
+    value, unit = (gbps, "Gbit/s") if gbps >= 1 else (gbps * 1e3, "Mbit/s")
+    return (f"{value:.3g}" if value < 100 else f"{value:.0f}") + f" {unit}"
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``simulate`` sub-command."""
+    grid = f"{format_rate_words(BANDWIDTH_GRID_GBPS[0])} to {format_rate_words(BANDWIDTH_GRID_GBPS[-1])}"
     p = subparsers.add_parser(
         "simulate",
         help="compute-utilization simulator: bandwidth needed per method, wall-clock estimates",
         description=(
             "Event simulation of the per-layer training DAG on one shared inter-site link (Streaming DiLoCo "
-            "paper, section 3.1). Prints, per model and method, the smallest bandwidth on the papers' log grid "
-            "(0.1 to 1,000 Gbit/s, 50 points) reaching each compute-utilization target, or with --bandwidth "
-            "the CU and wall-clock time at that bandwidth. Model and assumptions: docs/simulator.md."
+            f"paper, section 3.1). Prints, per model and method, the smallest bandwidth on a log grid ({grid}, "
+            f"{len(BANDWIDTH_GRID_GBPS)} points, the papers' 50 from 0.1 Gbit/s and more below) reaching each "
+            "compute-utilization target, or with --link-mbit / --bandwidth the CU and wall-clock time at that rate. "
+            "Methods, options and units are those of `eagerloco train` (old names still work). Model and "
+            "assumptions: docs/simulator.md."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=f"presets: {', '.join(MODEL_PRESETS)}\nmethods: {', '.join(METHOD_PRESETS)}",
+        epilog=(
+            f"presets: {', '.join(MODEL_PRESETS)}\n"
+            f"methods: the training modes {', '.join(TRAIN_MODES)} (train's defaults: H = {TRAIN_SYNC_EVERY}, P = 1, "
+            "fp32, tau = 1, k = 1);\n"
+            f"         the papers' presets {', '.join(METHOD_PRESETS)} (H = {PAPER_SYNC_EVERY}, bf16; the default)\n"
+            f"         old names: {', '.join(f'{a} = {b}' for a, b in METHOD_ALIASES.items())}\n"
+            f"codecs:  {', '.join(f'{c} ({b:g} bits/value)' for c, b in CODEC_BITS.items())}"
+        ),
     )
     what = p.add_argument_group("what to simulate")
     what.add_argument(
@@ -88,7 +124,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="NAME",
         help=f"model presets (default {' '.join(DEFAULT_MODEL_PRESETS)}, or none with --params/--from-run)",
     )
-    what.add_argument("--methods", nargs="+", metavar="NAME", help="methods (default: all of them)")
+    what.add_argument(
+        "--methods",
+        nargs="+",
+        metavar="NAME",
+        help="training modes or the papers' presets (default: the papers' presets; with --from-run the run's mode)",
+    )
     what.add_argument(
         "--targets",
         nargs="+",
@@ -109,19 +150,48 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     custom.add_argument(
         "--from-run",
         metavar="RUN_DIR",
-        help="take params, step time (and layers, H, P, M if recorded) from RUN_DIR/summary.json",
+        help="a training run: its model and step time (summary.json), its method and link (config.json); predicts "
+        "the CU at its link next to the CU it measured",
     )
 
-    method = p.add_argument_group("method options (change every chosen method; dp has no outer step)")
+    method = p.add_argument_group("method options, as eagerloco train's (change every chosen method; dp has none)")
     method.add_argument(
-        "--sync-every", type=int, metavar="H", help=f"inner steps per outer step (default {PAPER_SYNC_EVERY})"
+        "--sync-every",
+        type=int,
+        metavar="H",
+        help=f"inner steps per outer step (default {TRAIN_SYNC_EVERY} for the modes, {PAPER_SYNC_EVERY} for the "
+        "papers' presets, the run's with --from-run)",
     )
-    method.add_argument("--overlap-steps", type=int, metavar="TAU", help="overlap τ inner steps (clears --slack)")
     method.add_argument(
-        "--slack", type=int, metavar="K", help="eager / delayed: K outer steps of slack (clears the overlap)"
+        "--num-fragments",
+        "--fragments",
+        dest="fragments",
+        type=int,
+        metavar="P",
+        help="fragments (default: 1 for the modes, one per 3 layers for the streaming presets)",
     )
-    method.add_argument("--bits", type=int, help=f"bits per value: {', '.join(map(str, ALLOWED_BITS))}")
-    method.add_argument("--fragments", type=int, metavar="P", help="fragments (default: one per 3 layers)")
+    method.add_argument(
+        "--overlap-steps",
+        type=int,
+        metavar="TAU",
+        help="mode overlap: tau inner steps (default 1); on a paper preset: overlap tau steps, clearing --delay",
+    )
+    method.add_argument(
+        "--delay",
+        "--slack",
+        dest="delay",
+        type=int,
+        metavar="K",
+        help="modes delayed, eager: K outer steps of slack (default 1); on a paper preset: clears the overlap",
+    )
+    method.add_argument(
+        "--compression",
+        "--bits",
+        dest="compression",
+        metavar="CODEC",
+        help=f"outer gradients on the wire: a codec of train ({', '.join(CODEC_BITS)}; default none = fp32 for "
+        f"the modes, bf16 for the papers' presets) or bits per value ({', '.join(map(str, ALLOWED_BITS))})",
+    )
     method.add_argument("--layout", choices=LAYOUTS, help="fragment layout (default strided)")
     method.add_argument(
         "--outer-ready",
@@ -130,12 +200,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
 
     link = p.add_argument_group("link")
-    link.add_argument("--workers", type=int, metavar="M", help="workers (default 2)")
-    link.add_argument("--latency", type=float, default=0.0, metavar="S", help="latency per ring hop, s (default 0)")
+    link.add_argument("--workers", type=int, metavar="M", help="workers (default 2, or the run's)")
+    link.add_argument("--latency", type=float, metavar="S", help="latency per ring hop, s (default 0)")
+    rate = link.add_mutually_exclusive_group()
+    rate.add_argument(
+        "--link-mbit",
+        type=float,
+        metavar="MBIT",
+        help="CU (and hours, with --tokens) at this link rate in Mbit/s, as train's --link-mbit",
+    )
+    rate.add_argument("--bandwidth", type=float, metavar="GBPS", help="the same in Gbit/s")
+    rate.add_argument(
+        "--grid",
+        action="store_true",
+        help="with --from-run: the bandwidth each CU target needs instead of the CU at the run's link",
+    )
 
     wall = p.add_argument_group("wall-clock estimate")
-    wall.add_argument("--bandwidth", type=float, metavar="GBPS", help="CU and hours at this bandwidth (Gbit/s)")
-    wall.add_argument("--tokens", type=count, help="token budget, e.g. 25e9 (needs --bandwidth)")
+    wall.add_argument("--tokens", type=count, help="token budget, e.g. 25e9 (needs a link rate)")
     wall.add_argument(
         "--tokens-per-step",
         type=count,
@@ -146,7 +228,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     out = p.add_argument_group("output")
     out.add_argument("--json", action="store_true", help="print JSON instead of tables")
-    out.add_argument("--plot", metavar="PNG", help="save CU-vs-bandwidth curves to this file")
+    out.add_argument("--plot", metavar="FILE", help="save CU-vs-bandwidth curves to this file (png, pdf, svg, ...)")
     p.set_defaults(func=run)
 
 
@@ -162,12 +244,27 @@ class Plan:
     targets: list[float]
     notes: list[str] = field(default_factory=list)
     """Lines describing the setup, printed above the tables."""
+    bandwidth_gbps: float | None = None
+    """The link rate to report the CU at (--link-mbit, --bandwidth, or the run's link); None: the grid table."""
+    run: RunModel | None = None
+    """What --from-run read."""
+    run_method: str | None = None
+    """The name of the method that is exactly the run's own (its mode and options, unchanged by flags)."""
+    bandwidth_from_run: bool = False
+    """The rate is the run's recorded link (not a flag)."""
+
+
+def _check_count(flag: str, value: int | None, minimum: int) -> None:
+    if value is not None and value < minimum:
+        raise SimulatorConfigError(f"{flag} {value}: must be an integer >= {minimum}")
 
 
 def build_plan(args: argparse.Namespace) -> Plan:
-    """Turn the parsed arguments into models and methods; raise SimulatorConfigError on bad input."""
+    """Turn the parsed arguments into models, methods and the link; raise SimulatorConfigError on bad input."""
     run_info = None
     models: list[ModelSpec] = []
+    if args.grid and not args.from_run:
+        raise SimulatorConfigError("--grid goes with --from-run (without it the grid table is the default)")
     if args.from_run:
         run_info = load_run_summary(args.from_run, layers=args.layers)
         models.append(run_info.model)
@@ -187,56 +284,153 @@ def build_plan(args: argparse.Namespace) -> Plan:
 
     workers = args.workers if args.workers is not None else (run_info.workers if run_info else None) or 2
     sync_every = args.sync_every if args.sync_every is not None else (run_info.sync_every if run_info else None)
-    if args.latency is None or not math.isfinite(args.latency) or args.latency < 0:
+    latency = 0.0 if args.latency is None else args.latency
+    if not math.isfinite(latency) or latency < 0:
         raise SimulatorConfigError(f"--latency {args.latency}: must be a finite number of seconds >= 0")
     targets = [0.01 * t for t in args.targets] if args.targets else list(CU_TARGETS)
     for t in targets:
         if not 0 < t <= 1:
             raise SimulatorConfigError(f"--targets {100 * t:g}: a CU target must be in (0, 100] percent")
+    _check_count("--sync-every", args.sync_every, 1)
+    _check_count("--num-fragments", args.fragments, 1)
+    _check_count("--overlap-steps", args.overlap_steps, 0)
+    _check_count("--delay", args.delay, 0)
+    if args.compression is not None:
+        try:
+            compression_bits(args.compression)
+        except SimulatorConfigError:
+            raise SimulatorConfigError(
+                f"--compression {args.compression}: must be a codec of eagerloco train ({', '.join(CODEC_BITS)}) "
+                f"or bits per value ({', '.join(map(str, ALLOWED_BITS))})"
+            ) from None
 
-    method_names = args.methods or list(METHOD_PRESETS)
-    if len(set(method_names)) != len(method_names):
+    if args.methods:
+        method_names = list(args.methods)
+    elif run_info is not None and run_info.mode is not None:
+        method_names = [run_info.mode]
+    else:
+        method_names = list(METHOD_PRESETS)
+    canonical = [METHOD_ALIASES.get(n, n) for n in method_names]
+    if len(set(canonical)) != len(canonical):
         raise SimulatorConfigError(f"--methods {' '.join(method_names)}: each method may be named once")
-    bases = [method_preset(name) for name in method_names]
+    for name in method_names:
+        method_preset(name)  # unknown names: one message listing every known one
     methods: dict[str, list[MethodSpec]] = {}
+    run_method = None
     for model in models:
+        from_run = run_info if run_info is not None and model is run_info.model else None
         chosen = []
-        for base in bases:
-            fragments = args.fragments
-            if fragments is None and run_info is not None and model is run_info.model and base.fragments is None:
-                fragments = run_info.fragments
-            spec = customize_method(
-                base,
-                sync_every=sync_every,
-                overlap_steps=args.overlap_steps,
-                slack_outer_steps=args.slack,
-                bits=args.bits,
-                fragments=fragments,
-                layout=args.layout,
-                outer_ready=args.outer_ready,
-            )
+        for name in method_names:
+            if name in TRAIN_MODES:
+                spec = mode_method(
+                    name,
+                    sync_every=sync_every,
+                    num_fragments=_first(args.fragments, from_run and from_run.fragments),
+                    overlap_steps=_first(args.overlap_steps, from_run and from_run.overlap_steps),
+                    delay=_first(args.delay, from_run and from_run.delay),
+                    compression=_first(args.compression, from_run and from_run.compression),
+                    layout=_first(args.layout, from_run and from_run.layout),
+                    outer_ready=args.outer_ready,
+                )
+                changed = any(
+                    getattr(args, flag) is not None
+                    for flag in ("fragments", "overlap_steps", "delay", "compression", "layout", "sync_every")
+                )
+                if from_run is not None and name == from_run.mode and not changed and args.workers is None:
+                    run_method = spec.name
+            else:
+                base = method_preset(name)
+                fragments = args.fragments
+                if fragments is None and from_run is not None and base.fragments is None:
+                    fragments = from_run.fragments
+                spec = customize_method(
+                    base,
+                    sync_every=sync_every,
+                    overlap_steps=args.overlap_steps,
+                    slack_outer_steps=args.delay,
+                    compression=args.compression,
+                    fragments=fragments,
+                    layout=args.layout,
+                    outer_ready=args.outer_ready,
+                )
             spec.num_fragments(model)  # validate P against this model's layers now, with a clear message
             chosen.append(spec)
         methods[model.name] = chosen
-    LinkSpec(bandwidth_gbps=math.inf, workers=workers, latency_s=args.latency)  # validate M and latency
+    LinkSpec(bandwidth_gbps=math.inf, workers=workers, latency_s=latency)  # validate M and latency
 
-    H = sync_every or PAPER_SYNC_EVERY
+    bandwidth, source = _bandwidth(args, run_info)
     layout = args.layout or "strided"
     ready = {
         "step-end": "at the end of the sync step",
         "backward": "per layer when its backward ends",
     }[args.outer_ready or "step-end"]
+    ring = 2 * (workers - 1) / workers
+    gather = " (compressed: all-gather, M-1 x)" if any(m.gather for ms in methods.values() for m in ms) else ""
     notes = [
-        f"M = {workers} workers (ring all-reduce: each sends 2(M-1)/M = {2 * (workers - 1) / workers:g} x the "
-        f"data), H = {H}, {layout} fragments, outer gradients enter the link {ready}, "
-        f"latency {args.latency:g} s per hop",
+        f"M = {workers} workers (ring all-reduce: each sends 2(M-1)/M = {ring:g} x the data{gather}), "
+        f"{_sync_every_note(methods[models[0].name])}, {layout} fragments, outer gradients enter the link {ready}, "
+        f"latency {latency:g} s per hop",
     ]
     for model in models:
         notes.append(
             f"{model.name}: N = {model.params:.4g} parameters, L = {model.layers} layers, "
             f"T = {model.step_time_s:.4g} s per inner step{_fragments_note(model, methods[model.name])}"
         )
-    return Plan(models=models, methods=methods, workers=workers, latency_s=args.latency, targets=targets, notes=notes)
+    if source:
+        notes.append(source)
+    if run_info is not None and run_info.link_latency_ms and args.latency is None:
+        notes.append(
+            f"note: the run added {run_info.link_latency_ms:g} ms of latency per collective; the simulation "
+            "leaves it out (--latency S sets a latency per ring hop)"
+        )
+    return Plan(
+        models=models,
+        methods=methods,
+        workers=workers,
+        latency_s=latency,
+        targets=targets,
+        notes=notes,
+        bandwidth_gbps=bandwidth,
+        run=run_info,
+        run_method=run_method,
+        bandwidth_from_run=bool(source.startswith("link: the run's")),
+    )
+
+
+def _first(*values: object) -> object:
+    """The first value that is not None (``x and y`` chains give None or False for a missing run)."""
+    for value in values:
+        if value is not None and value is not False:
+            return value
+    return None
+
+
+def _bandwidth(args: argparse.Namespace, run: RunModel | None) -> tuple[float | None, str]:
+    """The rate in Gbit/s to report at (None: the grid table) and a line saying where it came from."""
+    if args.link_mbit is not None:
+        if not (math.isfinite(args.link_mbit) and args.link_mbit > 0):
+            raise SimulatorConfigError(f"--link-mbit {args.link_mbit}: must be a finite number of Mbit/s > 0")
+        return args.link_mbit / 1e3, ""
+    if args.bandwidth is not None:
+        if not (math.isfinite(args.bandwidth) and args.bandwidth > 0):
+            raise SimulatorConfigError(f"--bandwidth {args.bandwidth}: must be a finite number of Gbit/s > 0")
+        return args.bandwidth, ""
+    if run is not None and not args.grid:
+        if run.link_mbit:
+            return run.link_mbit / 1e3, f"link: the run's, {run.link_mbit:g} Mbit/s (config.json run.link_mbit)"
+        return None, "link: the run emulated none (link_mbit 0): the bandwidth each CU target needs"
+    return None, ""
+
+
+def _sync_every_note(methods: list[MethodSpec]) -> str:
+    """'H = 30', or 'H = 100 (sync, eager: 30)' when the methods differ."""
+    values = {m.name: m.sync_every for m in methods if not m.data_parallel}
+    if not values:
+        return "H: none (data-parallel)"
+    counts = list(values.values())
+    usual = max(counts, key=counts.count)
+    others = ", ".join(f"{name}: {h}" for name, h in values.items() if h != usual)
+    return f"H = {usual}" + (f" ({others})" if others else "")
 
 
 def _fragments_note(model: ModelSpec, methods: list[MethodSpec]) -> str:
@@ -266,28 +460,35 @@ def _step_time(args: argparse.Namespace) -> float:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the sub-command; print an error naming the bad value and return 2 on bad input."""
+    """Run the sub-command; one line naming the bad value and exit status 2 on bad input (see eagerloco.cli.main)."""
     try:
         return _run(args)
     except SimulatorConfigError as exc:
         print(f"eagerloco simulate: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        print(f"eagerloco simulate: error: cannot write the plot: {exc}", file=sys.stderr)
+        return 1
 
 
 def _run(args: argparse.Namespace) -> int:
-    if args.tokens is not None and args.bandwidth is None:
-        raise SimulatorConfigError("--tokens needs --bandwidth (the link speed to estimate the wall clock at)")
-    if args.bandwidth is not None and not (math.isfinite(args.bandwidth) and args.bandwidth > 0):
-        raise SimulatorConfigError(f"--bandwidth {args.bandwidth}: must be a finite number of Gbit/s > 0")
+    if args.plot:
+        from eagerloco.simulator.plot import check_plot_path
+
+        check_plot_path(args.plot)
     plan = build_plan(args)
+    if args.tokens is not None and plan.bandwidth_gbps is None:
+        raise SimulatorConfigError(
+            "--tokens needs a link rate (--link-mbit or --bandwidth) to estimate the wall clock at"
+        )
     curves: dict[str, dict[str, list[SimResult]]] = {}
-    if args.bandwidth is None or args.plot:
+    if plan.bandwidth_gbps is None or args.plot:
         for model in plan.models:
             curves[model.name] = {
                 m.name: cu_curve(model, m, workers=plan.workers, latency_s=plan.latency_s)
                 for m in plan.methods[model.name]
             }
-    if args.bandwidth is not None:
+    if plan.bandwidth_gbps is not None:
         _print_wall_clock(args, plan)
     else:
         _print_thresholds(args, plan, curves)
@@ -306,12 +507,6 @@ def _run(args: argparse.Namespace) -> int:
         )
         print(f"plot written to {path}", file=sys.stderr if args.json else sys.stdout)
     return 0
-
-
-def _format_gbps(value: float | None) -> str:
-    if value is None:
-        return ">1000"
-    return f"{value:.3g}" if value < 100 else f"{value:.0f}"
 
 
 def _steps_note(results: list[SimResult]) -> str:
@@ -347,8 +542,14 @@ def _print_thresholds(args: argparse.Namespace, plan: Plan, curves: dict[str, di
         )
         print(_steps_note(everything), file=sys.stderr)
         return
-    print("Smallest bandwidth (Gbit/s) on the log grid 0.1-1000 (50 points) reaching each compute utilization")
-    print("\n".join(plan.notes[:1]))
+    low, high = format_rate_words(BANDWIDTH_GRID_GBPS[0]), format_rate_words(BANDWIDTH_GRID_GBPS[-1])
+    print(
+        f"Smallest link rate (G: Gbit/s, M: Mbit/s) on the log grid {low} to {high} ({len(BANDWIDTH_GRID_GBPS)} "
+        "points) reaching each compute utilization"
+    )
+    print(plan.notes[0])
+    for note in plan.notes[1 + len(plan.models) :]:
+        print(note)
     width = max(len(m.name) for ms in plan.methods.values() for m in ms) + 2
     for model, note in zip(plan.models, plan.notes[1:]):
         print()
@@ -356,26 +557,31 @@ def _print_thresholds(args: argparse.Namespace, plan: Plan, curves: dict[str, di
         header = "".join(f"{100 * t:>8g}%" for t in plan.targets)
         print(f"{'method':<{width}}{header}   link bound")
         for m in plan.methods[model.name]:
-            cells = "".join(f"{_format_gbps(v):>9}" for v in table[model.name][m.name])
-            bound = sustained_bandwidth_bound_gbps(model, m, plan.workers)
-            print(f"{m.name:<{width}}{cells}   {bound:>10.3g}")
+            cells = "".join(f"{format_rate(v):>9}" for v in table[model.name][m.name])
+            bound = format_rate(sustained_bandwidth_bound_gbps(model, m, plan.workers))
+            print(f"{m.name:<{width}}{cells}   {bound:>10}")
     print()
     print("link bound: bits per outer step / (H·T) (per step / T for dp), below which no overlap can keep up.")
     print(_steps_note(everything))
 
 
 def _print_wall_clock(args: argparse.Namespace, plan: Plan) -> None:
-    link = LinkSpec(bandwidth_gbps=args.bandwidth, workers=plan.workers, latency_s=plan.latency_s)
+    assert plan.bandwidth_gbps is not None
+    link = LinkSpec(bandwidth_gbps=plan.bandwidth_gbps, workers=plan.workers, latency_s=plan.latency_s)
     report: dict[str, dict[str, dict[str, float]]] = {}
     lines: list[str] = []
     simulated: list[int] = []
+    measured = plan.run.measured_cu if plan.run is not None and plan.run_method is not None else None
+    width = max(22, max(len(m.name) for ms in plan.methods.values() for m in ms) + 2)
     for model, note in zip(plan.models, plan.notes[1:]):
         report[model.name] = {}
         lines += ["", note]
+        compare = measured is not None and plan.run is not None and model is plan.run.model
+        extra = f"{'measured CU':>13}" if compare else ""
         if args.tokens is not None:
-            lines.append(f"{'method':<22}{'CU':>8}{'hours':>10}{'compute h':>11}{'sent per worker':>17}")
+            lines.append(f"{'method':<{width}}{'CU':>8}{'hours':>10}{'compute h':>11}{'sent per worker':>17}")
         else:
-            lines.append(f"{'method':<22}{'CU':>8}{'blocked s per outer step (dp: per step)':>41}")
+            lines.append(f"{'method':<{width}}{'CU':>8}{'blocked s per outer step (dp: per step)':>41}{extra}")
         for m in plan.methods[model.name]:
             if args.tokens is not None:
                 est = estimate_wall_clock(model, m, link, args.tokens, args.tokens_per_step)
@@ -388,29 +594,42 @@ def _print_wall_clock(args: argparse.Namespace, plan: Plan) -> None:
                     "bytes_per_worker": est.bytes_per_worker,
                 }
                 lines.append(
-                    f"{m.name:<22}{100 * est.cu:>7.1f}%{est.hours:>10.3g}{est.compute_hours:>11.3g}"
+                    f"{m.name:<{width}}{100 * est.cu:>7.1f}%{est.hours:>10.3g}{est.compute_hours:>11.3g}"
                     f"{_format_bytes(est.bytes_per_worker):>17}"
                 )
             else:
                 result = simulate(model, m, link)
                 simulated.append(result.inner_steps)
                 report[model.name][m.name] = {"cu": result.cu, "blocked_s_per_outer_step": result.blocked_s_per_period}
-                lines.append(f"{m.name:<22}{100 * result.cu:>7.1f}%{result.blocked_s_per_period:>41.4g}")
+                row = f"{m.name:<{width}}{100 * result.cu:>7.1f}%{result.blocked_s_per_period:>41.4g}"
+                if compare and m.name == plan.run_method:
+                    report[model.name][m.name]["measured_cu"] = measured  # type: ignore[assignment]
+                    row += f"{100 * measured:>12.1f}%"  # type: ignore[operator]
+                lines.append(row)
     if args.json:
         print(json.dumps(report, indent=2))
         return
-    title = f"At {args.bandwidth:g} Gbit/s"
+    title = f"At {format_rate_words(plan.bandwidth_gbps)}"
     if args.tokens is not None:
         steps = math.ceil(args.tokens / args.tokens_per_step)
         title += f", {args.tokens:.4g} tokens at {args.tokens_per_step:,.0f} tokens per step = {steps:,} inner steps"
     print(title)
     print(plan.notes[0])
+    for note in plan.notes[1 + len(plan.models) :]:
+        print(note)
     print("\n".join(lines))
     print()
     print(
         f"Steady-state CU from the event simulation ({min(simulated):,} to {max(simulated):,} inner steps "
         "simulated per method); start-up and the final drain are ignored."
     )
+    if measured is not None:
+        print(
+            "measured CU: the run's summary.json 'utilization', over the whole run (start-up and the final drain "
+            "included, which weigh more in a short run)."
+        )
+    if plan.bandwidth_from_run:
+        print("The bandwidth each CU target needs for this run: add --grid.")
 
 
 def _format_bytes(value: float) -> str:

@@ -11,7 +11,28 @@ import math
 from dataclasses import dataclass
 
 ALLOWED_BITS: tuple[int, ...] = (32, 16, 8, 4)
-"""Bits per transmitted value: fp32, bf16, 8-bit (fp8 / int8), 4-bit (E3M0)."""
+"""The papers' bits per transmitted value: fp32, bf16, 8-bit (fp8 / int8), 4-bit (E3M0), block scales not counted.
+Any number of bits in (0, MAX_BITS] is accepted (a codec's block scales add a fraction: see CODEC_BITS)."""
+
+MAX_BITS = 32.0
+"""The most bits per value a method may send (fp32)."""
+
+TRAIN_SYNC_EVERY = 30
+"""H of ``eagerloco train`` (``DiLoCoConfig.sync_every``): the default of every method that does not state one."""
+
+CODEC_BLOCK_SIZE = 128
+"""Values per fp32 scale in the block codecs (``eagerloco.compression.codecs.DEFAULT_BLOCK_SIZE``)."""
+
+CODEC_BITS: dict[str, float] = {
+    "none": 32.0,
+    "bf16": 16.0,
+    "fp16": 16.0,
+    "fp8": 8.0 + 32.0 / CODEC_BLOCK_SIZE,
+    "int8": 8.0 + 32.0 / CODEC_BLOCK_SIZE,
+    "fp4": 4.0 + 32.0 / CODEC_BLOCK_SIZE,
+}
+"""Bits on the wire per value of each codec of ``eagerloco train --compression`` (the same names), block scales
+included: fp8 / int8 send 8 bits and fp4 4 bits per value plus one fp32 scale per 128 values."""
 
 FRAGMENT_LAYERS = 3
 """Layers per streaming fragment when the fragment count is not given: P = ceil(L / 3) (the papers' choice)."""
@@ -94,8 +115,9 @@ class MethodSpec:
     data_parallel: bool = False
     """Reduce gradients every inner step (DDP baseline). The outer fields below are then ignored."""
 
-    sync_every: int = 100
-    """H: inner steps between two sync points of a fragment."""
+    sync_every: int = TRAIN_SYNC_EVERY
+    """H: inner steps between two sync points of a fragment (default 30, as ``eagerloco train``; the papers'
+    presets state their H = 100)."""
 
     fragments: int | None = 1
     """P: fragments; None means one fragment per 3 layers of the model, ceil(L / 3)."""
@@ -109,17 +131,24 @@ class MethodSpec:
     slack_outer_steps: int = 0
     """k: outer steps of slack of delayed / eager updates (0: none). Exclusive with overlap_steps."""
 
-    bits: int = 16
-    """Bits per transmitted value: 32, 16 (bf16, the default), 8 or 4 (FP4 E3M0)."""
+    bits: float = 32.0
+    """Bits per transmitted value: 32 (fp32, the default, as ``eagerloco train``), 16 (bf16), 8, 4 (FP4 E3M0), or
+    a codec's bits with its block scales (CODEC_BITS: 8.25 for fp8 / int8, 4.25 for fp4); any number in (0, 32]."""
+
+    gather: bool = False
+    """Outer gradients travel by all-gather, each worker sending (M − 1)× its payload (the training engine's
+    compressed reducer, any codec but 'none'), instead of a ring all-reduce, 2(M − 1)/M×. Same for M = 2."""
 
     outer_ready: str = "step-end"
     """When an outer gradient may enter the link: 'step-end' or 'backward' (see OUTER_READY)."""
 
     def __post_init__(self) -> None:
         label = f"method {self.name!r}"
-        if self.bits not in ALLOWED_BITS:
+        bits_ok = isinstance(self.bits, (int, float)) and not isinstance(self.bits, bool)
+        if not (bits_ok and math.isfinite(self.bits) and 0 < self.bits <= MAX_BITS):
             raise SimulatorConfigError(
-                f"{label}: bits={self.bits!r}: must be one of {', '.join(map(str, ALLOWED_BITS))}"
+                f"{label}: bits={self.bits!r}: must be a number of bits per value in (0, {MAX_BITS:g}] "
+                f"(the papers use {', '.join(map(str, ALLOWED_BITS))})"
             )
         _check_int(f"{label}: sync_every", self.sync_every, 1, "H must be an integer >= 1")
         if self.fragments is not None:
@@ -147,6 +176,13 @@ class MethodSpec:
             raise SimulatorConfigError(
                 f"{label}: outer_ready={self.outer_ready!r}: must be one of {', '.join(OUTER_READY)}"
             )
+
+    def wire_factor(self, workers: int) -> float:
+        """Data each worker sends per reduction, as a multiple of the reduced data: 2(M − 1)/M (ring all-reduce)
+        or M − 1 (all-gather, ``gather``)."""
+        if workers <= 1:
+            return 0.0
+        return float(workers - 1) if self.gather and not self.data_parallel else 2.0 * (workers - 1) / workers
 
     @property
     def delay_steps(self) -> int:
@@ -204,9 +240,10 @@ class LinkSpec:
         """2(M − 1)/M: data each worker sends in a ring all-reduce, as a multiple of the reduced data."""
         return 2.0 * (self.workers - 1) / self.workers
 
-    def transfer_s(self, values: float, bits: int) -> float:
+    def transfer_s(self, values: float, bits: float, factor: float | None = None) -> float:
         """Seconds one all-reduce of ``values`` values at ``bits`` bits holds the link:
-        2(M − 1)·latency + values·bits·2(M − 1)/M / (bandwidth·1e9)."""
-        payload_bits = values * bits * self.ring_factor
+        2(M − 1)·latency + values·bits·factor / (bandwidth·1e9), factor = 2(M − 1)/M unless given (the all-gather
+        of a compressed method sends M − 1: :meth:`MethodSpec.wire_factor`)."""
+        payload_bits = values * bits * (self.ring_factor if factor is None else factor)
         wire = 0.0 if payload_bits == 0 else payload_bits / (self.bandwidth_gbps * 1e9)
         return 2 * (self.workers - 1) * self.latency_s + wire

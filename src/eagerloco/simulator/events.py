@@ -109,7 +109,7 @@ def build_schedule(model: ModelSpec, method: MethodSpec, link: LinkSpec) -> Sche
     period = 1 if method.data_parallel else method.sync_every
     layout = "strided" if method.data_parallel else method.layout
     offsets = (0,) if method.data_parallel else sync_offsets(method.sync_every, fragments)
-    per_layer = link.transfer_s(model.params_per_layer, method.bits)
+    per_layer = link.transfer_s(model.params_per_layer, method.bits, method.wire_factor(link.workers))
     return Schedule(
         layers=model.layers,
         node_s=model.step_time_s / (3 * model.layers - 1),

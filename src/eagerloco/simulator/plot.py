@@ -48,3 +48,18 @@ def plot_cu_curves(
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out
+
+
+def check_plot_path(path: str | Path) -> Path:
+    """``path`` if matplotlib can write its suffix (png, pdf, svg, ...); else SimulatorConfigError naming them."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    from eagerloco.simulator.config import SimulatorConfigError
+
+    formats = FigureCanvasBase.get_supported_filetypes()
+    out = Path(path)
+    if out.suffix.lower().lstrip(".") not in formats:
+        raise SimulatorConfigError(
+            f"--plot {path}: the suffix picks the format; matplotlib writes {', '.join(sorted(formats))}"
+        )
+    return out

@@ -9,8 +9,17 @@ from dataclasses import dataclass
 from eagerloco.simulator.config import LinkSpec, MethodSpec, ModelSpec, SimulatorConfigError
 from eagerloco.simulator.events import SimResult, simulate
 
-BANDWIDTH_GRID_GBPS: tuple[float, ...] = tuple(10.0 ** (-1.0 + 4.0 * i / 49) for i in range(50))
-"""The papers' grid: 50 points evenly spaced in log10 from 0.1 to 1,000 Gbit/s (ratio 10^(4/49) ≈ 1.207)."""
+GRID_BELOW_PAPERS = 37
+"""Points of the grid below the papers' 0.1 Gbit/s, at the papers' ratio: down to 10^(-1 - 148/49) Gbit/s, about
+0.0954 Mbit/s, so that small models on slow links (``eagerloco train``'s default 20 Mbit/s) get an answer."""
+
+BANDWIDTH_GRID_GBPS: tuple[float, ...] = tuple(10.0 ** (-1.0 + 4.0 * i / 49) for i in range(-GRID_BELOW_PAPERS, 50))
+"""The papers' grid, 50 points evenly spaced in log10 from 0.1 to 1,000 Gbit/s (ratio 10^(4/49) ≈ 1.207), extended
+downwards by GRID_BELOW_PAPERS points at the same ratio: 87 points from 0.0954 Mbit/s to 1,000 Gbit/s. Every
+threshold at or above 0.1 Gbit/s is the papers' grid point."""
+
+PAPER_GRID_GBPS: tuple[float, ...] = BANDWIDTH_GRID_GBPS[GRID_BELOW_PAPERS:]
+"""The papers' 50 points alone, 0.1 to 1,000 Gbit/s."""
 
 CU_TARGETS: tuple[float, ...] = (0.50, 0.80, 0.90, 0.95, 0.99)
 """Compute utilizations the papers' tables report."""
@@ -47,9 +56,10 @@ def min_bandwidth_for_targets(
 
 
 def bits_per_outer_step(model: ModelSpec, method: MethodSpec, workers: int) -> float:
-    """Bits each worker sends per outer step (per inner step for data-parallel):
-    N·bits·2(M − 1)/M. Every fragment syncs once per H steps, so streaming sends the same volume as DiLoCo."""
-    return model.params * method.bits * 2.0 * (workers - 1) / workers
+    """Bits each worker sends per outer step (per inner step for data-parallel): N·bits·2(M − 1)/M, or
+    N·bits·(M − 1) for a compressed method's all-gather (``MethodSpec.gather``). Every fragment syncs once per H
+    steps, so streaming sends the same volume as DiLoCo."""
+    return model.params * method.bits * method.wire_factor(workers)
 
 
 def sustained_bandwidth_bound_gbps(model: ModelSpec, method: MethodSpec, workers: int = 2) -> float:
