@@ -287,3 +287,12 @@ def test_from_run_missing_key(tmp_path, capsys):
     (tmp_path / "summary.json").write_text(json.dumps({"inner_step_time_s": 0.1, "num_layers": 4}))
     code, _, err = run_cli(capsys, "--from-run", str(tmp_path))
     assert code == 2 and "missing key 'params'" in err and "summary.json" in err
+
+
+def test_plot_axis_starts_where_a_curve_leaves_zero():
+    from eagerloco.simulator.plot import x_start
+
+    grid = [0.001, 0.01, 0.1, 1.0, 10.0]
+    assert x_start({"m": {"a": [0.0, 0.005, 0.02, 0.5, 1.0], "b": [0.0, 0.0, 0.0, 0.1, 1.0]}}, grid) == 0.01
+    assert x_start({"m": {"a": [0.5, 0.6, 0.7, 0.8, 1.0]}}, grid) == 0.001
+    assert x_start({"m": {"a": [0.0] * 5}}, grid) == 0.001

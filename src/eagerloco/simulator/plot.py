@@ -6,6 +6,16 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 
+def x_start(curves: Mapping[str, Mapping[str, Sequence[float]]], grid: Sequence[float]) -> float:
+    """The grid point just below the first bandwidth at which any curve reaches 1 % CU (the grid's start if none
+    is below it): the grid reaches down to 0.1 Mbit/s for small models, where large ones are all at zero."""
+    first = next(
+        (i for i in range(len(grid)) if any(cus[i] >= 0.01 for by in curves.values() for cus in by.values())),
+        0,
+    )
+    return grid[max(0, first - 1)]
+
+
 def plot_cu_curves(
     curves: Mapping[str, Mapping[str, Sequence[float]]],
     grid: Sequence[float],
@@ -14,10 +24,11 @@ def plot_cu_curves(
     targets: Sequence[float] = (),
     title: str | None = None,
 ) -> Path:
-    """Save a figure of CU (y, 0 to 1) against bandwidth (x, Gbit/s, log scale) to ``path``.
+    """Save a figure of CU (y, 0 to 1) against bandwidth (x, Gbit/s, log scale) to ``path``; its suffix picks
+    the format (png, pdf, svg, ...).
 
     ``curves[model][method]`` holds one CU per bandwidth of ``grid``. Dotted horizontal lines mark
-    ``targets``.
+    ``targets``. The x axis starts one grid point below the first where any curve reaches 1 % CU (:func:`x_start`).
     """
     import matplotlib
 
@@ -25,6 +36,7 @@ def plot_cu_curves(
     import matplotlib.pyplot as plt
 
     names = list(curves)
+    low = x_start(curves, grid)
     fig, axes = plt.subplots(1, len(names), figsize=(5.2 * len(names), 4.6), sharey=True, squeeze=False)
     for ax, model in zip(axes[0], names):
         for method, cus in curves[model].items():
@@ -32,7 +44,7 @@ def plot_cu_curves(
         for target in targets:
             ax.axhline(100.0 * target, color="0.7", linestyle=":", linewidth=0.8)
         ax.set_xscale("log")
-        ax.set_xlim(min(grid), max(grid))
+        ax.set_xlim(low, max(grid))
         ax.set_ylim(0, 102)
         ax.set_title(model)
         ax.set_xlabel("bandwidth (Gbit/s)")
