@@ -210,6 +210,14 @@ def test_plot_bad_options(runs, tmp_path, capsys, flags, message):
     assert not (tmp_path / "x.png").exists() and not (runs["eager"] / "plot.png").exists()
 
 
+def test_plot_unwritable_output_is_a_runtime_failure(runs, tmp_path, capsys):
+    """Bad input exits 2; an output that cannot be written, once everything was checked, exits 1 (one line)."""
+    (tmp_path / "file").write_text("")
+    assert cli(["plot", str(runs["eager"]), "-o", str(tmp_path / "file" / "x.png")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("eagerloco plot: error: cannot write the plot: ") and err.count("\n") == 1
+
+
 def test_plot_malformed_metrics_line(runs, tmp_path, capsys):
     broken = tmp_path / "broken"
     shutil.copytree(runs["eager"], broken, ignore=shutil.ignore_patterns("checkpoints", "model.pt"))
