@@ -134,6 +134,8 @@ def test_plot_figure_has_eight_panels_and_one_line_per_run(runs):
     assert list(blocked_line.get_xdata()) == [r["tokens"] for r in outer]
     assert list(blocked_line.get_ydata()) == [r["blocked_s"] for r in outer]
     (sent_line,) = sent.get_lines()
+    assert list(sent_line.get_xdata()) == [0] + [r["tokens"] for r in outer]
+    assert sent_line.get_ydata()[0] == 0
     assert sent_line.get_ydata()[-1] == sum(r["payload_bytes"] for r in outer) > 0
     summary = json.loads((runs["eager"] / "summary.json").read_text())
     assert sent_line.get_ydata()[-1] == summary["per_worker"][0]["payload_bytes"]

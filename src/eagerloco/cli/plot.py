@@ -156,7 +156,7 @@ def make_figure(runs: Sequence[Run], smooth: int = DEFAULT_SMOOTH, worker: int =
                 label=r.label,
             )
             sent = list(itertools.accumulate(int(rec.get("payload_bytes", 0)) for rec in every))
-            ax_bytes.step([rec["tokens"] for rec in every], sent, where="post", color=color, label=r.label)
+            ax_bytes.step([0, *(rec["tokens"] for rec in every)], [0, *sent], where="post", color=color, label=r.label)
             synced = [rec for rec in outer if rec.get("fragments_synced")]
             ax_norm.plot(
                 [rec["tokens"] for rec in synced],
@@ -203,6 +203,7 @@ def make_figure(runs: Sequence[Run], smooth: int = DEFAULT_SMOOTH, worker: int =
     ax_bytes.set_title(f"bytes sent to outer collectives (cumulative){suffix}")
     ax_bytes.set_ylabel("bytes handed to collectives")
     ax_bytes.yaxis.set_major_formatter(EngFormatter(unit="B", sep=""))
+    ax_bytes.set_ylim(bottom=0)
     ax_norm.set_title(f"outer-gradient norm ‖Δ‖ at each sync{suffix}")
     ax_norm.set_ylabel("‖Δ‖₂ (synced fragments)")
     ax_lr.set_title(f"inner learning rate{suffix}")
@@ -214,7 +215,7 @@ def make_figure(runs: Sequence[Run], smooth: int = DEFAULT_SMOOTH, worker: int =
             ax.xaxis.set_major_formatter(EngFormatter(sep=""))
     ax_train.legend(fontsize=9)
     fig.suptitle(", ".join(str(r.path) for r in runs), fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0.0, 0.0, 1.0, 0.985))  # leave the suptitle its own line
     return fig
 
 
