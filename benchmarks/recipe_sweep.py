@@ -1,0 +1,611 @@
+"""Recipe study (issue 11): eval loss of the outer parameters over outer lr x momentum x Nesterov per method.
+
+    .venv/bin/python benchmarks/recipe_sweep.py                       # plan 'main': 5 methods, hours
+    .venv/bin/python benchmarks/recipe_sweep.py --plan variant        # eager with own weight w = 1, M = 2 and 4
+    .venv/bin/python benchmarks/recipe_sweep.py --report-only         # rebuild the table and plot from the JSON
+    .venv/bin/python benchmarks/recipe_sweep.py --plan custom --methods sync eager --lrs 0.7 --momenta 0.9
+
+Every run is the default job, ``eagerloco train --launch simulated --link-mbit 0 --threads 1`` (900 inner steps,
+2 simulated workers, the 820k-parameter GPT, H = 30) with the point's method and outer optimizer, and records
+the eval loss of the outer parameters after ``finalize`` (and ``consolidate`` for eager) as one JSON file per run,
+``<out>/runs/<key>.json``, written atomically when the run ends. A sweep that is stopped (Ctrl+C, a reboot, a
+killed process) resumes where it was: points whose JSON says ``ok`` or ``diverged`` (the run stopped on
+non-finite outer gradients; deterministic, so running it again would diverge again) are skipped, points that
+``failed`` otherwise are tried again once per invocation. Only one sweep runs at a time: a lock file
+(``--lock``) is held for the whole sweep (``--wait-lock`` queues behind the running one instead of exiting 3).
+
+The plans (``--plan``) order their points so that the most informative arrive first:
+
+* ``main``: stage 1, sync and eager k = 1 at outer lr {0.4, 0.7, 1.0, 1.4} x momentum {0, 0.5, 0.9} (Nesterov
+  where momentum > 0), seed 0, both methods at each grid point before the next; stage 2, streaming (P = 2,
+  τ = 1, α = 0.5), delayed k = 1 and eager k = 2 on the same grid; stage 3, momentum 0.9 without Nesterov at
+  every lr for the five methods; stage 4, seeds 1 and 2 at each method's best seed-0 recipe (chosen from the
+  results on disk once that method's stages 1-3 are finished).
+* ``variant``: eager k = 1 with own-contribution weight w = 1 (``--eager-own-weight 1``) at M = 2 (900 steps)
+  on the same grid, then sync, eager w = 1 and the paper's eager at M = 4 (600 steps); needs a checkout that has
+  the variant (``--src``).
+* ``custom``: the grid given by ``--methods --lrs --momenta --seeds --workers --steps --own-weight``.
+
+``--src DIR`` trains with the eagerloco of another checkout (``PYTHONPATH=DIR/src``, for a pinned commit while
+the shared tree changes); each JSON records that checkout's commit and whether its ``src`` was modified.
+``--report-only`` (and every finished run) rewrites ``<out>/recipe_sweep.md`` (tables) and
+``<out>/recipe_sweep.png`` (eval loss vs outer lr, one line per momentum, one panel per method).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import errno
+import fcntl
+import hashlib
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchlib as bl
+
+OUT = bl.RESULTS / "recipe_sweep"
+LOCK = Path(tempfile.gettempdir()) / "eagerloco-recipe-sweep.lock"
+SWEEP_METHODS = ("sync", "streaming", "delayed", "eager", "eager2")
+LRS = (0.4, 0.7, 1.0, 1.4)
+MOMENTA = (0.0, 0.5, 0.9)
+# (lr, momentum) in the order the plans run them: DiLoCo's recipe first, then points spread over the grid
+# (the ones issue 11 measured by hand next), the corners likely to diverge last.
+GRID_ORDER: tuple[tuple[float, float], ...] = (
+    (0.7, 0.9), (1.0, 0.0), (0.4, 0.9), (0.7, 0.5), (1.4, 0.0), (1.0, 0.5),
+    (0.4, 0.5), (0.7, 0.0), (0.4, 0.0), (1.4, 0.5), (1.0, 0.9), (1.4, 0.9),
+)  # fmt: skip
+DILOCO_RECIPE = (0.7, 0.9, True)  # the CLI's default outer optimizer: lr 0.7, Nesterov momentum 0.9
+FINISHED = ("ok", "diverged")
+
+
+@dataclass(frozen=True)
+class Point:
+    """One training run of the study. ``extra`` are further train flags (part of the key, as a short hash)."""
+
+    method: str
+    outer_lr: float
+    outer_momentum: float
+    nesterov: bool
+    seed: int = 0
+    workers: int = 2
+    steps: int = 900
+    own_weight: float | None = None
+    extra: tuple[str, ...] = ()
+
+    @property
+    def key(self) -> str:
+        """File-name-safe identity, e.g. ``eager_M2_T900_lr0.7_m0.9n_s0``."""
+        mom = f"m{self.outer_momentum:g}" + ("n" if self.nesterov and self.outer_momentum > 0 else "")
+        parts = [self.method]
+        if self.own_weight is not None:
+            parts.append(f"w{self.own_weight:g}")
+        parts += [f"M{self.workers}", f"T{self.steps}", f"lr{self.outer_lr:g}", mom, f"s{self.seed}"]
+        if self.extra:
+            parts.append("x" + hashlib.sha1(" ".join(self.extra).encode()).hexdigest()[:8])
+        return "_".join(parts)
+
+    @property
+    def group(self) -> tuple[str, float | None, int, int, tuple[str, ...]]:
+        """The panel a point belongs to: everything but the outer optimizer and the seed."""
+        return (self.method, self.own_weight, self.workers, self.steps, self.extra)
+
+    @property
+    def recipe(self) -> tuple[float, float, bool]:
+        return (self.outer_lr, self.outer_momentum, self.nesterov and self.outer_momentum > 0)
+
+    def train_args(self) -> list[str]:
+        """The ``eagerloco train`` flags of this run (without ``--out-dir``)."""
+        args = [
+            *bl.METHODS[self.method],
+            "--launch", "simulated", "--link-mbit", "0", "--threads", "1",
+            "--workers", str(self.workers), "--steps", str(self.steps), "--seed", str(self.seed),
+            "--outer-lr", f"{self.outer_lr:g}", "--outer-momentum", f"{self.outer_momentum:g}",
+            "--nesterov" if self.nesterov and self.outer_momentum > 0 else "--no-nesterov",
+        ]  # fmt: skip
+        if self.own_weight is not None:
+            args += ["--eager-own-weight", f"{self.own_weight:g}"]
+        return [*args, *self.extra]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["extra"] = list(self.extra)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Point:
+        names = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in d.items() if k in names}
+        values["extra"] = tuple(values.get("extra", ()))
+        return cls(**values)
+
+
+def label(group: tuple[str, float | None, int, int, tuple[str, ...]]) -> str:
+    method, w, workers, steps, extra = group
+    text = bl.LABELS.get(method, method)
+    if w is not None:
+        text += f", own weight w={w:g}"
+    text += f" (M={workers}, {steps} steps"
+    if extra:
+        text += ", " + " ".join(extra)
+    return text + ")"
+
+
+def recipe_label(recipe: tuple[float, float, bool]) -> str:
+    lr, mom, nest = recipe
+    return f"lr {lr:g}, " + ("momentum 0" if mom == 0 else f"momentum {mom:g} ({'Nesterov' if nest else 'heavy ball'})")
+
+
+# ------------------------------------------------------------------------------------------------------ plans
+def grid(methods: Sequence[str], pairs: Iterable[tuple[float, float]], **common: Any) -> list[Point]:
+    """Every method at each (lr, momentum) in turn (methods innermost), Nesterov where momentum > 0."""
+    return [Point(m, lr, mom, mom > 0, **common) for lr, mom in pairs for m in methods]
+
+
+def best_point(results: dict[str, dict[str, Any]], group: tuple[Any, ...], seed: int = 0) -> Point | None:
+    """The finished ``seed`` run of ``group`` with the lowest eval loss (diverged runs never win)."""
+    best: tuple[float, Point] | None = None
+    for rec in results.values():
+        p = Point.from_dict(rec["point"])
+        if p.group != group or p.seed != seed or rec.get("status") != "ok" or not _finite(rec.get("eval_loss")):
+            continue
+        if best is None or rec["eval_loss"] < best[0]:
+            best = (rec["eval_loss"], p)
+    return best[1] if best else None
+
+
+def plan_points(
+    plan: str, results: dict[str, dict[str, Any]], args: argparse.Namespace | None = None
+) -> list[tuple[str, Point]]:
+    """The plan's points in run order, as (stage, point). Stages computed from results (the seeds at each
+    method's best) appear once every earlier point of that method has finished."""
+    extra = tuple(args.extra_args) if args is not None else ()
+    if plan == "custom":
+        assert args is not None
+        pairs = [(lr, mom) for lr in args.lrs for mom in args.momenta]
+        out = []
+        for seed in args.seeds:
+            pts = grid(
+                args.methods,
+                pairs,
+                seed=seed,
+                workers=args.workers,
+                steps=args.steps,
+                own_weight=args.own_weight,
+                extra=extra,
+            )
+            if args.heavy_ball:
+                pts += [dataclasses.replace(p, nesterov=False) for p in pts if p.outer_momentum > 0]
+            out += [("custom", p) for p in pts]
+        return out
+    if plan == "main":
+        stages = [
+            ("1: sync, eager k=1", grid(["sync", "eager"], GRID_ORDER, extra=extra)),
+            ("2: streaming, delayed, eager k=2", grid(["streaming", "delayed", "eager2"], GRID_ORDER, extra=extra)),
+            (
+                "3: heavy-ball momentum 0.9",
+                [Point(m, lr, 0.9, False, extra=extra) for m in SWEEP_METHODS for lr in (0.7, 0.4, 1.0, 1.4)],
+            ),
+        ]
+        out = [(name, p) for name, pts in stages for p in pts]
+        for method in SWEEP_METHODS:
+            mine = [p for _, p in out if p.method == method]
+            if not all(_finished(results.get(p.key)) for p in mine):
+                continue
+            best = best_point(results, mine[0].group)
+            if best is not None:
+                out += [("4: seeds at the best", dataclasses.replace(best, seed=s)) for s in (1, 2)]
+        return out
+    if plan == "variant":
+        m4 = {"workers": 4, "steps": 600, "extra": extra}
+        sync4 = grid(["sync"], GRID_ORDER, **m4)
+        eagerw4 = grid(["eager"], GRID_ORDER, own_weight=1.0, **m4)
+        stages = [
+            ("V1: eager w=1, M=2", grid(["eager"], GRID_ORDER, own_weight=1.0, extra=extra)),
+            ("V2: sync and eager w=1, M=4", [p for pair in zip(sync4, eagerw4) for p in pair]),
+            ("V3: eager (paper), M=4", grid(["eager"], GRID_ORDER, **m4)),
+        ]
+        return [(name, p) for name, pts in stages for p in pts]
+    raise ValueError(f"plan={plan!r}: must be 'main', 'variant' or 'custom'")
+
+
+def _finished(rec: dict[str, Any] | None) -> bool:
+    return rec is not None and rec.get("status") in FINISHED
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+# ------------------------------------------------------------------------------------------------ results i/o
+def atomic_write_json(path: Path, payload: Any) -> None:
+    """Write ``payload`` to ``path`` so that readers see the old file or the whole new one, never a part."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(json.dumps(payload, indent=2, default=str) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with bl._suppress():
+            os.unlink(tmp)
+        raise
+
+
+def load_results(out: Path) -> dict[str, dict[str, Any]]:
+    """key -> record of every ``<out>/runs/*.json`` (files that do not parse are ignored: never written by us)."""
+    results = {}
+    for path in sorted((Path(out) / "runs").glob("*.json")):
+        try:
+            rec = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        results[Point.from_dict(rec["point"]).key] = rec
+    return results
+
+
+def source_info(src: Path | None) -> dict[str, Any]:
+    """Which checkout trained: its path, commit, and whether its ``src`` has uncommitted changes."""
+    root = Path(src) if src is not None else bl.ROOT
+
+    def git(*argv: str) -> str:
+        try:
+            return subprocess.run(["git", "-C", str(root), *argv], capture_output=True, text=True, timeout=60).stdout
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    return {
+        "checkout": str(root),
+        "commit": git("rev-parse", "HEAD").strip(),
+        "src_modified": bool(git("status", "--porcelain", "--", "src").strip()),
+    }
+
+
+# ------------------------------------------------------------------------------------------------ running
+Runner = Callable[[Point, Path], dict[str, Any]]
+
+
+def train_runner(src: Path | None, runs_dir: Path, timeout: float) -> Runner:
+    """Run one point with ``eagerloco train`` (from ``src``'s checkout if given); return its record fields."""
+    env = dict(os.environ)
+    if src is not None:
+        env["PYTHONPATH"] = str(Path(src) / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("OMP_NUM_THREADS", "1")
+
+    def run(point: Point, _out: Path) -> dict[str, Any]:
+        out_dir = runs_dir / point.key
+        try:
+            summary = bl.run_train(point.train_args(), out_dir, timeout=timeout, env=env)
+        except RuntimeError as exc:
+            text = str(exc)
+            status = "diverged" if "NonFiniteOuterGradient" in text else "failed"
+            return {"status": status, "eval_loss": None, "error": text[-3000:]}
+        except subprocess.TimeoutExpired:
+            return {"status": "failed", "eval_loss": None, "error": f"timed out after {timeout:.0f} s"}
+        loss = summary["eval_loss"]
+        return {
+            "status": "ok" if _finite(loss) else "diverged",
+            "eval_loss": loss if _finite(loss) else None,
+            "evals": summary["evals"],
+            "final_train_loss": [w["final_train_loss"] for w in summary["per_worker"]],
+            "tokens": summary["tokens"],
+            "outer_steps": summary["outer_steps"],
+            "wall_s": summary["wall_s"],
+            "driver_wall_s": summary["driver_wall_s"],
+            "run_dir": str(out_dir),
+        }
+
+    return run
+
+
+def sweep(
+    plan: str,
+    out: Path,
+    runner: Runner,
+    *,
+    args: argparse.Namespace | None = None,
+    source: dict[str, Any] | None = None,
+    command: str = "",
+    max_runs: int | None = None,
+    log: Callable[[str], None] = print,
+) -> list[str]:
+    """Run every unfinished point of ``plan`` in order, one JSON per run; return the keys run now."""
+    ran: list[str] = []
+    tried: set[str] = set()  # failed points are tried once per invocation
+    while max_runs is None or len(ran) < max_runs:
+        results = load_results(out)
+        points = plan_points(plan, results, args)
+        todo = [(s, p) for s, p in points if not _finished(results.get(p.key)) and p.key not in tried]
+        if not todo:
+            break
+        stage, point = todo[0]
+        tried.add(point.key)
+        done = sum(_finished(results.get(p.key)) for _, p in points)
+        log(f"[{time.strftime('%H:%M:%S')}] {done}/{len(points)} done; stage {stage}: {point.key}")
+        start = time.time()
+        fields = runner(point, out)
+        record = {
+            "point": point.to_dict(),
+            "key": point.key,
+            "plan": plan,
+            "stage": stage,
+            "train_args": point.train_args(),
+            **fields,
+            "source": source or {},
+            "command": command,
+            "started_utc": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(start)),
+            "loadavg_at_end": list(os.getloadavg()),
+        }
+        atomic_write_json(out / "runs" / f"{point.key}.json", record)
+        ran.append(point.key)
+        loss = record.get("eval_loss")
+        log(f"    {record['status']}: eval loss {loss:.4f}" if _finite(loss) else f"    {record['status']}")
+        write_report(out)
+    return ran
+
+
+class SweepLock:
+    """An exclusive ``flock`` on ``path`` for the whole sweep; the holder's pid is written into the file."""
+
+    def __init__(self, path: Path, wait: bool) -> None:
+        self.path, self.wait, self.fh = Path(path), wait, None
+
+    def __enter__(self) -> SweepLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(self.path, "a+")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX if self.wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            fh.seek(0)
+            holder = fh.read().strip() or "?"
+            fh.close()
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
+                raise SystemExit(
+                    f"recipe_sweep: another sweep holds {self.path} (pid {holder}); pass --wait-lock to queue behind it"
+                ) from None
+            raise
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"{os.getpid()}\n")
+        fh.flush()
+        self.fh = fh
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fh is not None:
+            self.fh.close()  # releases the lock
+
+
+# ------------------------------------------------------------------------------------------------ report
+MOMENTUM_COLUMNS: tuple[tuple[float, bool], ...] = ((0.0, False), (0.5, True), (0.9, True), (0.9, False))
+
+
+def _cell(recs: list[dict[str, Any]]) -> str:
+    """Eval loss of one grid cell: seed 0's, with the mean over seeds when there are several."""
+    if not recs:
+        return "·"
+    by_seed = {Point.from_dict(r["point"]).seed: r for r in recs}
+    first = by_seed.get(0) or by_seed[min(by_seed)]
+    if first["status"] != "ok":
+        return "diverged" if first["status"] == "diverged" else "failed"
+    text = f"{first['eval_loss']:.3f}"
+    ok = [r["eval_loss"] for r in by_seed.values() if r["status"] == "ok"]
+    if len(by_seed) > 1:
+        text += f" (mean {sum(ok) / len(ok):.3f}, {len(by_seed)} seeds)" if len(ok) == len(by_seed) else " (+ seeds)"
+    return text
+
+
+def report(out: Path) -> str:
+    """The markdown tables of every finished run under ``out``."""
+    results = load_results(out)
+    finished = {k: r for k, r in results.items() if _finished(r)}
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for rec in finished.values():
+        groups.setdefault(Point.from_dict(rec["point"]).group, []).append(rec)
+    order = {m: i for i, m in enumerate(SWEEP_METHODS)}
+    keys = sorted(groups, key=lambda g: (g[2], g[3], order.get(g[0], 99), g[0], g[1] or 0.0, g[4]))
+    commits = sorted({r.get("source", {}).get("commit", "")[:10] for r in finished.values()} - {""})
+    lines = [
+        "# Recipe study (issue 11): eval loss of the outer parameters",
+        "",
+        f"PARTIAL unless stated otherwise: {len(finished)} runs finished "
+        f"({sum(r['status'] == 'diverged' for r in finished.values())} diverged), "
+        f"{sum(r['status'] == 'failed' for r in results.values())} failed (to be retried). "
+        f"Seed 0 unless a cell says otherwise. `eagerloco train --launch simulated --link-mbit 0 --threads 1` "
+        f"with the flags in each run's JSON (`runs/<key>.json`); trained from commit(s) {', '.join(commits) or '-'}.",
+        "",
+    ]
+    if not keys:
+        return "\n".join([*lines, "No finished runs yet."]) + "\n"
+    lines += ["## Every method at its best (seed 0 decides; mean over seeds where there are several)", ""]
+    rows = []
+    for g in keys:
+        best = best_point(results, g)
+        if best is None:
+            rows.append([label(g), "-", "all diverged", "-", "-", len(groups[g])])
+            continue
+        same = [r for r in groups[g] if Point.from_dict(r["point"]).recipe == best.recipe]
+        seeds = sorted(Point.from_dict(r["point"]).seed for r in same)
+        ok = [r["eval_loss"] for r in same if r["status"] == "ok"]
+        mean = f"{sum(ok) / len(ok):.3f}" if len(ok) == len(same) else "-"
+        s0 = results[best.key]["eval_loss"]
+        rows.append(
+            [label(g), recipe_label(best.recipe), f"{s0:.3f}", mean, ", ".join(map(str, seeds)), len(groups[g])]
+        )
+    lines += [
+        bl.md_table(
+            ["method", "best recipe (seed 0)", "eval loss seed 0", "mean over seeds", "seeds", "runs finished"], rows
+        ),
+        "",
+    ]
+    lines += ["## Every method at DiLoCo's recipe (lr 0.7, Nesterov momentum 0.9)", ""]
+    rows = []
+    for g in keys:
+        same = [r for r in groups[g] if Point.from_dict(r["point"]).recipe == DILOCO_RECIPE]
+        rows.append([label(g), _cell(same)])
+    lines += [bl.md_table(["method", "eval loss"], rows), ""]
+    lines += ["## The grids (rows: outer lr; columns: outer momentum; `·`: not run yet)", ""]
+    header = [
+        "outer lr",
+        *(f"momentum {m:g}" + ("" if m == 0 else (" Nesterov" if n else " heavy ball")) for m, n in MOMENTUM_COLUMNS),
+    ]
+    for g in keys:
+        lrs = sorted({Point.from_dict(r["point"]).outer_lr for r in groups[g]} | set(LRS))
+        rows = []
+        for lr in lrs:
+            row = [f"{lr:g}"]
+            for mom, nest in MOMENTUM_COLUMNS:
+                row.append(_cell([r for r in groups[g] if Point.from_dict(r["point"]).recipe == (lr, mom, nest)]))
+            rows.append(row)
+        lines += [f"### {label(g)}", "", bl.md_table(header, rows), ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def plot(out: Path, path: Path) -> Path | None:
+    """Eval loss vs outer lr, one line per momentum setting, one panel per method group (seed 0). None when
+    matplotlib is missing or nothing finished."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    results = {k: r for k, r in load_results(out).items() if r.get("status") == "ok"}
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for rec in results.values():
+        p = Point.from_dict(rec["point"])
+        if p.seed == 0:
+            groups.setdefault(p.group, []).append(rec)
+    if not groups:
+        return None
+    order = {m: i for i, m in enumerate(SWEEP_METHODS)}
+    keys = sorted(groups, key=lambda g: (g[2], g[3], order.get(g[0], 99), g[0], g[1] or 0.0, g[4]))
+    cols = min(3, len(keys))
+    nrows = math.ceil(len(keys) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(5 * cols, 3.8 * nrows), squeeze=False, sharey=True)
+    for ax, g in zip(axes.flat, keys):
+        for mom, nest in MOMENTUM_COLUMNS:
+            pts = sorted(
+                (Point.from_dict(r["point"]).outer_lr, r["eval_loss"])
+                for r in groups[g]
+                if Point.from_dict(r["point"]).recipe[1:] == (mom, nest)
+            )
+            if pts:
+                name = "momentum 0" if mom == 0 else f"{mom:g} {'Nesterov' if nest else 'heavy ball'}"
+                ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=name)
+        ax.set_title(label(g), fontsize=9)
+        ax.set_xlabel("outer lr")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("eval loss (seed 0)")
+    for ax in list(axes.flat)[len(keys) :]:
+        ax.axis("off")
+    fig.suptitle("Recipe study (issue 11), partial: eval loss of the outer parameters vs outer lr", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(out: Path, with_plot: bool = True) -> Path:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    md = out / "recipe_sweep.md"
+    tmp = out / ".recipe_sweep.md.tmp"
+    tmp.write_text(report(out))
+    os.replace(tmp, md)
+    if with_plot:
+        plot(out, out / "recipe_sweep.png")
+    return md
+
+
+# ------------------------------------------------------------------------------------------------ main
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--plan", default="main", choices=["main", "variant", "custom"])
+    ap.add_argument("--out", type=Path, default=OUT, help="results folder (runs/<key>.json, recipe_sweep.md/.png)")
+    ap.add_argument("--runs-dir", type=Path, default=None, help="training run folders (default ROOT/runs/recipe_sweep)")
+    ap.add_argument("--src", type=Path, default=None, help="checkout to train with (PYTHONPATH=SRC/src)")
+    ap.add_argument("--lock", type=Path, default=LOCK)
+    ap.add_argument("--wait-lock", action="store_true", help="queue behind a running sweep instead of exiting 3")
+    ap.add_argument("--report-only", action="store_true", help="rebuild the table and plot from the JSON; no runs")
+    ap.add_argument("--no-plot", action="store_true")
+    ap.add_argument("--max-runs", type=int, default=None, help="stop after this many runs")
+    ap.add_argument("--timeout", type=float, default=7200.0, help="seconds one run may take")
+    ap.add_argument("--list", action="store_true", help="print the plan's points and their status; no runs")
+    ap.add_argument(
+        "--extra",
+        action="append",
+        default=[],
+        help="extra train flag for every point, e.g. --extra=--sync-every=10 (part of each key)",
+    )
+    ap.add_argument("--smoke", action="store_true", help="tiny model (seconds per run); implies --extra for it")
+    custom = ap.add_argument_group("custom plan")
+    custom.add_argument("--methods", nargs="+", default=["sync", "eager"], choices=sorted(bl.METHODS))
+    custom.add_argument("--lrs", nargs="+", type=float, default=list(LRS))
+    custom.add_argument("--momenta", nargs="+", type=float, default=list(MOMENTA))
+    custom.add_argument("--heavy-ball", action="store_true", help="also every momentum > 0 without Nesterov")
+    custom.add_argument("--seeds", nargs="+", type=int, default=[0])
+    custom.add_argument("--workers", type=int, default=2)
+    custom.add_argument("--steps", type=int, default=900)
+    custom.add_argument("--own-weight", type=float, default=None, help="eager own-contribution weight w")
+    args = ap.parse_args(argv)
+    args.extra_args = [x for e in args.extra for x in e.split("=", 1)]
+    if args.smoke:
+        args.extra_args = [*bl.SMOKE_ARGS, "--sync-every", "3", "--eval-every", "0", *args.extra_args]
+    out = args.out.resolve()
+    if args.report_only:
+        md = write_report(out, with_plot=not args.no_plot)
+        print(md.read_text())
+        print(f"wrote {md}" + ("" if args.no_plot else f" and {out / 'recipe_sweep.png'}"))
+        return 0
+    if args.list:
+        results = load_results(out)
+        for stage, p in plan_points(args.plan, results, args):
+            rec = results.get(p.key)
+            status = rec["status"] if rec else "pending"
+            loss = f" {rec['eval_loss']:.4f}" if rec and _finite(rec.get("eval_loss")) else ""
+            print(f"{stage:<36} {p.key:<48} {status}{loss}")
+        return 0
+    src = args.src.resolve() if args.src else None
+    runs_dir = (args.runs_dir or (src or bl.ROOT) / "runs" / "recipe_sweep").resolve()
+    with SweepLock(args.lock, args.wait_lock):
+        source = source_info(src)
+        print(
+            f"recipe_sweep: plan {args.plan}, training with {source['checkout']} at {source['commit'][:10]}"
+            f"{' (src modified)' if source['src_modified'] else ''}; results in {out}",
+            flush=True,
+        )
+        runner = train_runner(src, runs_dir, args.timeout)
+        ran = sweep(
+            args.plan,
+            out,
+            runner,
+            args=args,
+            source=source,
+            command=bl.command_line(),
+            max_runs=args.max_runs,
+            log=lambda s: print(s, flush=True),
+        )
+        md = write_report(out, with_plot=not args.no_plot)
+    print(f"recipe_sweep: {len(ran)} runs this time; tables in {md}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
