@@ -177,7 +177,24 @@ def test_from_run_predicts_the_cu_at_the_runs_link_next_to_the_measured_one(tmp_
     assert got["cu"] == pytest.approx(1 / (1 + 4.25e6 / 16e6), rel=1e-12)
     # another rate given: it wins over the run's link
     code, out, _ = run_cli(capsys, "--from-run", str(run), "--link-mbit", "32", "--json")
-    assert json.loads(out)[run.name]["sync"]["cu"] == pytest.approx(0.5, rel=1e-12)
+    got = json.loads(out)[run.name]["sync"]
+    assert got == {"cu": pytest.approx(0.5, rel=1e-12), "blocked_s_per_outer_step": pytest.approx(1.0, rel=1e-12)}
+
+
+def test_from_run_measured_cu_without_the_final_drain(tmp_path, capsys):
+    run = write_run(tmp_path)
+    summary = json.loads((run / "summary.json").read_text())
+    summary["per_worker"] = [
+        {"inner_s": 3.0, "wall_s": 10.0, "finalize_blocked_s": 2.0},  # 3 / 8
+        {"inner_s": 3.0, "wall_s": 9.0, "finalize_blocked_s": 1.0},  # 3 / 8
+    ]
+    (run / "summary.json").write_text(json.dumps(summary))
+    code, out, _ = run_cli(capsys, "--from-run", str(run), "--json")
+    assert code == 0 and json.loads(out)[run.name]["sync"]["measured_cu_steady"] == 0.375
+    code, out, _ = run_cli(capsys, "--from-run", str(run))
+    assert code == 0
+    assert next(line for line in out.splitlines() if line.startswith("method")).endswith("without drain")
+    assert next(line for line in out.splitlines() if line.startswith("sync")).split()[-2:] == ["30.0%", "37.5%"]
 
 
 def test_from_run_takes_mode_options_from_config_json(tmp_path):

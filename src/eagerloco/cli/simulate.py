@@ -571,13 +571,16 @@ def _print_wall_clock(args: argparse.Namespace, plan: Plan) -> None:
     report: dict[str, dict[str, dict[str, float]]] = {}
     lines: list[str] = []
     simulated: list[int] = []
-    measured = plan.run.measured_cu if plan.run is not None and plan.run_method is not None else None
+    # The measurement belongs next to the prediction only for the run's own method at the run's own link.
+    own = plan.run is not None and plan.run_method is not None and plan.bandwidth_from_run
+    measured = plan.run.measured_cu if own and plan.run is not None else None
+    steady = plan.run.measured_cu_steady if plan.run is not None and measured is not None else None
     width = max(22, max(len(m.name) for ms in plan.methods.values() for m in ms) + 2)
     for model, note in zip(plan.models, plan.notes[1:]):
         report[model.name] = {}
         lines += ["", note]
         compare = measured is not None and plan.run is not None and model is plan.run.model
-        extra = f"{'measured CU':>13}" if compare else ""
+        extra = (f"{'measured CU':>13}" + (f"{'without drain':>15}" if steady is not None else "")) if compare else ""
         if args.tokens is not None:
             lines.append(f"{'method':<{width}}{'CU':>8}{'hours':>10}{'compute h':>11}{'sent per worker':>17}")
         else:
@@ -605,6 +608,9 @@ def _print_wall_clock(args: argparse.Namespace, plan: Plan) -> None:
                 if compare and m.name == plan.run_method:
                     report[model.name][m.name]["measured_cu"] = measured  # type: ignore[assignment]
                     row += f"{100 * measured:>12.1f}%"  # type: ignore[operator]
+                    if steady is not None:
+                        report[model.name][m.name]["measured_cu_steady"] = steady
+                        row += f"{100 * steady:>14.1f}%"
                 lines.append(row)
     if args.json:
         print(json.dumps(report, indent=2))
@@ -626,7 +632,8 @@ def _print_wall_clock(args: argparse.Namespace, plan: Plan) -> None:
     if measured is not None:
         print(
             "measured CU: the run's summary.json 'utilization', over the whole run (start-up and the final drain "
-            "included, which weigh more in a short run)."
+            "included, which weigh more in a short run)"
+            + ("; without drain: inner time / (wall time - the final drain), per worker, averaged." if steady else ".")
         )
     if plan.bandwidth_from_run:
         print("The bandwidth each CU target needs for this run: add --grid.")

@@ -54,6 +54,9 @@ class RunModel:
     start-up and the final drain included)."""
     measured_blocked_s: float | None = None
     """Seconds the run blocked on outer collectives per outer step (summary.json 'blocked_per_outer_step_s')."""
+    measured_cu_steady: float | None = None
+    """The run's CU without its final drain: mean over workers of inner_s / (wall_s − finalize_blocked_s)
+    (summary.json 'per_worker'; BENCHMARKS.md's "CU steady"), what a long run approaches."""
 
 
 def _positive_number(summary_path: Path, key: str, value: object, *, integer: bool) -> float:
@@ -82,6 +85,24 @@ def _choice(path: Path, key: str, value: object, choices: tuple[str, ...]) -> st
     if value not in choices:
         raise SimulatorConfigError(f"{path}: {key}={value!r}: must be one of {', '.join(choices)}")
     return str(value)
+
+
+def _steady_cu(per_worker: object) -> float | None:
+    """Mean over workers of inner_s / (wall_s − finalize_blocked_s); None unless every worker recorded them."""
+    if not isinstance(per_worker, list) or not per_worker:
+        return None
+    cus = []
+    for worker in per_worker:
+        values = [worker.get(k) if isinstance(worker, dict) else None for k in ("inner_s", "wall_s")]
+        drain = worker.get("finalize_blocked_s", 0.0) if isinstance(worker, dict) else None
+        numbers = [*values, drain]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in numbers):
+            return None
+        inner, wall = values
+        if wall - drain <= 0:  # type: ignore[operator]
+            return None
+        cus.append(inner / (wall - drain))  # type: ignore[operator]
+    return sum(cus) / len(cus)
 
 
 def load_run_summary(run_dir: str | Path, *, layers: int | None = None) -> RunModel:
@@ -160,6 +181,7 @@ def load_run_summary(run_dir: str | Path, *, layers: int | None = None) -> RunMo
         measured[key] = float(value) if ok else None  # type: ignore[arg-type]
     name = Path(run_dir).resolve().name or "run"
     return RunModel(
+        measured_cu_steady=_steady_cu(summary.get("per_worker")),
         model=ModelSpec(name=name, params=params, layers=layers, step_time_s=step_time),
         sync_every=integer("sync_every"),
         fragments=integer("num_fragments"),
