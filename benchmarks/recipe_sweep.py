@@ -67,6 +67,8 @@ GRID_ORDER: tuple[tuple[float, float], ...] = (
 )  # fmt: skip
 DILOCO_RECIPE = (0.7, 0.9, True)  # the CLI's default outer optimizer: lr 0.7, Nesterov momentum 0.9
 FINISHED = ("ok", "diverged")
+# --smoke: configs/smoke.toml's tiny model, H = 3, no mid-run evaluation (seconds per run)
+SMOKE_EXTRA: tuple[str, ...] = (*bl.SMOKE_ARGS, "--sync-every", "3", "--eval-every", "0")
 
 
 @dataclass(frozen=True)
@@ -567,7 +569,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     args.extra_args = [x for e in args.extra for x in e.split("=", 1)]
     if args.smoke:
-        args.extra_args = [*bl.SMOKE_ARGS, "--sync-every", "3", "--eval-every", "0", *args.extra_args]
+        args.extra_args = [*SMOKE_EXTRA, *args.extra_args]
     out = args.out.resolve()
     if args.report_only:
         md = write_report(out, with_plot=not args.no_plot)

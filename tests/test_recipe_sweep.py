@@ -1,0 +1,186 @@
+"""The recipe-study driver (benchmarks/recipe_sweep.py): keys and flags, the plans' order, resume (finished
+points skipped, failed ones retried once per invocation), the lock, the exact tables, and a seconds-long run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import recipe_sweep as rs  # noqa: E402
+
+
+def write(out: Path, point: rs.Point, status: str = "ok", loss: float | None = 2.0) -> None:
+    rec = {"point": point.to_dict(), "key": point.key, "status": status, "eval_loss": loss,
+           "source": {"commit": "abcdef0123456789"}}  # fmt: skip
+    rs.atomic_write_json(out / "runs" / f"{point.key}.json", rec)
+
+
+def test_point_key_and_train_flags():
+    p = rs.Point("eager", 0.7, 0.9, True)
+    assert p.key == "eager_M2_T900_lr0.7_m0.9n_s0"
+    assert p.train_args() == [
+        "--mode", "eager", "--delay", "1", "--launch", "simulated", "--link-mbit", "0", "--threads", "1",
+        "--workers", "2", "--steps", "900", "--seed", "0", "--outer-lr", "0.7", "--outer-momentum", "0.9",
+        "--nesterov",
+    ]  # fmt: skip
+    q = rs.Point("sync", 1.0, 0.0, True, seed=2, workers=4, steps=600, own_weight=1.0)
+    assert q.key == "sync_w1_M4_T600_lr1_m0_s2"  # Nesterov means nothing without momentum
+    assert q.train_args()[-3:] == ["--no-nesterov", "--eager-own-weight", "1"]
+    h = rs.Point("streaming", 1.4, 0.9, False, extra=("--sync-every", "10"))
+    assert h.key.startswith("streaming_M2_T900_lr1.4_m0.9_s0_x") and len(h.key.split("_x")[1]) == 8
+    assert h.train_args()[-3:] == ["--no-nesterov", "--sync-every", "10"]
+    assert rs.Point.from_dict(json.loads(json.dumps(h.to_dict()))) == h
+
+
+def test_main_plan_order_and_seed_stage(tmp_path):
+    points = rs.plan_points("main", {})
+    assert len(points) == 24 + 36 + 20
+    keys = [p.key for _, p in points]
+    assert len(set(keys)) == len(keys)
+    assert keys[:4] == ["sync_M2_T900_lr0.7_m0.9n_s0", "eager_M2_T900_lr0.7_m0.9n_s0",
+                        "sync_M2_T900_lr1_m0_s0", "eager_M2_T900_lr1_m0_s0"]  # fmt: skip
+    assert {p.method for s, p in points if s.startswith("1")} == {"sync", "eager"}
+    assert [p.key for s, p in points if s.startswith("3")][:2] == ["sync_M2_T900_lr0.7_m0.9_s0",
+                                                                    "sync_M2_T900_lr0.4_m0.9_s0"]  # fmt: skip
+    # sync's 16 points finished (one diverged, the best at lr 1.0 without momentum): its seeds follow
+    for i, (_, p) in enumerate(x for x in points if x[1].method == "sync"):
+        loss = 1.5 if p.recipe == (1.0, 0.0, False) else 2.0 + i / 100
+        write(tmp_path, p, "diverged" if i == 3 else "ok", None if i == 3 else loss)
+    results = rs.load_results(tmp_path)
+    seeds = [(s, p) for s, p in rs.plan_points("main", results) if s.startswith("4")]
+    assert [p.key for _, p in seeds] == ["sync_M2_T900_lr1_m0_s1", "sync_M2_T900_lr1_m0_s2"]
+    # one sync point missing again: no seeds yet
+    (tmp_path / "runs" / "sync_M2_T900_lr1.4_m0.9n_s0.json").unlink()
+    assert not [s for s, _ in rs.plan_points("main", rs.load_results(tmp_path)) if s.startswith("4")]
+
+
+def test_variant_plan_interleaves_m4():
+    points = [p for _, p in rs.plan_points("variant", {})]
+    assert len(points) == 12 * 4
+    assert points[0].key == "eager_w1_M2_T900_lr0.7_m0.9n_s0"
+    assert [p.key for p in points[12:14]] == ["sync_M4_T600_lr0.7_m0.9n_s0", "eager_w1_M4_T600_lr0.7_m0.9n_s0"]
+    assert points[-1].key == "eager_M4_T600_lr1.4_m0.9n_s0"
+
+
+def custom_args(**kw):
+    args = rs.argparse.Namespace(methods=["sync", "eager"], lrs=[0.4, 0.7], momenta=[0.0, 0.9], seeds=[0],
+                                 workers=2, steps=10, own_weight=None, heavy_ball=False, extra_args=[])  # fmt: skip
+    for k, v in kw.items():
+        setattr(args, k, v)
+    return args
+
+
+def test_sweep_resumes_skips_finished_and_retries_failed_once(tmp_path):
+    args = custom_args()
+    calls: list[str] = []
+    outcome = {"sync_M2_T10_lr0.7_m0_s0": "failed", "eager_M2_T10_lr0.7_m0.9n_s0": "diverged"}
+
+    def runner(point, out):
+        calls.append(point.key)
+        status = outcome.get(point.key, "ok")
+        return {"status": status, "eval_loss": 2.5 if status == "ok" else None}
+
+    order = [p.key for _, p in rs.plan_points("custom", {}, args)]
+    assert order == ["sync_M2_T10_lr0.4_m0_s0", "eager_M2_T10_lr0.4_m0_s0", "sync_M2_T10_lr0.4_m0.9n_s0",
+                     "eager_M2_T10_lr0.4_m0.9n_s0", "sync_M2_T10_lr0.7_m0_s0", "eager_M2_T10_lr0.7_m0_s0",
+                     "sync_M2_T10_lr0.7_m0.9n_s0", "eager_M2_T10_lr0.7_m0.9n_s0"]  # fmt: skip
+    ran = rs.sweep("custom", tmp_path, runner, args=args, log=lambda s: None, max_runs=3)
+    assert ran == calls == order[:3]
+    ran = rs.sweep("custom", tmp_path, runner, args=args, log=lambda s: None)
+    assert ran == order[3:]  # resumed after the third; the failed one tried once, not again in this call
+    assert calls == order
+    calls.clear()
+    ran = rs.sweep("custom", tmp_path, runner, args=args, log=lambda s: None)
+    assert ran == calls == ["sync_M2_T10_lr0.7_m0_s0"]  # a new invocation retries the failed point only
+    outcome.clear()
+    calls.clear()
+    assert rs.sweep("custom", tmp_path, runner, args=args, log=lambda s: None) == ["sync_M2_T10_lr0.7_m0_s0"]
+    assert rs.sweep("custom", tmp_path, runner, args=args, log=lambda s: None) == []
+    recs = rs.load_results(tmp_path)
+    assert {k: r["status"] for k, r in recs.items() if r["status"] != "ok"} == {
+        "eager_M2_T10_lr0.7_m0.9n_s0": "diverged"}  # fmt: skip
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == sorted(f"{k}.json" for k in order)
+    assert (tmp_path / "recipe_sweep.md").exists()
+
+
+def test_report_tables_exact(tmp_path):
+    for p, status, loss in [
+        (rs.Point("sync", 0.7, 0.9, True), "ok", 1.716),
+        (rs.Point("sync", 1.0, 0.0, False), "ok", 1.661),
+        (rs.Point("sync", 1.0, 0.0, False, seed=1), "ok", 1.671),
+        (rs.Point("sync", 1.0, 0.0, False, seed=2), "ok", 1.681),
+        (rs.Point("sync", 0.4, 0.9, False), "ok", 1.8),
+        (rs.Point("eager", 0.7, 0.9, True), "ok", 1.923),
+        (rs.Point("eager", 1.4, 0.9, True), "diverged", None),
+        (rs.Point("eager", 0.7, 0.5, True), "failed", None),
+    ]:
+        write(tmp_path, p, status, loss)
+    text = rs.report(tmp_path)
+    assert "PARTIAL unless stated otherwise: 7 runs finished (1 diverged), 1 failed (to be retried)." in text
+    assert "from commit(s) abcdef0123." in text
+    best = """\
+| method | best recipe (seed 0) | eval loss seed 0 | mean over seeds | seeds | runs finished |
+|---|---|---|---|---|---|
+| DiLoCo (sync) (M=2, 900 steps) | lr 1, momentum 0 | 1.661 | 1.671 | 0, 1, 2 | 5 |
+| eager k=1 (M=2, 900 steps) | lr 0.7, momentum 0.9 (Nesterov) | 1.923 | 1.923 | 0 | 2 |
+"""
+    assert best in text
+    diloco = """\
+| method | eval loss |
+|---|---|
+| DiLoCo (sync) (M=2, 900 steps) | 1.716 |
+| eager k=1 (M=2, 900 steps) | 1.923 |
+"""
+    assert diloco in text
+    sync_grid = """\
+### DiLoCo (sync) (M=2, 900 steps)
+
+| outer lr | momentum 0 | momentum 0.5 Nesterov | momentum 0.9 Nesterov | momentum 0.9 heavy ball |
+|---|---|---|---|---|
+| 0.4 | · | · | · | 1.800 |
+| 0.7 | · | · | 1.716 | · |
+| 1 | 1.661 (mean 1.671, 3 seeds) | · | · | · |
+| 1.4 | · | · | · | · |
+"""
+    assert sync_grid in text
+    assert "| 1.4 | · | · | diverged | · |" in text  # eager's; the failed point is not shown as finished
+    assert "| 0.7 | · | · | 1.923 | · |" in text
+
+
+def test_lock_is_exclusive(tmp_path):
+    lock = tmp_path / "sweep.lock"
+    with rs.SweepLock(lock, wait=False), pytest.raises(SystemExit, match=r"another sweep holds .*sweep.lock .*--wait"):
+        rs.SweepLock(lock, wait=False).__enter__()
+    assert lock.read_text().strip().isdigit()  # the holder's pid
+    with rs.SweepLock(lock, wait=False):  # released on exit
+        pass
+
+
+def test_smoke_run_then_resume_runs_nothing(tmp_path):
+    """Two real seconds-long training runs through the CLI, then the same command again: nothing runs."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "recipe_sweep.py"), "--plan", "custom", "--smoke",
+           "--methods", "sync", "eager", "--lrs", "0.7", "--momenta", "0.9", "--steps", "6", "--out",
+           str(tmp_path / "out"), "--runs-dir", str(tmp_path / "runs"), "--lock", str(tmp_path / "lock"),
+           "--no-plot"]  # fmt: skip
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert first.returncode == 0, first.stdout + first.stderr
+    recs = rs.load_results(tmp_path / "out")
+    assert sorted(recs) == [rs.Point(m, 0.7, 0.9, True, steps=6, extra=rs.SMOKE_EXTRA).key for m in ("eager", "sync")]
+    assert {r["status"] for r in recs.values()} == {"ok"}
+    for r in recs.values():
+        assert r["outer_steps"] == 2 and r["tokens"] == 6 * 4 * 32 * 2 and r["eval_loss"] > 0
+        assert r["train_args"][:2] == ["--mode", r["point"]["method"]]
+    mtimes = {p: p.stat().st_mtime_ns for p in (tmp_path / "out" / "runs").iterdir()}
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "0 runs this time" in second.stdout
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "out" / "runs").iterdir()} == mtimes
+    table = (tmp_path / "out" / "recipe_sweep.md").read_text()
+    assert "2 runs finished (0 diverged)" in table
