@@ -25,6 +25,7 @@ import math
 import re
 import sys
 from dataclasses import dataclass, field
+from typing import Any
 
 from eagerloco.simulator.config import (
     ALLOWED_BITS,
@@ -325,11 +326,11 @@ def build_plan(args: argparse.Namespace) -> Plan:
                 spec = mode_method(
                     name,
                     sync_every=sync_every,
-                    num_fragments=_first(args.fragments, from_run and from_run.fragments),
-                    overlap_steps=_first(args.overlap_steps, from_run and from_run.overlap_steps),
-                    delay=_first(args.delay, from_run and from_run.delay),
-                    compression=_first(args.compression, from_run and from_run.compression),
-                    layout=_first(args.layout, from_run and from_run.layout),
+                    num_fragments=_flag_or_run(args.fragments, from_run, "fragments"),
+                    overlap_steps=_flag_or_run(args.overlap_steps, from_run, "overlap_steps"),
+                    delay=_flag_or_run(args.delay, from_run, "delay"),
+                    compression=_flag_or_run(args.compression, from_run, "compression"),
+                    layout=_flag_or_run(args.layout, from_run, "layout"),
                     outer_ready=args.outer_ready,
                 )
                 changed = any(
@@ -397,12 +398,11 @@ def build_plan(args: argparse.Namespace) -> Plan:
     )
 
 
-def _first(*values: object) -> object:
-    """The first value that is not None (``x and y`` chains give None or False for a missing run)."""
-    for value in values:
-        if value is not None and value is not False:
-            return value
-    return None
+def _flag_or_run(flag: Any, run: RunModel | None, attr: str) -> Any:
+    """The flag's value if given, else what the run recorded (None when there is no run or no record)."""
+    if flag is not None:
+        return flag
+    return None if run is None else getattr(run, attr)
 
 
 def _bandwidth(args: argparse.Namespace, run: RunModel | None) -> tuple[float | None, str]:
