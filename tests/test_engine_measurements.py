@@ -133,3 +133,78 @@ def test_wrapper_is_cheap_off_sync_points():
     for _ in range(10_000):
         loco.step()
     assert (time.perf_counter() - start) / 10_000 < 100e-6
+
+
+class FakeClock:
+    """Stands in for the ``time`` module inside the recorder: ``perf_counter()`` returns ``now``."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+def test_the_recorder_splits_time_by_hand(monkeypatch):
+    from eagerloco.engine import recorder as recorder_module
+
+    clock = FakeClock()
+    monkeypatch.setattr(recorder_module, "time", clock)
+    rec = recorder_module.Recorder()  # t = 0
+    clock.now = 2.0
+    rec.enter()  # 2 s of inner compute
+    rec.blocked(0.25)
+    clock.now = 3.0
+    rec.exit()  # 1 s in the call, 0.25 blocked: 0.75 overhead
+    clock.now = 4.0
+    with rec.paused():  # 4 → 7: three seconds paused, nested pauses count once
+        clock.now = 5.0
+        with rec.paused():
+            clock.now = 6.0
+        clock.now = 6.5
+        assert rec.elapsed_s() == 4.0  # frozen at the pause's start
+        clock.now = 7.0
+    clock.now = 8.0
+    rec.enter()  # 3 → 4 and 7 → 8 were inner compute: inner 2 + 2 = 4
+    rec.open(8, kind="finalize")
+    rec.blocked(1.0)
+    rec.applied(0)
+    clock.now = 9.5
+    record = rec.close()
+    clock.now = 10.0
+    rec.exit()  # 2 s in the call, 1 blocked: overhead 0.75 + 1 = 1.75
+    stats = rec.stats
+    assert (stats.inner_s, stats.blocked_s, stats.overhead_s, stats.finalize_blocked_s) == (4.0, 1.25, 1.75, 1.0)
+    assert stats.wall_s == 7.0 and stats.utilization == 4.0 / 7.0
+    assert stats.steady_utilization == 4.0 / 6.0  # the final drain's second taken out
+    assert stats.outer_steps == 0  # a finalize record is not an outer step
+    assert record is not None and rec.records == [record]
+    assert (record.kind, record.fragments_applied, record.blocked_s, record.overhead_s) == ("finalize", [0], 1.0, 0.5)
+    # the window since creation: inner 2 + 2, wall 2 + 1 + 2 + 1.5 (up to close), the pause excluded
+    assert (record.window_inner_s, record.window_wall_s, record.utilization) == (4.0, 6.5, 4.0 / 6.5)
+    assert rec.elapsed_s() == 10.0 - 3.0
+
+
+def test_a_finalize_that_applied_nothing_leaves_no_record_and_both_engines_are_measured():
+    from eagerloco.engine import Measured, Recorder
+    from eagerloco.engine.data_parallel import GradientAverager
+
+    rec = Recorder()
+    rec.enter()
+    rec.open(5, kind="finalize")
+    assert rec.close() is None and rec.records == []
+    rec.exit()
+    model = TinyNet()
+    comm = InProcessGroup(1).communicator(0)
+    loco = DiLoCo(model, None, DiLoCoConfig(mode="sync", sync_every=2), comm=comm)
+    for engine in (rec, loco, GradientAverager(model, comm)):
+        assert isinstance(engine, Measured)
+
+
+def test_steady_utilization_takes_out_the_final_drain():
+    from eagerloco.engine import RunStats
+
+    stats = RunStats(inner_s=3.0, blocked_s=2.0, overhead_s=1.0, finalize_blocked_s=1.0)
+    assert (stats.utilization, stats.steady_utilization) == (0.5, 0.6)
+    assert stats.to_dict()["steady_utilization"] == 0.6
+    assert RunStats().steady_utilization == 1.0

@@ -147,3 +147,35 @@ def test_consolidate_needs_finalize():
     loco = make(DiLoCoConfig(sync_every=2))
     with pytest.raises(RuntimeError, match=r"consolidate\(\) needs finalize\(\) first"):
         loco.consolidate()
+
+
+def test_the_engine_modules_import_each_other_without_a_cycle():
+    """engine/*.py form a DAG (imports under TYPE_CHECKING included; the package __init__ only re-exports)."""
+    import ast
+    from pathlib import Path
+
+    import eagerloco.engine
+
+    root = Path(eagerloco.engine.__file__).parent
+    graph: dict[str, set[str]] = {}
+    for path in root.glob("*.py"):
+        if path.stem == "__init__":
+            continue
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("eagerloco.engine"):
+                assert node.module != "eagerloco.engine", f"{path.name} imports the package, not a module"
+                deps.add(node.module.split(".")[2])
+        graph[path.stem] = deps - {path.stem}
+    done: set[str] = set()
+
+    def visit(module: str, stack: tuple[str, ...]) -> None:
+        assert module not in stack, f"import cycle: {' -> '.join((*stack, module))}"
+        if module not in done:
+            for dep in sorted(graph[module]):
+                visit(dep, (*stack, module))
+            done.add(module)
+
+    for module in sorted(graph):
+        visit(module, ())
+    assert {"errors", "recorder", "core", "strategies", "diloco"} <= done

@@ -22,19 +22,34 @@ from typing import Any
 
 import torch
 
-from eagerloco.comm.base import Communicator, Work, wire_bytes
+from eagerloco.comm.base import CollectiveTimeout, Communicator, Work, wire_bytes
 
 
 class _DelayedWork:
-    def __init__(self, inner: Work, finish_at: float) -> None:
+    """The inner collective's work, delivered no earlier than ``finish_at`` (``time.perf_counter()`` seconds)."""
+
+    def __init__(self, inner: Work, finish_at: float, default_timeout: float | None) -> None:
         self._inner = inner
         self._finish_at = finish_at
+        self._default_timeout = default_timeout
 
     def wait(self, timeout: float | None = None) -> None:
-        self._inner.wait(timeout)
-        remaining = self._finish_at - time.perf_counter()
-        if remaining > 0:
-            time.sleep(remaining)
+        """Wait for the inner collective, then until the link delivers it. ``timeout`` (default: the inner
+        communicator's) bounds the whole wait: a delivery later than that raises :class:`CollectiveTimeout` once
+        the timeout has passed, never after sleeping past it."""
+        limit = self._default_timeout if timeout is None else timeout
+        deadline = None if limit is None else time.perf_counter() + limit
+        self._inner.wait(limit)
+        now = time.perf_counter()
+        remaining = self._finish_at - now
+        if remaining <= 0:
+            return
+        if deadline is not None and self._finish_at > deadline:
+            time.sleep(max(0.0, deadline - now))
+            raise CollectiveTimeout(
+                f"the emulated link delivers this collective {remaining:.3g} s from now, after the timeout of {limit} s"
+            )
+        time.sleep(remaining)
 
     def is_completed(self) -> bool:
         return time.perf_counter() >= self._finish_at and self._inner.is_completed()
@@ -86,15 +101,15 @@ class EmulatedLink(Communicator):
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> Work:
         finish = self._schedule("all_reduce", tensor)
-        return _DelayedWork(self.inner.all_reduce_sum(tensor), finish)
+        return _DelayedWork(self.inner.all_reduce_sum(tensor), finish, self.default_timeout)
 
     def all_gather(self, output: torch.Tensor, tensor: torch.Tensor) -> Work:
         finish = self._schedule("all_gather", tensor)
-        return _DelayedWork(self.inner.all_gather(output, tensor), finish)
+        return _DelayedWork(self.inner.all_gather(output, tensor), finish, self.default_timeout)
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> Work:
         finish = self._schedule("broadcast", tensor, self.rank == src)
-        return _DelayedWork(self.inner.broadcast(tensor, src), finish)
+        return _DelayedWork(self.inner.broadcast(tensor, src), finish, self.default_timeout)
 
     def all_gather_object(self, obj: Any) -> list[Any]:
         return self.inner.all_gather_object(obj)

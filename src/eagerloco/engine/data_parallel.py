@@ -9,19 +9,23 @@ inner compute between calls, time blocked on the all-reduce, and the copies.
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Iterator
+from contextlib import AbstractContextManager
 
 import torch
 from torch import nn
 
 from eagerloco.comm.base import CollectiveAborted, CollectiveTimeout, Communicator, wire_bytes
-from eagerloco.engine.metrics import RunStats
+from eagerloco.engine.metrics import OuterStepRecord, RunStats
+from eagerloco.engine.recorder import Recorder, RecordListener
 
 
 class GradientAverager:
     """Call :meth:`average_gradients` after ``loss.backward()`` and before the inner optimizer step.
+
+    Measures like ``DiLoCo`` (the same :class:`eagerloco.engine.recorder.Recorder`; both implement
+    :class:`eagerloco.engine.recorder.Measured`): ``stats``, ``paused()``, ``reset_clock()``, ``elapsed_s()``.
+    It writes no per-step records (``records`` stays empty).
 
     Args:
         model: the replica; its trainable parameters' ``.grad`` are averaged in place.
@@ -38,8 +42,7 @@ class GradientAverager:
         device = self.params[0].device
         self.buffer = torch.zeros(numel, dtype=torch.float32, device=device)
         self.views = [v.view_as(p) for v, p in zip(self.buffer.split([p.numel() for p in self.params]), self.params)]
-        self.stats = RunStats()
-        self._last_exit = time.perf_counter()
+        self._recorder = Recorder(comm)
         if self.world_size > 1:  # start from worker 0's parameters, like DDP's constructor
             flat = torch.cat([p.detach().reshape(-1).float() for p in self.params])
             comm.broadcast(flat, src=0).wait(timeout)
@@ -49,9 +52,10 @@ class GradientAverager:
 
     def average_gradients(self) -> None:
         """grad ← (1/M) Σ_m grad_m for every trainable parameter (one fp32 all-reduce of the flat gradient)."""
-        enter = time.perf_counter()
-        self.stats.inner_s += enter - self._last_exit
-        self.stats.inner_steps += 1
+        recorder = self._recorder
+        recorder.enter()
+        stats = recorder.stats
+        stats.inner_steps += 1
         for p in self.params:  # a parameter unused this step still takes part in the average (as zero)
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
@@ -62,31 +66,41 @@ class GradientAverager:
             work.wait(self.timeout)
         except (CollectiveTimeout, CollectiveAborted) as exc:
             raise type(exc)(
-                f"the gradient all-reduce of inner step {self.stats.inner_steps} failed on {self.comm.describe()} "
+                f"the gradient all-reduce of inner step {stats.inner_steps} failed on {self.comm.describe()} "
                 f"(timeout {self.timeout} s): {exc}; {self.comm.diagnose_peers()}"
             ) from exc
-        blocked = time.perf_counter() - start
+        recorder.blocked(time.perf_counter() - start)
         self.buffer.div_(self.world_size)
         torch._foreach_copy_([p.grad for p in self.params], self.views)
         nbytes = self.buffer.numel() * self.buffer.element_size()
-        self.stats.blocked_s += blocked
-        self.stats.payload_bytes += nbytes
-        self.stats.wire_bytes += wire_bytes("all_reduce", nbytes, self.world_size)
-        self.stats.outer_steps += 1
-        exit_ = time.perf_counter()
-        self.stats.overhead_s += (exit_ - enter) - blocked
-        self._last_exit = exit_
+        recorder.traffic(nbytes, wire_bytes("all_reduce", nbytes, self.world_size))
+        stats.outer_steps += 1
+        recorder.exit()
+
+    # ------------------------------------------------------------------ Measured (as DiLoCo)
+
+    @property
+    def stats(self) -> RunStats:
+        """The run's totals since creation or :meth:`reset_clock`."""
+        return self._recorder.stats
+
+    @property
+    def records(self) -> list[OuterStepRecord]:
+        """Always empty: data parallelism has no outer steps to record."""
+        return self._recorder.records
 
     def reset_clock(self) -> None:
         """Restart the measurements (same contract as ``DiLoCo.reset_clock``)."""
-        self.stats = RunStats(inner_steps=self.stats.inner_steps)
-        self._last_exit = time.perf_counter()
+        self._recorder.reset_clock()
 
-    @contextlib.contextmanager
-    def paused(self) -> Iterator[None]:
+    def paused(self) -> AbstractContextManager[None]:
         """Time spent inside counts neither as compute nor as wall time (same contract as ``DiLoCo.paused``)."""
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self._last_exit += time.perf_counter() - start
+        return self._recorder.paused()
+
+    def add_record_listener(self, listener: RecordListener) -> None:
+        """Accepted for symmetry with ``DiLoCo``; never called (no records)."""
+        self._recorder.add_record_listener(listener)
+
+    def elapsed_s(self) -> float:
+        """Wall seconds since creation or :meth:`reset_clock`, paused time excluded."""
+        return self._recorder.elapsed_s()

@@ -21,86 +21,59 @@ With ``torchrun``, the default communicator is the world process group (``torch.
 initialised); pass ``comm=`` for another group, for :class:`eagerloco.comm.InProcessGroup` simulated workers,
 or an :class:`eagerloco.comm.EmulatedLink` for an emulated slow link.
 
-State per fragment p (see :class:`FragmentState`): the outer parameters φ_p as one flat fp32 buffer (on
-``outer_device``), the outer optimizer stepping it, the reducer (codec) that averages its outer gradients, and
-the queue of averages in flight. The model's parameters θ are only read and written with ``torch._foreach_*``
-copies between the flat buffer and the parameter list: no Python loop over parameters on the hot path.
+State per fragment p (see :class:`eagerloco.engine.core.FragmentCore`): the outer parameters φ_p as one flat
+fp32 buffer (on ``outer_device``), the outer optimizer stepping it, the reducer (codec) that averages its outer
+gradients, and the queue of averages in flight. The formulas of every mode are in
+:mod:`eagerloco.engine.strategies`; the measurements in :mod:`eagerloco.engine.recorder`. The model's
+parameters θ are only read and written with ``torch._foreach_*`` copies between the flat buffer and the
+parameter list: no Python loop over parameters on the hot path.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import math
 import time
-import warnings
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from eagerloco.comm.base import CollectiveAborted, CollectiveTimeout, Communicator
-from eagerloco.comm.reducer import CompletedMean, MeanReducer, PendingMean, Reducer
+from eagerloco.comm.reducer import CompletedMean, MeanReducer, Reducer
 from eagerloco.engine.config import ConfigError, DiLoCoConfig
-from eagerloco.engine.fragments import Fragment, build_fragments
+from eagerloco.engine.core import EngineContext, FragmentCore, InFlight
+from eagerloco.engine.errors import ModelMismatch, NonFiniteOuterGradient
+from eagerloco.engine.fragments import build_fragments
 from eagerloco.engine.metrics import OuterStepRecord, RunStats
+from eagerloco.engine.recorder import Recorder, RecordListener
 from eagerloco.engine.sharding import FragmentView, check_replicas_agree, is_dtensor, local_shape
 from eagerloco.engine.strategies import OuterStrategy, make_strategy
 
 if TYPE_CHECKING:
     from eagerloco.distributed import WorkerLayout
 
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "DiLoCo",
+    "FragmentCore",
+    "FragmentState",
+    "InFlight",
+    "ModelMismatch",
+    "NonFiniteOuterGradient",
+    "OuterOptimizerFactory",
+    "default_outer_optimizer",
+]
+
 OuterOptimizerFactory = Callable[[list[torch.Tensor]], torch.optim.Optimizer]
 
 CHECKPOINT_FORMAT = 1
 
-
-class NonFiniteOuterGradient(FloatingPointError):
-    """An outer gradient held NaN or Inf; the outer parameters were not touched. Raised by every worker at the same
-    outer step (``nonfinite='raise'``): the bad values travel inside the average, which every worker receives
-    bit-identical."""
-
-
-class ModelMismatch(RuntimeError):
-    """Workers hold models (or configurations) that differ: averaging them would be meaningless."""
-
-
-@dataclass(eq=False)
-class InFlight:
-    """An average launched at ``launch_step`` and not yet applied."""
-
-    launch_step: int
-    mean: PendingMean
-    own: torch.Tensor | None = None
-    """Eager only: (1/M)·Δ_m(t), this worker's contribution exactly as it was applied eagerly (zero when Δ_m(t)
-    was not finite: nothing was applied)."""
-    own_finite: bool = True
-    """Whether this worker's own Δ_m(t) was finite (for the error message when the average is not)."""
-
-
-@dataclass(eq=False)
-class FragmentState:
-    """Everything the engine keeps for one fragment."""
-
-    fragment: Fragment
-    phi: torch.Tensor
-    """φ_p: the outer parameters, flat fp32 on the outer device."""
-    outer_optimizer: torch.optim.Optimizer
-    reducer: Reducer
-    staging: torch.Tensor
-    """Flat fp32 scratch on the model's device: θ gathered into one buffer, or φ on its way into θ."""
-    staging_views: list[torch.Tensor]
-    view: FragmentView
-    """This rank's share of the fragment: reads θ into ``staging`` and writes φ back (inner all-gather included
-    when a worker is a group of ranks); ``phi`` holds exactly the elements it owns."""
-    in_flight: deque[InFlight] = field(default_factory=deque)
-
-    @property
-    def index(self) -> int:
-        return self.fragment.index
+FragmentState = FragmentCore
+"""The per-fragment state's former name (``DiLoCo.states`` holds :class:`FragmentCore` objects)."""
 
 
 def default_outer_optimizer(config: DiLoCoConfig) -> OuterOptimizerFactory:
@@ -167,7 +140,7 @@ class DiLoCo:
         self.comm = comm
         self.rank = comm.rank
         self.world_size = comm.world_size
-        self.strategy: OuterStrategy = make_strategy(cfg.mode, cfg.overlap_steps, cfg.alpha, cfg.delay)
+        self.strategy: OuterStrategy = make_strategy(cfg)
         self.fragments = build_fragments(
             model, cfg.num_fragments, cfg.sync_every, cfg.fragment_layout, modules=fragments, blocks=blocks
         )
@@ -176,9 +149,9 @@ class DiLoCo:
         factory = outer_optimizer or default_outer_optimizer(cfg)
 
         # This rank's share of every fragment (all of it with one rank per worker; see engine/sharding.py).
-        self._views = [FragmentView(fragment, layout) for fragment in self.fragments]
+        views = [FragmentView(fragment, layout) for fragment in self.fragments]
         if layout is not None and layout.outer_backend == "gloo":  # gloo moves CPU tensors: φ must live there
-            for view in self._views:
+            for view in views:
                 where = torch.device(cfg.outer_device) if cfg.outer_device is not None else view.staging.device
                 if where.type != "cpu":
                     raise ConfigError(
@@ -191,113 +164,88 @@ class DiLoCo:
         # of different meaning (or sizes, and hang). Compare before the first collective on the data path.
         # Collective order at start, the same on every rank: the comparison (outer group), the replica check
         # (inner group), the broadcast of φ_0 (outer group), the write of φ_0 into θ (inner group).
-        self._check_same_model_and_config()
-        check_replicas_agree(self._views, layout)
+        self._check_same_model_and_config(views)
+        check_replicas_agree(views, layout)
 
-        self.states: list[FragmentState] = []
-        for fragment, view in zip(self.fragments, self._views):
+        self._recorder = Recorder(comm)
+        self._context = EngineContext(comm=comm, config=cfg, recorder=self._recorder)
+        self.states: list[FragmentCore] = []
+        """One :class:`FragmentCore` per fragment, in fragment order: φ (``.phi``), ``.outer_optimizer``, ..."""
+        for fragment, view in zip(self.fragments, views):
             device = view.staging.device
             outer_device = torch.device(cfg.outer_device) if cfg.outer_device is not None else device
             phi = view.read_theta().to(outer_device, copy=True)
             self.states.append(
-                FragmentState(
+                FragmentCore(
                     fragment=fragment,
                     phi=phi,
                     outer_optimizer=factory([phi]),
                     reducer=reducer_factory(fragment.index, comm),
-                    staging=view.staging,
-                    staging_views=view.staging_views,
                     view=view,
+                    context=self._context,
                 )
             )
         if cfg.broadcast_initial_parameters and self.world_size > 1:
             # All workers must start from the same φ_0 (prime-diloco shipped a bug where they did not).
-            works = [comm.broadcast(state.phi, src=0) for state in self.states]
-            for state, work in zip(self.states, works):
-                self._wait_diagnosed(work, f"the broadcast of worker 0's initial parameters (fragment {state.index})")
-            for state in self.states:
-                self.reset_inner(state)
+            works = [comm.broadcast(core.phi, src=0) for core in self.states]
+            for core, work in zip(self.states, works):
+                self._wait_diagnosed(work, f"the broadcast of worker 0's initial parameters (fragment {core.index})")
+            for core in self.states:
+                core.write_theta(core.phi)  # θ ← φ_0
 
         # The schedule: fragment p syncs at t ≡ offset_p (mod H). Precomputed so step() is O(1) off sync points.
-        self._sync_at: dict[int, list[FragmentState]] = {}
-        for state in self.states:
-            self._sync_at.setdefault(state.fragment.offset % cfg.sync_every, []).append(state)
-        self._arrivals: dict[int, list[FragmentState]] = {}
+        self._sync_at: dict[int, list[FragmentCore]] = {}
+        for core in self.states:
+            self._sync_at.setdefault(core.fragment.offset % cfg.sync_every, []).append(core)
 
-        self.inner_step = 0
         self.finalized = False
-        self.records: list[OuterStepRecord] = []
-        self.stats = RunStats()
-        self._record_listeners: list[Callable[[OuterStepRecord], None]] = []
-        self._event: OuterStepRecord | None = None
-        self._window_inner_s = 0.0
-        self._window_wall_s = 0.0
-        self._window_mark = 0.0
-        self._event_wire_start = 0
-        self._event_diagnostic_start = 0
-        self._blocked_in_call = 0.0
         self._outer_steps_fragment0 = 0
-        self._last_exit = time.perf_counter()
 
     # ------------------------------------------------------------------ the user's calls
 
     def step(self) -> None:
         """Call once after every inner optimizer step. Runs the outer work due at this inner step."""
-        enter = self._enter_call()
+        recorder, context = self._recorder, self._context
+        recorder.enter()
         if self.finalized:
             raise RuntimeError("step() after finalize(): create a new DiLoCo wrapper to continue training")
-        self.inner_step = t = self.inner_step + 1
-        self.stats.inner_steps = t
-        arrivals = self._arrivals.pop(t, None)
+        context.inner_step = t = context.inner_step + 1
+        recorder.stats.inner_steps = t
+        arrivals = context.arrivals.pop(t, None)
         syncs = self._sync_at.get(t % self.config.sync_every)
         if arrivals or syncs:
-            self._open_event()
+            recorder.open(t)
             # Order matters for deadlock freedom: arrivals (waits only) first, then launches in fragment order.
-            for state in arrivals or ():
-                self.strategy.on_arrival(self, state, t)
-            for state in syncs or ():
-                self._event.fragments_synced.append(state.index)
-                self.strategy.on_sync(self, state, t)
+            for core in arrivals or ():
+                self.strategy.on_arrival(core, t)
+            for core in syncs or ():
+                self.strategy.on_sync(core, t)
             if (
                 self.config.divergence_every
                 and syncs
                 and syncs[0].index == 0
                 and self._count_fragment0_sync() % self.config.divergence_every == 0
             ):
-                self._measure_divergence(self._event)
-            self._close_event()
-        self._exit_call(enter)
+                self._measure_divergence()
+            recorder.close()
+        recorder.exit()
 
     def finalize(self) -> None:
         """Wait for every collective still in flight and apply it as one plain step at the outer learning rate,
-        φ ← φ − lr·g, oldest first, leaving the outer optimizer's momentum untouched (ALGORITHMS.md, section 6):
-        g = Δ(t) for overlap and delayed, g = Δ(t) − (1/M)·Δ_m(t) for eager. Then θ ← φ: the model holds the
-        outer parameters, the ones to evaluate and save. Local progress since each fragment's last sync point is
-        dropped (it belongs to no outer gradient)."""
+        φ ← φ − lr·g, oldest first, leaving the outer optimizer's momentum untouched (ALGORITHMS.md, section 6;
+        ``OuterStrategy.finalize``): g = Δ(t) for overlap and delayed, g = Δ(t) − (1/M)·Δ_m(t) for eager. Then
+        θ ← φ: the model holds the outer parameters, the ones to evaluate and save. Local progress since each
+        fragment's last sync point is dropped (it belongs to no outer gradient)."""
         if self.finalized:
             return
-        enter = self._enter_call()
-        self._open_event(kind="finalize")
-        assert self._event is not None
-        for state in self.states:  # fragment order, oldest first: the same on every worker
-            while state.in_flight:
-                item = state.in_flight.popleft()
-                mean = self.wait(state, item)
-                if not self.check_average(state, item, mean):  # nonfinite='skip': nothing of it is applied
-                    continue
-                g = self.strategy.final_gradient(item, mean)
-                self._check_finite(g, state, item.launch_step)
-                lr = state.outer_optimizer.param_groups[0]["lr"]
-                state.phi.add_(g, alpha=-lr)
-                self._event.fragments_applied.append(state.index)
-            self.reset_inner(state)
-        self._arrivals.clear()
-        self.stats.finalize_blocked_s += self._blocked_in_call
-        if self._event.fragments_applied:
-            self._close_event()
-        else:
-            self._event = None
-        self._exit_call(enter)
+        recorder = self._recorder
+        recorder.enter()
+        recorder.open(self.inner_step, kind="finalize")
+        for core in self.states:  # fragment order, oldest first: the same on every worker
+            self.strategy.finalize(core)
+        self._context.arrivals.clear()
+        recorder.close()  # a 'finalize' record that applied nothing is dropped
+        recorder.exit()
         self.finalized = True
 
     def consolidate(self) -> None:
@@ -309,22 +257,18 @@ class DiLoCo:
         if self.strategy.uniform_outer_state or self.world_size == 1:
             return
         before = self.comm.stats.wire_bytes
-        buffers = [state.phi.clone() for state in self.states]
+        buffers = [core.phi.clone() for core in self.states]
         works = [self.comm.all_reduce_sum(buf) for buf in buffers]
-        for state, buf, work in zip(self.states, buffers, works):
-            self._wait_diagnosed(work, f"consolidate() (the average of φ, fragment {state.index})")
-            state.phi.copy_(buf.div_(self.world_size))
-            self.reset_inner(state)
-        self.stats.diagnostic_bytes += self.comm.stats.wire_bytes - before
+        for core, buf, work in zip(self.states, buffers, works):
+            self._wait_diagnosed(work, f"consolidate() (the average of φ, fragment {core.index})")
+            core.phi.copy_(buf.div_(self.world_size))
+            core.write_theta(core.phi)  # θ ← φ
+        self._recorder.diagnostic(self.comm.stats.wire_bytes - before)
 
-    @contextlib.contextmanager
-    def paused(self) -> Iterator[None]:
-        """Time spent inside (evaluation, checkpointing, logging) counts neither as compute nor as wall time."""
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self._last_exit += time.perf_counter() - start
+    def paused(self) -> AbstractContextManager[None]:
+        """Time spent inside (evaluation, checkpointing, logging) counts neither as compute nor as wall time.
+        Re-entrant: only the outermost one counts."""
+        return self._recorder.paused()
 
     def reopen(self) -> None:
         """Continue training after :meth:`finalize` (e.g. a finished run resumed with more steps): allowed because
@@ -335,14 +279,31 @@ class DiLoCo:
 
     def reset_clock(self) -> None:
         """Restart the measurements (e.g. after warm-up or after loading a checkpoint)."""
-        self.stats = RunStats(inner_steps=self.inner_step)
-        self.records = []
-        self._window_inner_s = self._window_wall_s = 0.0
-        self._last_exit = time.perf_counter()
+        self._recorder.reset_clock(inner_steps=self.inner_step)
 
-    def add_record_listener(self, listener: Callable[[OuterStepRecord], None]) -> None:
+    def add_record_listener(self, listener: RecordListener) -> None:
         """Call ``listener(record)`` for every outer-step record (metrics logging)."""
-        self._record_listeners.append(listener)
+        self._recorder.add_record_listener(listener)
+
+    def elapsed_s(self) -> float:
+        """Wall seconds since creation or :meth:`reset_clock`, time inside :meth:`paused` excluded."""
+        return self._recorder.elapsed_s()
+
+    @property
+    def stats(self) -> RunStats:
+        """The run's totals since creation or :meth:`reset_clock` (:class:`RunStats`)."""
+        return self._recorder.stats
+
+    @property
+    def records(self) -> list[OuterStepRecord]:
+        """One :class:`OuterStepRecord` per ``step()`` with outer work (and one for a ``finalize()`` that applied
+        something), since creation or :meth:`reset_clock`."""
+        return self._recorder.records
+
+    @property
+    def inner_step(self) -> int:
+        """t: the number of ``step()`` calls (restored by :meth:`load_state_dict`)."""
+        return self._context.inner_step
 
     def outer_parameters(self) -> dict[str, torch.Tensor]:
         """φ as a ``{parameter name: tensor}`` dict (views into the flat buffers, on the outer device).
@@ -385,114 +346,6 @@ class DiLoCo:
         with torch.no_grad():
             torch._foreach_copy_(targets, list(phi.values()))
 
-    # ------------------------------------------------------------------ the core, used by the strategies
-
-    def launch(self, state: FragmentState, t: int, keep_own: bool = False) -> InFlight:
-        """Δ_m(t) = φ − θ(t) for this fragment, handed to the reducer; queued as in flight. With ``keep_own``
-        (eager) also keep (1/M)·Δ_m(t), the contribution applied at once."""
-        theta = state.view.read_theta()  # this rank's owned elements of θ (all of them with one rank per worker)
-        theta = theta if theta.device == state.phi.device else theta.to(state.phi.device)
-        delta = torch.sub(state.phi, theta)
-        own_finite = bool(torch.isfinite(delta).all())
-        # A non-finite Δ_m is NOT raised here: the other workers would then block on a collective this worker
-        # never joins. It is launched like any other: NaN/Inf in one contribution makes the average non-finite
-        # on every worker (gloo and the codecs give every worker the same bits; a codec sends a payload that
-        # decodes to NaN), so every worker takes the same decision in check_average when the average arrives.
-        pending = state.reducer.launch(delta)  # may add the error-feedback residual into delta, in place
-        if self._event is not None:
-            self._event.payload_bytes += pending.payload_bytes
-            if own_finite:
-                self._event.delta_norm = math.hypot(self._event.delta_norm, float(delta.norm()))
-        own = None
-        if keep_own:  # eager applies this at once: never a non-finite contribution, φ stays finite
-            own = delta.div_(self.world_size) if own_finite else torch.zeros_like(delta)
-        item = InFlight(launch_step=t, mean=pending, own=own, own_finite=own_finite)
-        state.in_flight.append(item)
-        return item
-
-    def wait(self, state: FragmentState, item: InFlight) -> torch.Tensor:
-        """The average launched at ``item.launch_step``; the time spent waiting counts as blocked."""
-        start = time.perf_counter()
-        try:
-            mean = item.mean.wait(self.config.collective_timeout_s)
-        except (CollectiveTimeout, CollectiveAborted) as exc:
-            raise type(exc)(
-                f"outer step {self.outer_index(state, item.launch_step)} of fragment {state.index} (launched at "
-                f"inner step {item.launch_step}, waited for at inner step {self.inner_step}) failed on "
-                f"{self.comm.describe()} (collective_timeout_s={self.config.collective_timeout_s}): {exc}; "
-                f"{self.comm.diagnose_peers()}"
-            ) from exc
-        except Exception as exc:
-            raise type(exc)(
-                f"outer step {self.outer_index(state, item.launch_step)} of fragment {state.index}: the average "
-                f"launched at inner step {item.launch_step} failed on {self.comm.describe()}: {exc}"
-            ) from exc
-        blocked = time.perf_counter() - start
-        self.stats.blocked_s += blocked
-        self._blocked_in_call += blocked
-        if self._event is not None:
-            self._event.blocked_s += blocked
-        return mean
-
-    def check_average(self, state: FragmentState, item: InFlight, mean: torch.Tensor) -> bool:
-        """True when the average Δ(t) of ``item`` is finite and may be applied. Otherwise some worker's
-        contribution held NaN/Inf; every worker sees the same non-finite average at the same outer step, so all
-        take the same decision: ``nonfinite='raise'`` raises :class:`NonFiniteOuterGradient`, ``'skip'`` counts
-        the skip and returns False (the caller then leaves φ and the outer optimizer untouched and sets θ ← φ)."""
-        if bool(torch.isfinite(mean).all()):
-            return True
-        bad = int((~torch.isfinite(mean)).sum())
-        whose = (
-            "this worker's own outer gradient was not finite"
-            if not item.own_finite
-            else "this worker's own outer gradient was finite: another worker's was not"
-        )
-        where = (
-            f"outer step {self.outer_index(state, item.launch_step)} of fragment {state.index} (launched at inner "
-            f"step {item.launch_step})"
-        )
-        if self.config.nonfinite == "raise":
-            raise NonFiniteOuterGradient(
-                f"the average outer gradient of {where} has {bad} non-finite values (NaN/Inf) on "
-                f"{self.comm.describe()} at inner step {self.inner_step}; {whose}. The outer parameters were not "
-                "touched and every worker stops here. Lower the inner learning rate, enable gradient clipping, or "
-                "set nonfinite='skip'."
-            )
-        self.stats.skipped_outer_steps += 1
-        if self._event is not None:
-            self._event.skipped = True
-        warnings.warn(
-            f"skipping {where} on {self.comm.describe()}: the average has {bad} non-finite values ({whose})",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-        return False
-
-    def outer_index(self, state: FragmentState, t: int) -> int:
-        """The outer step number (1, 2, ...) of ``state``'s fragment whose sync point is inner step ``t``."""
-        offset = state.fragment.offset % self.config.sync_every
-        return (t - offset) // self.config.sync_every + (1 if offset > 0 else 0)
-
-    def apply(self, state: FragmentState, g: torch.Tensor, launched_at: int) -> None:
-        """φ ← OuterOpt(φ, g) for this fragment."""
-        self._check_finite(g, state, launched_at)
-        state.phi.grad = g
-        state.outer_optimizer.step()
-        state.phi.grad = None
-        if self._event is not None:
-            self._event.fragments_applied.append(state.index)
-            self._event.applied_norm = math.hypot(self._event.applied_norm, float(g.norm()))
-            self._event.staleness = max(self._event.staleness, self.inner_step - launched_at)
-
-    def reset_inner(self, state: FragmentState, alpha: float = 0.0) -> None:
-        """θ ← α·θ + (1 − α)·φ for this fragment (θ ← φ when α = 0). With a layout whose workers hold replicated
-        parameters this ends with one blocking all-gather inside the worker (see engine/sharding.py)."""
-        state.view.write_theta(state.phi, alpha)
-
-    def schedule_arrival(self, state: FragmentState, t: int) -> None:
-        """Have ``strategy.on_arrival`` called for this fragment at inner step ``t``."""
-        self._arrivals.setdefault(t, []).append(state)
-
     # ------------------------------------------------------------------ checkpoints
 
     def state_dict(self) -> dict[str, Any]:
@@ -509,7 +362,7 @@ class DiLoCo:
                 in_flight.append(
                     {
                         "launch_step": item.launch_step,
-                        "mean": self.wait(state, item).clone(),
+                        "mean": state.wait(item).clone(),
                         "own": None if item.own is None else item.own.clone(),
                         "own_finite": item.own_finite,
                         "payload_bytes": item.mean.payload_bytes,
@@ -522,7 +375,9 @@ class DiLoCo:
                     "outer_optimizer": state.outer_optimizer.state_dict(),
                     "reducer": state.reducer.state_dict(),
                     "in_flight": in_flight,
-                    "arrivals": sorted(t for t, states in self._arrivals.items() if any(s is state for s in states)),
+                    "arrivals": sorted(
+                        t for t, cores in self._context.arrivals.items() if any(c is state for c in cores)
+                    ),
                 }
             )
         return {
@@ -572,7 +427,7 @@ class DiLoCo:
             )
         if len(state_dict["fragments"]) != len(self.states):
             raise ValueError("checkpoint has a different number of fragments")
-        self._arrivals.clear()
+        self._context.arrivals.clear()
         for state, saved_fragment in zip(self.states, state_dict["fragments"]):
             if saved_fragment["names"] != state.fragment.names:
                 raise ValueError(f"fragment {state.index} holds other parameters in the checkpoint")
@@ -590,73 +445,16 @@ class DiLoCo:
                 for item in saved_fragment["in_flight"]
             )
             for t in saved_fragment["arrivals"]:
-                self.schedule_arrival(state, t)
-        self.inner_step = state_dict["inner_step"]
+                state.schedule_arrival(t)
+        self._context.inner_step = state_dict["inner_step"]
         self.finalized = state_dict["finalized"]
         self.reset_clock()
 
     # ------------------------------------------------------------------ internals
 
-    def _enter_call(self) -> float:
-        """Start of a step()/finalize() call: the time since the previous call was inner compute."""
-        enter = time.perf_counter()
-        inner = enter - self._last_exit
-        self.stats.inner_s += inner
-        self._window_inner_s += inner
-        self._window_wall_s += inner
-        self._window_mark = enter
-        self._blocked_in_call = 0.0
-        return enter
-
-    def _exit_call(self, enter: float) -> None:
-        exit_ = time.perf_counter()
-        self.stats.overhead_s += (exit_ - enter) - self._blocked_in_call
-        self._window_wall_s += exit_ - self._window_mark
-        self._last_exit = exit_
-
-    def _open_event(self, kind: str = "step") -> None:
-        self._event = OuterStepRecord(inner_step=self.inner_step, kind=kind)
-        self._event_wire_start = self.comm.stats.wire_bytes
-        self._event_diagnostic_start = self.stats.diagnostic_bytes
-
-    def _close_event(self) -> None:
-        """Finish the current record: its window runs from the previous record's end to now."""
-        event = self._event
-        assert event is not None
-        now = time.perf_counter()
-        in_call = now - self._window_mark
-        event.overhead_s = max(0.0, (now - self._window_mark) - event.blocked_s)
-        event.window_inner_s = self._window_inner_s
-        event.window_wall_s = self._window_wall_s + in_call
-        event.utilization = event.window_inner_s / event.window_wall_s if event.window_wall_s > 0 else 1.0
-        diagnostic = self.stats.diagnostic_bytes - self._event_diagnostic_start
-        event.wire_bytes = self.comm.stats.wire_bytes - self._event_wire_start - diagnostic
-        if event.kind == "step":
-            self.stats.outer_steps += 1
-        self.stats.payload_bytes += event.payload_bytes
-        self.stats.wire_bytes += event.wire_bytes
-        self.records.append(event)
-        for listener in self._record_listeners:
-            listener(event)
-        self._event = None
-        self._window_inner_s = 0.0
-        self._window_wall_s = 0.0
-        self._window_mark = now
-
     def _count_fragment0_sync(self) -> int:
         self._outer_steps_fragment0 += 1
         return self._outer_steps_fragment0
-
-    def _check_finite(self, g: torch.Tensor, state: FragmentState, t: int, fresh: bool = False) -> None:
-        if bool(torch.isfinite(g).all()):
-            return
-        bad = int((~torch.isfinite(g)).sum())
-        what = "this worker's fresh outer gradient Δ_m" if fresh else "the outer gradient to apply"
-        raise NonFiniteOuterGradient(
-            f"{what} for fragment {state.index} (launched at inner step {t}) has {bad} non-finite values "
-            f"(NaN/Inf) on {self.comm.describe()} at inner step {self.inner_step}; the outer parameters were not "
-            "touched. Lower the inner learning rate or enable gradient clipping."
-        )
 
     def _wait_diagnosed(self, work: Any, what: str) -> None:
         """``work.wait`` bounded by ``collective_timeout_s``; a failure names ``what`` and the silent peers."""
@@ -668,28 +466,24 @@ class DiLoCo:
                 f"{self.config.collective_timeout_s}): {exc}; {self.comm.diagnose_peers()}"
             ) from exc
 
-    def _measure_divergence(self, event: OuterStepRecord) -> None:
+    def _measure_divergence(self) -> None:
         """‖φ_m − mean φ‖ over all fragments: one blocking all-reduce of φ (diagnostic traffic)."""
         before = self.comm.stats.wire_bytes
         start = time.perf_counter()
-        buffers = [state.phi.clone() for state in self.states]
+        buffers = [core.phi.clone() for core in self.states]
         works = [self.comm.all_reduce_sum(buf) for buf in buffers]
         dist_sq = 0.0
         norm_sq = 0.0
-        for state, buf, work in zip(self.states, buffers, works):
+        for core, buf, work in zip(self.states, buffers, works):
             self._wait_diagnosed(
-                work, f"the divergence measurement at inner step {self.inner_step} (fragment {state.index})"
+                work, f"the divergence measurement at inner step {self.inner_step} (fragment {core.index})"
             )
             mean = buf.div_(self.world_size)
-            dist_sq += float(torch.sub(state.phi, mean).pow_(2).sum())
+            dist_sq += float(torch.sub(core.phi, mean).pow_(2).sum())
             norm_sq += float(mean.pow(2).sum())
-        blocked = time.perf_counter() - start
-        self.stats.blocked_s += blocked
-        self._blocked_in_call += blocked
-        event.blocked_s += blocked
-        self.stats.diagnostic_bytes += self.comm.stats.wire_bytes - before
-        event.divergence = math.sqrt(dist_sq)
-        event.divergence_rel = math.sqrt(dist_sq / norm_sq) if norm_sq > 0 else 0.0
+        self._recorder.blocked(time.perf_counter() - start)
+        self._recorder.diagnostic(self.comm.stats.wire_bytes - before)
+        self._recorder.divergence(math.sqrt(dist_sq), math.sqrt(dist_sq / norm_sq) if norm_sq > 0 else 0.0)
 
     def _layout_key(self) -> dict[str, Any] | None:
         """What a checkpoint of this rank's outer state depends on beyond the configuration (None: one rank per
@@ -699,10 +493,10 @@ class DiLoCo:
         return {
             "ranks_per_worker": self.layout.ranks_per_worker,
             "inner_rank": self.layout.inner_rank,
-            "owned": [view.numel for view in self._views],
+            "owned": [core.view.numel for core in self.states],
         }
 
-    def _check_same_model_and_config(self) -> None:
+    def _check_same_model_and_config(self, views: list[FragmentView]) -> None:
         entries = [
             (name, local_shape(p), str(p.dtype), fragment.index)  # the local shard's shape for FSDP2 parameters
             for fragment in self.fragments
@@ -712,7 +506,7 @@ class DiLoCo:
         if self.layout is not None:  # rank n of every worker must own the same elements of every fragment
             schedule["layout"] = (
                 f"{self.layout.ranks_per_worker} ranks per worker; owned elements per fragment "
-                f"{[view.numel for view in self._views]} ({[view.sharded_numel for view in self._views]} sharded)"
+                f"{[view.numel for view in views]} ({[view.sharded_numel for view in views]} sharded)"
             )
         digest = hashlib.sha256(repr((entries, sorted(schedule.items()))).encode()).hexdigest()
         mine = (digest, entries, schedule)
@@ -744,8 +538,6 @@ class DiLoCo:
 def _codec_reducer_factory(config: DiLoCoConfig) -> Callable[[int, Communicator], Reducer]:
     if config.compression == "none":
         return lambda index, comm: MeanReducer(comm)
-    try:
-        from eagerloco.compression import make_reducer
-    except ImportError as exc:  # pragma: no cover - the package ships with eagerloco
-        raise ConfigError(f"compression={config.compression!r} needs eagerloco.compression: {exc}") from exc
+    from eagerloco.compression import make_reducer  # imported only when a codec is used
+
     return lambda index, comm: make_reducer(config.compression, comm, error_feedback=config.error_feedback)

@@ -9,6 +9,12 @@ Time is split three ways by the wrapper's ``step()`` calls:
 
 Compute utilization CU = inner time / (inner + blocked + overhead) = inner time / wall time of the loop. Time
 inside ``DiLoCo.paused()`` (evaluation, checkpointing) counts as neither.
+
+Steady-state CU (:attr:`RunStats.steady_utilization`) = inner time / (wall time − the final drain's blocked
+time): delayed and eager end every run by waiting for the last averages in flight, a cost paid once per run
+however long it is; a long run's CU approaches the steady-state one (what the simulator predicts).
+
+The clock that produces these numbers is :class:`eagerloco.engine.recorder.Recorder`.
 """
 
 from __future__ import annotations
@@ -91,6 +97,12 @@ class RunStats:
         return self.inner_s / self.wall_s if self.wall_s > 0 else 1.0
 
     @property
+    def steady_utilization(self) -> float:
+        """Compute utilization without the final drain: inner time / (wall time − ``finalize_blocked_s``)."""
+        wall = self.wall_s - self.finalize_blocked_s
+        return self.inner_s / wall if wall > 0 else 1.0
+
+    @property
     def blocked_per_outer_step_s(self) -> float:
         """Mean time blocked per outer step, the final drain excluded."""
         return (self.blocked_s - self.finalize_blocked_s) / self.outer_steps if self.outer_steps else 0.0
@@ -100,6 +112,7 @@ class RunStats:
         out.update(
             wall_s=self.wall_s,
             utilization=self.utilization,
+            steady_utilization=self.steady_utilization,
             blocked_per_outer_step_s=self.blocked_per_outer_step_s,
         )
         return out

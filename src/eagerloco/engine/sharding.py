@@ -38,6 +38,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
+from eagerloco.engine.errors import ModelMismatch
+
 if TYPE_CHECKING:
     from eagerloco.distributed import WorkerLayout
     from eagerloco.engine.fragments import Fragment
@@ -160,30 +162,30 @@ class FragmentView:
     # ------------------------------------------------------------------ θ ↔ the flat buffers
 
     def read_theta(self) -> torch.Tensor:
-        """θ's owned elements, flat fp32 (a view of :attr:`staging` when they are one range: do not modify)."""
+        """θ's owned elements, flat fp32 (a view of :attr:`staging` when they are one range, else a copy): valid
+        until the next read or write; modify it only to hand it to :meth:`write_theta`."""
         torch._foreach_copy_(self.staging_views, [local_tensor(p) for p in self.fragment.params])
         if len(self.ranges) == 1:
             a, n = self.ranges[0]
             return self.staging if (a, n) == (0, self.staging.numel()) else self.staging[a : a + n]
         return torch.cat([self.staging[a : a + n] for a, n in self.ranges])
 
-    def write_theta(self, phi: torch.Tensor, alpha: float = 0.0) -> None:
-        """θ ← α·θ + (1 − α)·φ on the owned elements, then restore the worker's replicas (inner all-gather,
-        blocking, when replicated elements are sliced) and copy everything into the parameters."""
+    def write_theta(self, values: torch.Tensor) -> None:
+        """θ ← ``values`` on the owned elements (flat, φ's layout; any device), then restore the worker's replicas
+        (inner all-gather, blocking, when replicated elements are sliced) and copy everything into the parameters.
+        Moves values only: the algorithm's arithmetic (θ ← α·θ + (1 − α)·φ) is the strategy's, on the tensor
+        :meth:`read_theta` returned."""
         params = [local_tensor(p) for p in self.fragment.params]
         with torch.no_grad():
-            if alpha != 0.0 or self.sliced:
-                # Refresh the buffer from θ: the un-owned elements must hold θ (α mixing reads the owned ones; the
-                # all-gather below overwrites the replicated ones, padding included, with the owners' values).
-                torch._foreach_copy_(self.staging_views, params)
+            # Every element of the staging buffer that reaches a parameter is written here: the owned ranges from
+            # ``values``, the others (sliced replicas only) by the all-gather below, which overwrites the whole
+            # replicated part, padding included, with the owners' values.
             offset = 0
             for a, n in self.ranges:
                 target = self.staging[a : a + n]
-                source = phi[offset : offset + n]
-                if alpha == 0.0:
-                    target.copy_(source)
-                else:
-                    target.lerp_(source.to(target.device), 1.0 - alpha)
+                source = values[offset : offset + n]
+                if source.device != target.device or source.data_ptr() != target.data_ptr():
+                    target.copy_(source)  # (``values`` may be read_theta()'s view of this very range)
                 offset += n
             if self.sliced:
                 assert self.layout is not None
@@ -247,8 +249,6 @@ def check_replicas_agree(views: Sequence[FragmentView], layout: WorkerLayout | N
     wrapped in DDP) fails loudly instead of silently mixing replicas. A collective on the inner group."""
     if layout is None or layout.ranks_per_worker == 1:
         return
-    from eagerloco.engine.diloco import ModelMismatch
-
     sums = []
     for view in views:
         view.read_theta()

@@ -1,64 +1,94 @@
-"""The four modes, each a small strategy over the shared outer-step core (:class:`eagerloco.engine.diloco.DiLoCo`).
+"""The four modes, each a small strategy over the per-fragment core (:class:`eagerloco.engine.core.FragmentCore`).
 
-A strategy decides, for one fragment, what happens at its sync point t and, for overlap, τ steps later. The core
-owns everything else: the outer parameters φ, the outer optimizer, the collectives in flight, the clock. The
-formulas below are ALGORITHMS.md's, with Δ_m(t) = φ − θ_m(t) and Δ(t) = (1/M) Σ_m Δ_m(t).
+Every formula of ALGORITHMS.md sections 1-4 and 6 is written out here, for its mode; the core only provides the
+primitives (launch, wait, check_average, outer_step, read_theta, write_theta, schedule_arrival) and measures.
+Notation: Δ_m(t) = φ − θ_m(t) (``core.launch``), Δ(t) = (1/M) Σ_m Δ_m(t) (``core.wait``), M = ``core.world_size``,
+OuterOpt (``core.outer_step``).
+
+A strategy decides, for one fragment, what happens at its sync point t (``on_sync``), for overlap τ steps later
+(``on_arrival``), and at the end of training (``finalize``, section 6).
 
 Collective order invariant: every strategy launches the fresh outer gradient *before* waiting on an older one,
-and the core visits fragments in index order at every step, so all workers issue the same collectives in the
+and the engine visits fragments in index order at every step, so all workers issue the same collectives in the
 same order whatever their timing (the deadlock torchft fixed in its PR 206).
 
 Non-finite averages: every strategy passes an arrived average through ``core.check_average`` before using it.
 It raises on every worker (``nonfinite='raise'``) or returns False on every worker (``'skip'``): the strategy
 then applies nothing of that average, leaves the outer optimizer untouched and sets θ ← φ (α = 0 for overlap,
 so the local steps of a worker whose θ went bad are dropped too). The collective order is unchanged either way.
+
+A new mode is a subclass here with ``name``, ``on_sync`` (and, if it needs them, ``on_arrival``,
+``final_gradient``/``finalize``, ``uniform_outer_state``, ``from_config``), one entry in :data:`STRATEGIES`,
+its name in ``engine/config.py``'s ``Mode``/``MODES``, and its section in ALGORITHMS.md (docs/engine.md).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
 if TYPE_CHECKING:
-    from eagerloco.engine.diloco import DiLoCo, FragmentState, InFlight
+    from eagerloco.engine.config import DiLoCoConfig
+    from eagerloco.engine.core import FragmentCore, InFlight
 
 
 class OuterStrategy:
     """Base class. ``on_sync`` runs at the fragment's sync points; ``on_arrival`` at the step an overlap average
-    is due; ``final_gradient`` gives the plain-step gradient for an average still in flight at ``finalize``."""
+    is due; ``finalize`` drains what is still in flight at the end (with ``final_gradient``)."""
 
-    name: str = ""
-    uniform_outer_state: bool = True
-    """True when φ and the outer optimizer state stay bit-identical on all workers."""
+    name: ClassVar[str] = ""
+    uniform_outer_state: ClassVar[bool] = True
+    """True when φ and the outer optimizer state stay bit-identical on all workers (``consolidate`` is then a
+    no-op, and a checkpoint may switch to another mode after ``finalize``)."""
 
-    def on_sync(self, core: DiLoCo, state: FragmentState, t: int) -> None:
+    @classmethod
+    def from_config(cls, config: DiLoCoConfig) -> OuterStrategy:
+        """The strategy with its parameters from ``config`` (validated)."""
+        return cls()
+
+    def on_sync(self, core: FragmentCore, t: int) -> None:
         raise NotImplementedError
 
-    def on_arrival(self, core: DiLoCo, state: FragmentState, t: int) -> None:
+    def on_arrival(self, core: FragmentCore, t: int) -> None:
         raise RuntimeError(f"mode {self.name!r} schedules no arrivals")
 
     def final_gradient(self, item: InFlight, mean: torch.Tensor) -> torch.Tensor:
         """ALGORITHMS.md section 6: g = Δ(t) for overlap and delayed."""
         return mean
 
+    def finalize(self, core: FragmentCore) -> None:
+        """ALGORITHMS.md section 6: every average still in flight, oldest first, as one plain step at the outer
+        learning rate, φ ← φ − lr·g (g from :meth:`final_gradient`), the outer optimizer's momentum untouched;
+        then θ ← φ. Local progress since the fragment's last sync point is dropped (it is in no outer gradient)."""
+        while core.in_flight:
+            item = core.in_flight.popleft()
+            mean = core.wait(item)
+            if not core.check_average(item, mean):  # nonfinite='skip': nothing of it is applied
+                continue
+            g = self.final_gradient(item, mean)
+            core.check_finite(g, item.launch_step)
+            core.phi.add_(g, alpha=-core.outer_lr)  # φ ← φ − lr·g
+            core.record_plain_step()
+        core.write_theta(core.phi)  # θ ← φ
+
 
 class SyncStrategy(OuterStrategy):
-    """DiLoCo: all-reduce Δ_m(t) and wait; φ ← OuterOpt(φ, Δ(t)); θ ← φ."""
+    """DiLoCo (section 1): all-reduce Δ_m(t) and wait; φ ← OuterOpt(φ, Δ(t)); θ ← φ."""
 
     name = "sync"
 
-    def on_sync(self, core: DiLoCo, state: FragmentState, t: int) -> None:
-        core.launch(state, t)
-        item = state.in_flight.popleft()  # the one just launched: nothing else is ever in flight in sync
-        mean = core.wait(state, item)
-        if core.check_average(state, item, mean):
-            core.apply(state, mean, launched_at=t)
-        core.reset_inner(state)
+    def on_sync(self, core: FragmentCore, t: int) -> None:
+        core.launch(t)  # Δ_m(t) = φ − θ(t); the average starts
+        item = core.in_flight.popleft()  # the one just launched: nothing else is ever in flight in sync
+        mean = core.wait(item)  # Δ(t)
+        if core.check_average(item, mean):
+            core.outer_step(mean, launched_at=t)  # φ ← OuterOpt(φ, Δ(t))
+        core.write_theta(core.phi)  # θ ← φ
 
 
 class OverlapStrategy(OuterStrategy):
-    """Streaming DiLoCo's overlap: launch at t, keep training; at t + τ wait for Δ(t),
+    """Streaming DiLoCo's overlap (section 2): launch at t, keep training; at t + τ wait for Δ(t),
     φ̃ ← OuterOpt(φ, Δ(t)); θ ← α·θ + (1 − α)·φ̃; φ ← φ̃."""
 
     name = "overlap"
@@ -67,48 +97,62 @@ class OverlapStrategy(OuterStrategy):
         self.overlap_steps = overlap_steps
         self.alpha = alpha
 
-    def on_sync(self, core: DiLoCo, state: FragmentState, t: int) -> None:
-        core.launch(state, t)
-        if self.overlap_steps == 0:  # no local step is taken meanwhile: nothing to mix, this is sync
-            self._complete(core, state, alpha=0.0)
-        else:
-            core.schedule_arrival(state, t + self.overlap_steps)
+    @classmethod
+    def from_config(cls, config: DiLoCoConfig) -> OverlapStrategy:
+        return cls(config.overlap_steps, config.alpha)
 
-    def on_arrival(self, core: DiLoCo, state: FragmentState, t: int) -> None:
-        self._complete(core, state, alpha=self.alpha)
+    def on_sync(self, core: FragmentCore, t: int) -> None:
+        core.launch(t)  # Δ_m(t) = φ − θ(t); the average starts
+        if self.overlap_steps == 0:  # no local step is taken meanwhile: nothing to mix, this is sync
+            self._complete(core, alpha=0.0)
+        else:
+            core.schedule_arrival(t + self.overlap_steps)
+
+    def on_arrival(self, core: FragmentCore, t: int) -> None:
+        self._complete(core, alpha=self.alpha)
 
     @staticmethod
-    def _complete(core: DiLoCo, state: FragmentState, alpha: float) -> None:
-        item = state.in_flight.popleft()
-        mean = core.wait(state, item)
-        if core.check_average(state, item, mean):
-            core.apply(state, mean, launched_at=item.launch_step)
-            core.reset_inner(state, alpha=alpha)
-        else:  # skipped: θ ← φ, whatever α (a worker whose θ went non-finite must not mix it back in)
-            core.reset_inner(state)
+    def _complete(core: FragmentCore, alpha: float) -> None:
+        item = core.in_flight.popleft()
+        mean = core.wait(item)  # Δ(t), launched τ steps ago
+        if not core.check_average(item, mean):
+            core.write_theta(core.phi)  # skipped: θ ← φ, whatever α (a θ gone non-finite must not be mixed back in)
+            return
+        core.outer_step(mean, launched_at=item.launch_step)  # φ ← φ̃ = OuterOpt(φ, Δ(t))
+        if alpha == 0.0:
+            core.write_theta(core.phi)  # θ ← φ̃
+            return
+        theta = core.read_theta()
+        # θ ← α·θ + (1 − α)·φ̃, computed as torch.lerp does: θ + (1 − α)·(φ̃ − θ)
+        theta.lerp_(core.phi.to(theta.device), 1.0 - alpha)
+        core.write_theta(theta)
 
 
 class DelayedStrategy(OuterStrategy):
-    """Naive delay of k outer steps: launch Δ_m(t); wait for Δ(t − kH); φ ← OuterOpt(φ, Δ(t − kH)); θ ← φ.
-    During the first k sync points nothing has arrived: no outer step, θ ← φ."""
+    """Naive delay of k outer steps (section 3): launch Δ_m(t); wait for Δ(t − kH); φ ← OuterOpt(φ, Δ(t − kH));
+    θ ← φ. During the first k sync points nothing has arrived: no outer step, θ ← φ."""
 
     name = "delayed"
 
     def __init__(self, delay: int) -> None:
         self.delay = delay
 
-    def on_sync(self, core: DiLoCo, state: FragmentState, t: int) -> None:
-        core.launch(state, t)
-        if len(state.in_flight) > self.delay:
-            item = state.in_flight.popleft()
-            mean = core.wait(state, item)
-            if core.check_average(state, item, mean):
-                core.apply(state, mean, launched_at=item.launch_step)
-        core.reset_inner(state)
+    @classmethod
+    def from_config(cls, config: DiLoCoConfig) -> DelayedStrategy:
+        return cls(config.delay)
+
+    def on_sync(self, core: FragmentCore, t: int) -> None:
+        core.launch(t)  # Δ_m(t) = φ − θ(t); the average starts
+        if len(core.in_flight) > self.delay:  # Δ(t − kH), launched k sync points ago, is due
+            item = core.in_flight.popleft()
+            mean = core.wait(item)
+            if core.check_average(item, mean):
+                core.outer_step(mean, launched_at=item.launch_step)  # φ ← OuterOpt(φ, Δ(t − kH))
+        core.write_theta(core.phi)  # θ ← φ
 
 
 class EagerStrategy(OuterStrategy):
-    """Eager updates with k outer steps of slack. At t: launch Δ_m(t); wait for Δ(t − kH); then
+    """Eager updates with k outer steps of slack (section 4). At t: launch Δ_m(t); wait for Δ(t − kH); then
 
         Δ̃_m(t) = [Δ(t − kH) − (1/M)·Δ_m(t − kH)] + (1/M)·Δ_m(t);   φ_m ← OuterOpt(φ_m, Δ̃_m(t));   θ ← φ_m
 
@@ -124,21 +168,27 @@ class EagerStrategy(OuterStrategy):
     def __init__(self, delay: int) -> None:
         self.delay = delay
 
-    def on_sync(self, core: DiLoCo, state: FragmentState, t: int) -> None:
-        fresh = core.launch(state, t, keep_own=True)
-        assert fresh.own is not None
-        if len(state.in_flight) > self.delay:
-            item = state.in_flight.popleft()
+    @classmethod
+    def from_config(cls, config: DiLoCoConfig) -> EagerStrategy:
+        return cls(config.delay)
+
+    def on_sync(self, core: FragmentCore, t: int) -> None:
+        fresh, delta = core.launch(t)  # Δ_m(t) = φ − θ(t) (error-feedback residual included); the average starts
+        # own(t) = (1/M)·Δ_m(t), applied at once and kept as applied; a non-finite Δ_m(t) contributes nothing here
+        # (it still travels, so that every worker sees the bad average): φ stays finite.
+        fresh.own = delta.div_(core.world_size) if fresh.own_finite else torch.zeros_like(delta)
+        if len(core.in_flight) > self.delay:  # Δ(t − kH), launched k sync points ago, is due
+            item = core.in_flight.popleft()
             assert item.own is not None
-            mean = core.wait(state, item)
-            if core.check_average(state, item, mean):
-                g = torch.sub(mean, item.own).add_(fresh.own)
-            else:  # skip Δ(t − kH): the others' part is never applied; the own part was, at t − kH (0 if it was bad)
-                g = fresh.own.clone()
-            core.apply(state, g, launched_at=item.launch_step)
+            mean = core.wait(item)
+            # Δ̃_m(t) = [Δ(t − kH) − own(t − kH)] + own(t), the bracket first (exactly 0 when M = 1). A skipped
+            # Δ(t − kH) leaves own(t): the others' part is never applied, the own part was, at t − kH (0 if bad).
+            arrived = core.check_average(item, mean)
+            g = torch.sub(mean, item.own).add_(fresh.own) if arrived else fresh.own.clone()
+            core.outer_step(g, launched_at=item.launch_step)  # φ_m ← OuterOpt(φ_m, Δ̃_m(t))
         else:
-            core.apply(state, fresh.own.clone(), launched_at=t)
-        core.reset_inner(state)
+            core.outer_step(fresh.own.clone(), launched_at=t)  # Δ̃_m(t) = own(t): nothing has arrived yet
+        core.write_theta(core.phi)  # θ ← φ_m
 
     def final_gradient(self, item: InFlight, mean: torch.Tensor) -> torch.Tensor:
         """ALGORITHMS.md section 6: g = Δ(t) − (1/M)·Δ_m(t): the others' part, the own part was applied."""
@@ -146,13 +196,15 @@ class EagerStrategy(OuterStrategy):
         return torch.sub(mean, item.own)
 
 
-def make_strategy(mode: str, overlap_steps: int, alpha: float, delay: int) -> OuterStrategy:
-    if mode == "sync":
-        return SyncStrategy()
-    if mode == "overlap":
-        return OverlapStrategy(overlap_steps, alpha)
-    if mode == "delayed":
-        return DelayedStrategy(delay)
-    if mode == "eager":
-        return EagerStrategy(delay)
-    raise ValueError(f"unknown mode {mode!r}")
+STRATEGIES: dict[str, type[OuterStrategy]] = {
+    cls.name: cls for cls in (SyncStrategy, OverlapStrategy, DelayedStrategy, EagerStrategy)
+}
+"""Mode name (``DiLoCoConfig.mode``, one of ``config.MODES``) → its strategy."""
+
+
+def make_strategy(config: DiLoCoConfig) -> OuterStrategy:
+    """The strategy of ``config.mode`` with its parameters."""
+    cls = STRATEGIES.get(config.mode)
+    if cls is None:
+        raise ValueError(f"mode={config.mode!r}: no strategy; known modes: {', '.join(STRATEGIES)}")
+    return cls.from_config(config)
