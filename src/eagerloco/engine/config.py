@@ -48,6 +48,13 @@ class DiLoCoConfig:
     delay: int = 1
     """k (modes 'delayed' and 'eager'): outer steps a collective may take before anyone blocks on it; k ≥ 1."""
 
+    eager_own_weight: float | None = None
+    """w (mode 'eager' only, opt-in): the weight of a worker's own fresh outer gradient in
+    Δ̃_m(t) = Δ(t − kH) + w·(Δ_m(t) − Δ_m(t − kH)), w ∈ [1/M, 1]. ``None``: w = 1/M, the eager paper's rule.
+    w = 1: each worker applies its fresh Δ_m(t) as a stand-in for the fresh average and swaps it for the true
+    average on arrival, so the mean over workers of what they apply is DiLoCo's fresh Δ(t) at any M
+    (ALGORITHMS.md section 4.1). A w below 1/M is refused when the engine learns M."""
+
     outer_lr: float = 0.7
     """Learning rate of the default outer optimizer (0.7 in DiLoCo; the streaming and eager papers use 0.4)."""
 
@@ -114,6 +121,15 @@ class DiLoCoConfig:
         if not isinstance(self.alpha, (int, float)) or not 0.0 <= float(self.alpha) <= 1.0:
             raise bad("alpha", "α must be a number in [0, 1]")
         _check_int(self, "delay", 1, "k must be an integer >= 1")
+        weight = self.eager_own_weight
+        if weight is not None:
+            number = isinstance(weight, (int, float)) and not isinstance(weight, bool)
+            if not (number and math.isfinite(weight) and 0 < weight <= 1):
+                raise bad(
+                    "eager_own_weight", "the own-contribution weight w must be a number in [1/M, 1], or None (1/M)"
+                )
+            if self.mode != "eager":
+                raise bad("eager_own_weight", f"applies to mode 'eager' only (mode={self.mode!r}): leave it None")
         for name in ("outer_lr", "outer_momentum"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:

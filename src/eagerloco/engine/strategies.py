@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
+from eagerloco.engine.config import ConfigError
+
 if TYPE_CHECKING:
     from eagerloco.engine.config import DiLoCoConfig
     from eagerloco.engine.core import FragmentCore, InFlight
@@ -46,6 +48,10 @@ class OuterStrategy:
     def from_config(cls, config: DiLoCoConfig) -> OuterStrategy:
         """The strategy with its parameters from ``config`` (validated)."""
         return cls()
+
+    def check_world_size(self, world_size: int) -> None:
+        """Raise :class:`ConfigError` if the strategy's parameters do not fit M = ``world_size`` workers (called by
+        :func:`make_strategy` when the engine knows M, before any collective)."""
 
     def on_sync(self, core: FragmentCore, t: int) -> None:
         raise NotImplementedError
@@ -160,28 +166,53 @@ class EagerStrategy(OuterStrategy):
     applied (``InFlight.own``) and subtracted when the average that contains it arrives, so each contribution is
     applied once: the own one at once, the others' k periods late. The bracket is computed first so that with
     M = 1 it is exactly zero and eager(k) is bitwise sync.
+
+    Variant (section 4.1, opt-in ``eager_own_weight`` = w ∈ [1/M, 1]): the own term is w·Δ_m(t) instead of
+    (1/M)·Δ_m(t), i.e. Δ̃_m(t) = Δ(t − kH) + w·(Δ_m(t) − Δ_m(t − kH)); kept and swapped exactly the same way.
+    ``own_weight=None`` is the paper's rule (and divides by M, bit for bit as before).
     """
 
     name = "eager"
     uniform_outer_state = False
 
-    def __init__(self, delay: int) -> None:
+    def __init__(self, delay: int, own_weight: float | None = None) -> None:
         self.delay = delay
+        self.own_weight = own_weight
+        self._checked_world_size = False
 
     @classmethod
     def from_config(cls, config: DiLoCoConfig) -> EagerStrategy:
-        return cls(config.delay)
+        return cls(config.delay, config.eager_own_weight)
+
+    def check_world_size(self, world_size: int) -> None:
+        """w must be in [1/M, 1]: below 1/M a worker would weigh its own fresh contribution less than the average
+        does (and with M = 1 only w = 1 keeps eager bitwise sync)."""
+        self._checked_world_size = True
+        w = self.own_weight
+        if w is not None and w < 1 / world_size:
+            raise ConfigError(
+                f"eager_own_weight={w!r}: below 1/M = {1 / world_size:g} for M={world_size} workers; the "
+                "own-contribution weight w must be in [1/M, 1]"
+            )
 
     def on_sync(self, core: FragmentCore, t: int) -> None:
+        if not self._checked_world_size:  # a strategy built without M: refuse before the first collective
+            self.check_world_size(core.world_size)
         fresh, delta = core.launch(t)  # Δ_m(t) = φ − θ(t) (error-feedback residual included); the average starts
-        # own(t) = (1/M)·Δ_m(t), applied at once and kept as applied; a non-finite Δ_m(t) contributes nothing here
-        # (it still travels, so that every worker sees the bad average): φ stays finite.
-        fresh.own = delta.div_(core.world_size) if fresh.own_finite else torch.zeros_like(delta)
+        # own(t) = w·Δ_m(t) (w = 1/M: the paper's rule), applied at once and kept as applied; a non-finite Δ_m(t)
+        # contributes nothing here (it still travels, so that every worker sees the bad average): φ stays finite.
+        if not fresh.own_finite:
+            fresh.own = torch.zeros_like(delta)
+        elif self.own_weight is None:
+            fresh.own = delta.div_(core.world_size)  # (1/M)·Δ_m(t)
+        else:
+            fresh.own = delta.mul_(self.own_weight)  # w·Δ_m(t)
         if len(core.in_flight) > self.delay:  # Δ(t − kH), launched k sync points ago, is due
             item = core.in_flight.popleft()
             assert item.own is not None
             mean = core.wait(item)
-            # Δ̃_m(t) = [Δ(t − kH) − own(t − kH)] + own(t), the bracket first (exactly 0 when M = 1). A skipped
+            # Δ̃_m(t) = [Δ(t − kH) − own(t − kH)] + own(t), the bracket first (exactly 0 when M = 1, where w must
+            # be 1). Each contribution once: own(t − kH) went in at t − kH and is swapped for the average. A skipped
             # Δ(t − kH) leaves own(t): the others' part is never applied, the own part was, at t − kH (0 if bad).
             arrived = core.check_average(item, mean)
             g = torch.sub(mean, item.own).add_(fresh.own) if arrived else fresh.own.clone()
@@ -191,7 +222,8 @@ class EagerStrategy(OuterStrategy):
         core.write_theta(core.phi)  # θ ← φ_m
 
     def final_gradient(self, item: InFlight, mean: torch.Tensor) -> torch.Tensor:
-        """ALGORITHMS.md section 6: g = Δ(t) − (1/M)·Δ_m(t): the others' part, the own part was applied."""
+        """ALGORITHMS.md section 6: g = Δ(t) − own(t), own(t) = (1/M)·Δ_m(t) or w·Δ_m(t) as it was applied: the
+        rest of the average, the own part went in at t."""
         assert item.own is not None
         return torch.sub(mean, item.own)
 
@@ -202,9 +234,13 @@ STRATEGIES: dict[str, type[OuterStrategy]] = {
 """Mode name (``DiLoCoConfig.mode``, one of ``config.MODES``) → its strategy."""
 
 
-def make_strategy(config: DiLoCoConfig) -> OuterStrategy:
-    """The strategy of ``config.mode`` with its parameters."""
+def make_strategy(config: DiLoCoConfig, world_size: int | None = None) -> OuterStrategy:
+    """The strategy of ``config.mode`` with its parameters; with ``world_size`` (M) its parameters are checked
+    against M here (otherwise at the first sync point, before the first collective)."""
     cls = STRATEGIES.get(config.mode)
     if cls is None:
         raise ValueError(f"mode={config.mode!r}: no strategy; known modes: {', '.join(STRATEGIES)}")
-    return cls.from_config(config)
+    strategy = cls.from_config(config)
+    if world_size is not None:
+        strategy.check_world_size(world_size)
+    return strategy

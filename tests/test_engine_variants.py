@@ -1,0 +1,193 @@
+"""Opt-in variants of the eager rule (ALGORITHMS.md section 4, "Own-contribution weight"), exact.
+
+The own-contribution weight w ∈ [1/M, 1]: Δ̃_m(t) = Δ(t − kH) + w·(Δ_m(t) − Δ_m(t − kH)); w = 1/M (the default,
+``eager_own_weight=None``) is the paper's rule. The toy: worker m holds one scalar θ with loss 0.5·(θ − a_m)²,
+a_m = 4m, inner SGD lr 0.5 (θ → (θ + a_m)/2 per step), H = 2, outer SGD lr 0.5 without momentum, so every
+number is a short binary fraction and every assert below is exact.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from _toy import Quadratic, TinyNet, run_inprocess
+from eagerloco import DiLoCo, DiLoCoConfig
+from eagerloco.engine.config import ConfigError
+from eagerloco.engine.strategies import make_strategy
+
+
+def run_quadratic(world_size: int, steps: int, **overrides) -> list[dict]:
+    """Per worker: φ and θ at every inner step, Δ_m(t) and the applied g_m(t) at every sync point, φ after
+    finalize."""
+    values = {"mode": "eager", "sync_every": 2, "outer_lr": 0.5, "outer_momentum": 0.0, **overrides}
+    config = DiLoCoConfig(**values)
+
+    def worker(comm):
+        model = Quadratic()
+        inner = torch.optim.SGD(model.parameters(), lr=0.5)
+        loco = DiLoCo(model, inner, config, comm=comm)
+        target = torch.tensor([4.0 * comm.rank])
+        trace = {"delta": {}, "applied": {}}
+        for _ in range(steps):
+            model(target).backward()
+            inner.step()
+            inner.zero_grad()
+            phi_before, theta = loco.states[0].phi.item(), model.theta.item()
+            loco.step()
+            t = loco.inner_step
+            if t % config.sync_every == 0:
+                trace["delta"][t] = phi_before - theta  # Δ_m(t) = φ_m − θ_m(t)
+                trace["applied"][t] = (phi_before - loco.states[0].phi.item()) / config.outer_lr  # g_m(t)
+        loco.finalize()
+        trace["final"] = loco.states[0].phi.item()
+        return trace
+
+    return run_inprocess(world_size, worker)
+
+
+def test_own_weight_one_hand_computed():
+    # M = 2, w = 1. t=2: θ = (0, 3), Δ_m = (0, −3), g_m = own = (0, −3): φ = (0, 1.5).
+    # t=4: worker 0 from 0: Δ_0 = 0, g_0 = (Δ(2) − 0) + 0 = −1.5: φ_0 = 0.75.
+    #      worker 1 from 1.5: θ = 1.5/4 + 3 = 3.375, Δ_1 = −1.875, g_1 = (−1.5 + 3) − 1.875 = −0.375: φ_1 = 1.6875.
+    #      The mean of what they apply, (−1.5 − 0.375)/2 = −0.9375, is the fresh average Δ(4) = (0 − 1.875)/2.
+    # finalize: Δ(4) = −0.9375; g_0 = −0.9375 − 0, g_1 = −0.9375 + 1.875: φ = 0.75 + 0.46875 = 1.6875 − 0.46875.
+    w0, w1 = run_quadratic(2, 4, eager_own_weight=1.0)
+    assert (w0["applied"], w1["applied"]) == ({2: 0.0, 4: -1.5}, {2: -3.0, 4: -0.375})
+    assert (w0["delta"], w1["delta"]) == ({2: 0.0, 4: 0.0}, {2: -3.0, 4: -1.875})
+    assert w0["final"] == w1["final"] == 1.21875 == 0.0 - 0.5 * (-1.5 - 0.9375)  # telescoping
+
+
+@pytest.mark.parametrize("delay", [1, 2])
+@pytest.mark.parametrize(
+    ("world_size", "weight"), [(2, None), (2, 0.5), (2, 0.75), (2, 1.0), (4, None), (4, 0.25), (4, 0.625), (4, 1.0)]
+)
+def test_rule_mean_and_telescoping(world_size, weight, delay):
+    """Every worker applies exactly Δ(t − kH) + w·(Δ_m(t) − Δ_m(t − kH)); the mean over workers is
+    (1 − w)·Δ(t − kH) + w·Δ(t) (with w = 1: DiLoCo's fresh average); after finalize every φ_m is
+    φ_0 − lr·Σ_t Δ(t) (each contribution applied exactly once)."""
+    steps = 6  # three sync points: the numbers stay short binary fractions (exact in fp32)
+    traces = run_quadratic(world_size, steps, eager_own_weight=weight, delay=delay)
+    w = 1 / world_size if weight is None else weight
+    sync_points = list(range(2, steps + 1, 2))
+    avg = {t: sum(tr["delta"][t] for tr in traces) / world_size for t in sync_points}
+    for t in sync_points:
+        old = t - 2 * delay
+        stale_avg = avg.get(old, 0.0)
+        for tr in traces:
+            stale_own = tr["delta"].get(old, 0.0)
+            assert tr["applied"][t] == stale_avg + w * (tr["delta"][t] - stale_own), (t, tr)
+        mean_applied = sum(tr["applied"][t] for tr in traces) / world_size
+        assert mean_applied == (1 - w) * stale_avg + w * avg[t]
+        if w == 1.0:
+            assert mean_applied == avg[t]
+    expected = 0.0 - 0.5 * sum(avg.values())
+    assert [tr["final"] for tr in traces] == [expected] * world_size
+
+
+def run_tinynet(world_size: int, steps: int, restart_at: int | None = None, **overrides) -> list[dict]:
+    """TinyNet with Nesterov momentum 0.9 (not exact by hand: compared bitwise across configurations). With
+    ``restart_at``, the engine, model and inner optimizer are rebuilt from their state_dicts at that step."""
+    values = {"mode": "eager", "sync_every": 3, "outer_lr": 0.7, "outer_momentum": 0.9, **overrides}
+    config = DiLoCoConfig(**values)
+
+    def worker(comm):
+        def build():
+            model = TinyNet()
+            inner = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.5)
+            return model, inner, DiLoCo(model, inner, config, comm=comm)
+
+        model, inner, loco = build()
+        generator = torch.Generator().manual_seed(1000 + comm.rank)
+        w = torch.randn(4, 1, generator=generator)
+        batches = [torch.randn(16, 4, generator=generator) for _ in range(steps)]
+        phis = []
+        for t in range(steps):
+            if t == restart_at:
+                saved = {"model": model.state_dict(), "inner": inner.state_dict(), "outer": loco.state_dict()}
+                model, inner, loco = build()
+                model.load_state_dict(saved["model"])
+                inner.load_state_dict(saved["inner"])
+                loco.load_state_dict(saved["outer"])
+            x = batches[t]
+            loss = (model(x) - (x @ w + 0.1 * comm.rank)).pow(2).mean()
+            loss.backward()
+            inner.step()
+            inner.zero_grad()
+            loco.step()
+            phis.append(torch.cat([p.flatten() for p in loco.outer_parameters().values()]).clone())
+        loco.finalize()
+        final = torch.cat([p.flatten() for p in loco.outer_parameters().values()]).clone()
+        theta = torch.cat([p.detach().flatten() for p in model.parameters()]).clone()
+        return {"phis": phis, "final": final, "theta": theta}
+
+    return run_inprocess(world_size, worker)
+
+
+def assert_bitwise(a: list[dict], b: list[dict]) -> None:
+    for x, y in zip(a, b, strict=True):
+        assert all(torch.equal(p, q) for p, q in zip(x["phis"], y["phis"], strict=True))
+        assert torch.equal(x["final"], y["final"]) and torch.equal(x["theta"], y["theta"])
+
+
+@pytest.mark.parametrize("weight", [None, 1.0])
+@pytest.mark.parametrize("delay", [1, 2])
+def test_one_worker_is_sync_bitwise(weight, delay):
+    assert_bitwise(run_tinynet(1, 12, eager_own_weight=weight, delay=delay), run_tinynet(1, 12, mode="sync"))
+
+
+@pytest.mark.parametrize(("world_size", "weight"), [(2, 0.5), (4, 0.25)])
+def test_weight_one_over_m_is_the_papers_rule_bitwise(world_size, weight):
+    assert_bitwise(run_tinynet(world_size, 9, eager_own_weight=weight), run_tinynet(world_size, 9))
+
+
+def test_weight_one_differs_from_the_papers_rule():
+    a, b = run_tinynet(2, 9, eager_own_weight=1.0), run_tinynet(2, 9)
+    assert not torch.equal(a[0]["final"], b[0]["final"])
+
+
+@pytest.mark.parametrize(("weight", "delay"), [(1.0, 1), (0.75, 2), (None, 1)])
+def test_checkpoint_round_trip_is_bitwise(weight, delay):
+    # restart right after a sync point (averages in flight, own contributions stored) and mid-phase
+    for restart in (6, 7):
+        resumed = run_tinynet(2, 12, restart_at=restart, eager_own_weight=weight, delay=delay)
+        assert_bitwise(resumed, run_tinynet(2, 12, eager_own_weight=weight, delay=delay))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"eager_own_weight": 1.5}, r"^eager_own_weight=1\.5: .*\[1/M, 1\]"),
+        ({"eager_own_weight": 0.0}, r"^eager_own_weight=0\.0: "),
+        ({"eager_own_weight": float("nan")}, r"^eager_own_weight=nan: "),
+        ({"eager_own_weight": True}, r"^eager_own_weight=True: "),
+        ({"eager_own_weight": 1.0, "mode": "sync"}, r"^eager_own_weight=1\.0: .*mode 'eager' only"),
+    ],
+)
+def test_invalid_weight_is_one_line_error(overrides, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        DiLoCoConfig(**{"mode": "eager", **overrides}).validate()
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(("world_size", "weight"), [(2, 0.25), (1, 0.5), (4, 0.2)])
+def test_weight_below_one_over_m_is_refused_before_any_outer_collective(world_size, weight):
+    message = rf"^eager_own_weight={weight}: below 1/M = {1 / world_size:g} for M={world_size} workers"
+    config = DiLoCoConfig(mode="eager", sync_every=2, eager_own_weight=weight)
+    with pytest.raises(ConfigError, match=message):
+        make_strategy(config, world_size=world_size)
+    assert make_strategy(config, world_size=int(1 / weight)).own_weight == weight  # w = 1/M itself is allowed
+
+    def worker(comm):
+        model = Quadratic()
+        inner = torch.optim.SGD(model.parameters(), lr=0.5)
+        with pytest.raises(ConfigError, match=message) as info:
+            loco = DiLoCo(model, inner, config, comm=comm)  # refused here where the engine passes M, else:
+            for _ in range(config.sync_every):  # at the first sync point, before its collective
+                model(torch.tensor([1.0])).backward()
+                inner.step()
+                loco.step()
+        assert "\n" not in str(info.value)
+        return loco.stats.to_dict()["payload_bytes"] if "loco" in locals() else 0
+
+    assert run_inprocess(world_size, worker) == [0] * world_size
