@@ -429,27 +429,41 @@ def report(out: Path) -> str:
         f"Seed 0 unless a cell says otherwise. `eagerloco train --launch simulated --link-mbit 0 --threads 1` "
         f"with the flags in each run's JSON (`runs/<key>.json`); trained from commit(s) {', '.join(commits) or '-'}.",
         "",
+        "Plans: "
+        + "; ".join(
+            f"{plan} {sum(_finished(results.get(p.key)) for _, p in pts)} of {len(pts)} points finished"
+            for plan, pts in ((plan, plan_points(plan, results)) for plan in ("main", "variant"))
+        )
+        + " (main's count grows by 2 per method when its seeds at the best are scheduled).",
+        "",
     ]
     if not keys:
         return "\n".join([*lines, "No finished runs yet."]) + "\n"
-    lines += ["## Every method at its best (seed 0 decides; mean over seeds where there are several)", ""]
+    lines += [
+        "## Every method at its best so far (seed 0 decides; mean over seeds where there are several)",
+        "",
+        "`vs DiLoCo`: seed-0 eval loss over sync's best seed-0 eval loss at the same M and steps.",
+        "",
+    ]
     rows = []
     for g in keys:
         best = best_point(results, g)
         if best is None:
-            rows.append([label(g), "-", "all diverged", "-", "-", len(groups[g])])
+            rows.append([label(g), "-", "all diverged", "-", "-", "-", len(groups[g])])
             continue
         same = [r for r in groups[g] if Point.from_dict(r["point"]).recipe == best.recipe]
         seeds = sorted(Point.from_dict(r["point"]).seed for r in same)
         ok = [r["eval_loss"] for r in same if r["status"] == "ok"]
         mean = f"{sum(ok) / len(ok):.3f}" if len(ok) == len(same) else "-"
         s0 = results[best.key]["eval_loss"]
-        rows.append(
-            [label(g), recipe_label(best.recipe), f"{s0:.3f}", mean, ", ".join(map(str, seeds)), len(groups[g])]
-        )
+        ref = best_point(results, ("sync", None, g[2], g[3], g[4]))
+        vs = f"{(s0 / results[ref.key]['eval_loss'] - 1) * 100:+.1f} %" if ref is not None else "-"
+        seed_list = ", ".join(map(str, seeds))
+        rows.append([label(g), recipe_label(best.recipe), f"{s0:.3f}", vs, mean, seed_list, len(groups[g])])
     lines += [
         bl.md_table(
-            ["method", "best recipe (seed 0)", "eval loss seed 0", "mean over seeds", "seeds", "runs finished"], rows
+            ["method", "best recipe so far", "eval loss seed 0", "vs DiLoCo", "mean over seeds", "seeds", "runs"],
+            rows,
         ),
         "",
     ]
@@ -528,7 +542,7 @@ def write_report(out: Path, with_plot: bool = True) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     md = out / "recipe_sweep.md"
-    tmp = out / ".recipe_sweep.md.tmp"
+    tmp = out / f".recipe_sweep.md.{os.getpid()}.tmp"  # a --report-only may run next to the sweep
     tmp.write_text(report(out))
     os.replace(tmp, md)
     if with_plot:

@@ -125,11 +125,12 @@ def test_report_tables_exact(tmp_path):
     text = rs.report(tmp_path)
     assert "PARTIAL unless stated otherwise: 7 runs finished (1 diverged), 1 failed (to be retried)." in text
     assert "from commit(s) abcdef0123." in text
+    assert "Plans: main 5 of 80 points finished; variant 0 of 48 points finished" in text
     best = """\
-| method | best recipe (seed 0) | eval loss seed 0 | mean over seeds | seeds | runs finished |
-|---|---|---|---|---|---|
-| DiLoCo (sync) (M=2, 900 steps) | lr 1, momentum 0 | 1.661 | 1.671 | 0, 1, 2 | 5 |
-| eager k=1 (M=2, 900 steps) | lr 0.7, momentum 0.9 (Nesterov) | 1.923 | 1.923 | 0 | 2 |
+| method | best recipe so far | eval loss seed 0 | vs DiLoCo | mean over seeds | seeds | runs |
+|---|---|---|---|---|---|---|
+| DiLoCo (sync) (M=2, 900 steps) | lr 1, momentum 0 | 1.661 | +0.0 % | 1.671 | 0, 1, 2 | 5 |
+| eager k=1 (M=2, 900 steps) | lr 0.7, momentum 0.9 (Nesterov) | 1.923 | +15.8 % | 1.923 | 0 | 2 |
 """
     assert best in text
     diloco = """\
