@@ -1,0 +1,82 @@
+"""The coordination point of a fault-tolerant run: torchft's lighthouse plus one small key-value store.
+
+One process per run hosts both (``eagerloco ft-lighthouse``, or :class:`LighthouseHost` in Python):
+
+* the **lighthouse** (torchft's ``LighthouseServer``) forms the quorums: which workers are alive at a sync point;
+* the **coordination store** (a ``torch.distributed.TCPStore``) holds one decision record per outer average
+  (apply or drop, written once by compare-and-set, read by every member: ALGORITHMS.md section 11) and the
+  first worker's model fingerprint (start-up check).
+
+Both must outlive any worker: run them on a machine that stays up (or at the site that never fails). They carry
+a few hundred bytes per outer step; the outer gradients never pass through them.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+
+from eagerloco.ft._deps import require_torchft
+
+
+class LighthouseHost:
+    """torchft's lighthouse and the coordination store, in this process.
+
+    Args:
+        host: the address workers use to reach this machine (advertised; ``127.0.0.1`` on one machine).
+        lighthouse_port: port of the lighthouse (0: any free port).
+        store_port: port of the coordination store (0: any free port).
+        min_replicas: smallest quorum the lighthouse forms (workers wait for at least this many).
+        join_timeout_ms: how long the lighthouse waits for more workers once it could form a quorum without
+            them (a worker that died is left out after at most this, or the heartbeat timeout).
+        heartbeat_timeout_ms: a worker whose heartbeats stop for this long counts as dead.
+        quorum_tick_ms: how often the lighthouse re-evaluates a pending quorum.
+    """
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        lighthouse_port: int = 0,
+        store_port: int = 0,
+        *,
+        min_replicas: int = 1,
+        join_timeout_ms: int = 1000,
+        heartbeat_timeout_ms: int = 2000,
+        quorum_tick_ms: int = 10,
+    ) -> None:
+        if min_replicas < 1:
+            raise ValueError(f"min_replicas must be >= 1, got {min_replicas}")
+        for name, value in (("join_timeout_ms", join_timeout_ms), ("heartbeat_timeout_ms", heartbeat_timeout_ms),
+                            ("quorum_tick_ms", quorum_tick_ms)):  # fmt: skip
+            if value <= 0:
+                raise ValueError(f"{name} must be > 0, got {value}")
+        require_torchft()
+        from torch.distributed import TCPStore
+        from torchft.coordination import LighthouseServer
+
+        self.host = host
+        self.server = LighthouseServer(
+            bind=f"[::]:{lighthouse_port}",
+            min_replicas=min_replicas,
+            join_timeout_ms=join_timeout_ms,
+            quorum_tick_ms=quorum_tick_ms,
+            heartbeat_timeout_ms=heartbeat_timeout_ms,
+        )
+        self.store = TCPStore(
+            "0.0.0.0", store_port, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=60)
+        )
+
+    @property
+    def lighthouse_addr(self) -> str:
+        """``http://HOST:PORT`` of the lighthouse, for :class:`eagerloco.ft.FaultTolerance`."""
+        port = int(re.sub(r".*:(\d+)/?$", r"\1", self.server.address()))
+        return f"http://{self.host}:{port}"
+
+    @property
+    def store_addr(self) -> str:
+        """``HOST:PORT`` of the coordination store, for :class:`eagerloco.ft.FaultTolerance`."""
+        return f"{self.host}:{self.store.port}"
+
+    def shutdown(self) -> None:
+        """Stop the lighthouse (the store stops with this process)."""
+        self.server.shutdown()

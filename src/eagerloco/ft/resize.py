@@ -1,0 +1,5 @@
+"""placeholder"""
+
+
+def resize_outer_states(*a, **k):
+    raise NotImplementedError
