@@ -1,6 +1,6 @@
 """The DiLoCo wrapper's own cost in a training loop with no communication.
 
-    .venv/bin/python benchmarks/wrapper_overhead.py [--repeats 30] [--sync-every 30]
+    .venv/bin/python benchmarks/wrapper_overhead.py [--repeats 30] [--sync-every 30] [--json PATH]
 
 One worker (M = 1, in-process group: collectives complete at once), the default small GPT of the training CLI,
 AdamW inner steps on random tokens. Three variants advance interleaved, one chunk of H inner steps at a time (each
@@ -8,14 +8,18 @@ chunk holds every fragment's sync point), in rotating order: the plain loop, the
 sync mode, and in eager mode, both with H = --sync-every and 2 streaming fragments. Reports the median time per
 inner step and the wrapper's overhead relative to the plain loop, as the median of paired differences between
 chunks of the same round (adjacent in time, so machine drift cancels); it must stay below 1 %. It also reports
-the cost of one ``step()`` call off sync points and at a sync point, measured directly.
+the cost of one ``step()`` call off sync points and at a sync point, measured directly. ``--json`` also writes
+every number (and the machine's load average before and after, since a loaded machine widens the spread).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -77,8 +81,10 @@ def main() -> None:
     parser.add_argument("--sync-every", type=int, default=30, help="H")
     parser.add_argument("--batch", type=int, default=16, help="sequences per inner step")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--json", type=Path, default=None, help="also write the raw numbers to this JSON file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
     generator = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, 256, (args.batch, 129), generator=generator) for _ in range(8)]
     variants = ["plain", "sync", "eager"]
@@ -99,17 +105,38 @@ def main() -> None:
     # Paired: each chunk of a variant against the plain chunk of the same round (adjacent in time), so slow
     # drift of the machine cancels; the median of the paired differences is the wrapper's cost.
     print(f"{'variant':8} {'median s/step':>14} {'paired overhead':>16}   all chunks (ms/step)")
+    paired: dict[str, float] = {}
     for variant in variants:
         med = statistics.median(times[variant])
-        paired = statistics.median(v - p for v, p in zip(times[variant], times["plain"])) / plain
+        paired[variant] = statistics.median(v - p for v, p in zip(times[variant], times["plain"])) / plain
         runs = " ".join(f"{t * 1e3:.1f}" for t in times[variant])
-        print(f"{variant:8} {med:14.5f} {paired:+15.2%}   {runs}")
+        print(f"{variant:8} {med:14.5f} {paired[variant]:+15.2%}   {runs}")
     per_call, per_sync = step_call_cost(args.sync_every)
+    amortised = (per_call + per_sync / args.sync_every) / plain
     print(
         f"step() off sync points: {per_call * 1e6:.2f} us/call; at a sync point (one fragment, M = 1): "
-        f"{per_sync * 1e3:.3f} ms; amortised over H: {(per_call + per_sync / args.sync_every) / plain:.3%} "
-        "of an inner step"
+        f"{per_sync * 1e3:.3f} ms; amortised over H: {amortised:.3%} of an inner step"
     )
+    if args.json is not None:
+        result = {
+            "torch": torch.__version__,
+            "threads": args.threads,
+            "repeats": args.repeats,
+            "sync_every": args.sync_every,
+            "batch": args.batch,
+            "num_fragments": 2,
+            "loadavg_before": list(load_before),
+            "loadavg_after": list(os.getloadavg()),
+            "cpu_count": os.cpu_count(),
+            "median_s_per_step": {v: statistics.median(times[v]) for v in variants},
+            "paired_overhead": paired,
+            "chunk_s_per_step": times,
+            "step_call_off_sync_s": per_call,
+            "step_call_at_sync_s": per_sync,
+            "amortised_overhead": amortised,
+        }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":
