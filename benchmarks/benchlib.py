@@ -98,32 +98,19 @@ def read_summary(run_dir: Path) -> dict[str, Any]:
     return json.loads((Path(run_dir) / "summary.json").read_text())
 
 
-def read_metrics(run_dir: Path, kind: str | None = None, worker: int | None = 0) -> list[dict[str, Any]]:
-    """Records of ``metrics.jsonl`` (optionally of one type and one worker)."""
-    out = []
-    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
-        if not line.strip():
-            continue
-        rec = json.loads(line)
-        if kind is not None and rec.get("type") != kind:
-            continue
-        if worker is not None and rec.get("worker", 0) != worker:
-            continue
-        out.append(rec)
-    return out
-
-
 def steady_state(summary: Mapping[str, Any]) -> dict[str, float]:
-    """CU and blocked time without the final drain (``finalize``), averaged over workers.
+    """CU and wall time without the final drain (``finalize``), averaged (CU) or maxed (wall) over workers.
 
     A run of a few outer steps ends with ``finalize()`` waiting for the collectives still in flight: for eager
     and delayed that is one whole all-reduce, paid once per run however long it is. The steady-state CU is
-    inner / (wall - finalize_blocked), what a long run approaches (and what the simulator predicts).
+    inner / (wall - finalize_blocked), what a long run approaches (and what the simulator predicts): the engine's
+    own ``steady_utilization`` (ALGORITHMS.md section 10), recomputed here only for summaries written before it.
     """
     cus, walls = [], []
     for w in summary["per_worker"]:
         wall = w["wall_s"] - w.get("finalize_blocked_s", 0.0)
-        cus.append(w["inner_s"] / wall if wall > 0 else 1.0)
+        steady = w.get("steady_utilization")
+        cus.append(steady if steady is not None else (w["inner_s"] / wall if wall > 0 else 1.0))
         walls.append(wall)
     return {"cu_steady": sum(cus) / len(cus), "wall_steady_s": max(walls)}
 
@@ -140,6 +127,41 @@ def rotate(items: Sequence[Any], k: int) -> list[Any]:
 def median(values: Iterable[float]) -> float:
     vals = [v for v in values if v is not None]
     return statistics.median(vals) if vals else float("nan")
+
+
+def aggregate(
+    runs: Sequence[Mapping[str, Any]],
+    by: str,
+    order: Sequence[str],
+    medians: Sequence[str],
+    ranges: Sequence[str] = (),
+    first: Sequence[str] = (),
+    extra: Callable[[dict[str, Any], list[Mapping[str, Any]]], Mapping[str, Any]] | None = None,
+) -> list[dict[str, Any]]:
+    """One row per (link rate, ``by`` value) of link-lab ``runs``, over the repeats of that pair.
+
+    Rows go from the fastest rate to the slowest, and within a rate in ``order`` (values without runs are left
+    out). A row holds ``rate_mbit``, ``by``, ``n`` (the repeats), each of ``first`` as the first repeat has it, the
+    median of each of ``medians``, ``KEY_min`` and ``KEY_max`` of each of ``ranges``, ``ns_tx_mb`` (the median
+    over repeats of the bytes a site sent, averaged over sites, in MB), then what ``extra(row, repeats)`` adds.
+    """
+    rows = []
+    for rate in sorted({r["rate_mbit"] for r in runs}, reverse=True):
+        for value in order:
+            rs = [r for r in runs if r["rate_mbit"] == rate and r[by] == value]
+            if not rs:
+                continue
+            row: dict[str, Any] = {"rate_mbit": rate, by: value, "n": len(rs)}
+            row.update({key: rs[0][key] for key in first})
+            row.update({key: median(r[key] for r in rs) for key in medians})
+            for key in ranges:
+                row[f"{key}_min"] = min(r[key] for r in rs)
+                row[f"{key}_max"] = max(r[key] for r in rs)
+            row["ns_tx_mb"] = median(sum(r["ns_tx_bytes"]) / len(r["ns_tx_bytes"]) / 1e6 for r in rs)
+            if extra is not None:
+                row.update(extra(row, rs))
+            rows.append(row)
+    return rows
 
 
 def spread(values: Iterable[float]) -> tuple[float, float, float]:

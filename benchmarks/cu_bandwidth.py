@@ -107,25 +107,15 @@ def aggregate(payload: dict[str, Any]) -> list[dict[str, Any]]:
     if math.isnan(step_s):
         step_s = bl.median(r["inner_step_time_s"] for r in runs)
     params, layers, h = runs[0]["params"], runs[0]["num_layers"], runs[0]["sync_every"]
-    rows = []
-    for rate in sorted({r["rate_mbit"] for r in runs}, reverse=True):
-        for method in payload["methods"]:
-            rs = [r for r in runs if r["rate_mbit"] == rate and r["method"] == method]
-            if not rs:
-                continue
-            row: dict[str, Any] = {"rate_mbit": rate, "method": method, "n": len(rs), "steps": rs[0]["steps"]}
-            for key in (
-                "cu_run", "cu_steady", "blocked_per_outer_step_s", "blocked_s", "wall_s", "wall_same_tokens_s",
-                "tokens_per_s", "inner_step_time_s", "eval_loss", "payload_bytes_per_worker",
-            ):  # fmt: skip
-                row[key] = bl.median(r[key] for r in rs)
-            row["cu_run_min"] = min(r["cu_run"] for r in rs)
-            row["cu_run_max"] = max(r["cu_run"] for r in rs)
-            row["cu_steady_min"] = min(r["cu_steady"] for r in rs)
-            row["cu_steady_max"] = max(r["cu_steady"] for r in rs)
-            row["ns_tx_mb"] = bl.median(sum(r["ns_tx_bytes"]) / len(r["ns_tx_bytes"]) / 1e6 for r in rs)
-            row["cu_sim"] = simulated_cu(method, rate, step_s, layers, params, h)
-            rows.append(row)
+    keys = (
+        "cu_run", "cu_steady", "blocked_per_outer_step_s", "blocked_s", "wall_s", "wall_same_tokens_s",
+        "tokens_per_s", "inner_step_time_s", "eval_loss", "payload_bytes_per_worker",
+    )  # fmt: skip
+
+    def sim(row: dict[str, Any], _: Any) -> dict[str, float]:
+        return {"cu_sim": simulated_cu(row["method"], row["rate_mbit"], step_s, layers, params, h)}
+
+    rows = bl.aggregate(runs, "method", payload["methods"], keys, ("cu_run", "cu_steady"), ("steps",), sim)
     payload["sim_step_time_s"] = step_s
     return rows
 

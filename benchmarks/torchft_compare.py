@@ -329,25 +329,12 @@ TORCHFT_KEYS = ("quorum_s", "wait_s", "commit_s", "first_quorum_s", "quorum_per_
 
 def aggregate(runs: list[dict[str, Any]], variants: Sequence[str]) -> list[dict[str, Any]]:
     """One row per (rate, variant): medians over repeats (min-max of CU and eval loss)."""
-    rows = []
-    for rate in sorted({r["rate_mbit"] for r in runs}, reverse=True):
-        for v in variants:
-            rs = [r for r in runs if r["rate_mbit"] == rate and r["variant"] == v]
-            if not rs:
-                continue
-            row: dict[str, Any] = {"rate_mbit": rate, "variant": v, "library": rs[0]["library"], "n": len(rs)}
-            for key in AGG_KEYS:
-                row[key] = bl.median(r[key] for r in rs)
-            if rs[0]["library"] == "torchft":
-                for key in TORCHFT_KEYS:
-                    row[key] = bl.median(r[key] for r in rs)
-            for key in ("cu_run", "eval_loss"):
-                row[f"{key}_min"] = min(r[key] for r in rs)
-                row[f"{key}_max"] = max(r[key] for r in rs)
-            row["ns_tx_mb"] = bl.median(sum(r["ns_tx_bytes"]) / len(r["ns_tx_bytes"]) / 1e6 for r in rs)
-            row["syncs"] = rs[0]["syncs"]
-            rows.append(row)
-    return rows
+
+    def extra(row: dict[str, Any], rs: list[Any]) -> dict[str, Any]:
+        torchft = {key: bl.median(r[key] for r in rs) for key in TORCHFT_KEYS} if row["library"] == "torchft" else {}
+        return {**torchft, "syncs": rs[0]["syncs"]}
+
+    return bl.aggregate(runs, "variant", variants, AGG_KEYS, ("cu_run", "eval_loss"), ("library",), extra)
 
 
 def _range(row: dict[str, Any], key: str, fmt: str) -> str:

@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
+import benchlib as bl  # noqa: E402
 import time_to_target as ttt  # noqa: E402
 
 
@@ -21,6 +22,35 @@ def run_driver(script: str, *args: str, timeout: float = 240) -> subprocess.Comp
     return subprocess.run(
         [sys.executable, str(BENCH / script), *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT
     )
+
+
+def test_aggregate_groups_repeats_by_rate_and_method():
+    def run(rate, method, cu, tx):
+        return {"rate_mbit": rate, "method": method, "steps": 60, "cu_run": cu, "ns_tx_bytes": tx}
+
+    runs = [
+        run(8.0, "sync", 0.5, [1e6, 3e6]),
+        run(20.0, "sync", 0.8, [2e6, 2e6]),
+        run(8.0, "eager", 0.9, [4e6, 4e6]),
+        run(8.0, "sync", 0.7, [3e6, 3e6]),
+        run(8.0, "sync", 0.6, [5e6, 5e6]),
+        run(8.0, "dp", 0.1, [9e6, 9e6]),  # not asked for
+    ]
+    rows = bl.aggregate(runs, "method", ["eager", "sync"], ["cu_run"], ranges=["cu_run"], first=["steps"],
+                        extra=lambda row, rs: {"repeats": [r["cu_run"] for r in rs]})  # fmt: skip
+    assert [(r["rate_mbit"], r["method"], r["n"]) for r in rows] == [(20.0, "sync", 1), (8.0, "eager", 1),
+                                                                     (8.0, "sync", 3)]  # fmt: skip
+    sync8 = rows[2]
+    assert (sync8["cu_run"], sync8["cu_run_min"], sync8["cu_run_max"], sync8["steps"]) == (0.6, 0.5, 0.7, 60)
+    assert sync8["ns_tx_mb"] == 3.0  # per-run site means 2, 3, 5 MB: median 3
+    assert sync8["repeats"] == [0.5, 0.7, 0.6]
+
+
+def test_steady_state_is_the_engines_own_without_the_final_drain():
+    worker = {"wall_s": 10.0, "inner_s": 6.0, "finalize_blocked_s": 2.0}
+    assert bl.steady_state({"per_worker": [worker]}) == {"cu_steady": 0.75, "wall_steady_s": 8.0}
+    engine = {**worker, "steady_utilization": 0.5}  # summaries since the engine reports it: read, not recomputed
+    assert bl.steady_state({"per_worker": [engine, worker]}) == {"cu_steady": 0.625, "wall_steady_s": 8.0}
 
 
 def test_first_crossing_interpolates_between_evaluations():

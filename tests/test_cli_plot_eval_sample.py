@@ -16,9 +16,9 @@ from eagerloco.cli.evaluate import evaluate_run
 from eagerloco.cli.main import main as cli
 from eagerloco.cli.plot import PANEL_TITLES, load_runs, make_figure, moving_average, plot_runs
 from eagerloco.cli.sample import generate_samples
+from eagerloco.launch import run as train_run
 from eagerloco.lm.config import TrainConfig
 from eagerloco.lm.runs import RunError, load_run, load_saved_model, run_label
-from eagerloco.train import run as train_run
 
 STEPS = 20
 

@@ -1,4 +1,4 @@
-"""Tests of the demo data layer (eagerloco.lm.data)."""
+"""Tests of the demo data layer: eagerloco.lm.corpora, eagerloco.lm.batches and eagerloco.lm.data."""
 
 from __future__ import annotations
 
@@ -11,19 +11,9 @@ import pytest
 import torch
 
 from eagerloco.lm import data as datamod
-from eagerloco.lm.data import (
-    BatchSampler,
-    Corpus,
-    CorpusError,
-    Document,
-    EvalBatches,
-    TokenStream,
-    load_corpus,
-    prepare_data,
-    shard_documents,
-    split_corpus,
-    split_text,
-)
+from eagerloco.lm.batches import BatchSampler, EvalBatches, TokenStream, shard_documents
+from eagerloco.lm.corpora import Corpus, CorpusError, Document, load_corpus, split_corpus, split_text
+from eagerloco.lm.data import prepare_data
 from eagerloco.lm.tokenizer import ByteTokenizer
 
 

@@ -8,7 +8,7 @@
 The model is rebuilt from ``model.pt`` (the final outer parameters) or from a checkpoint (``--checkpoint``: the
 outer parameters φ of one worker, what the training run evaluated at that step), the data and tokenizer from the
 train config's data section (same corpus, split and tokenizer cache as ``eagerloco train``). The validation windows
-are the fixed ones of :class:`eagerloco.lm.data.EvalBatches`: with the default ``--batches`` and ``--batch-size``
+are the fixed ones of :class:`eagerloco.lm.batches.EvalBatches`: with the default ``--batches`` and ``--batch-size``
 (the run's ``eval_batches`` and ``eval_batch_size``) they are the very windows the run evaluated, and the loss
 reproduces the run's ``eval_loss`` exactly.
 
@@ -155,7 +155,7 @@ def format_report(report: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Run the sub-command; print an error naming the problem and return 2 on bad input."""
-    from eagerloco.lm.data import CorpusError
+    from eagerloco.lm.corpora import CorpusError
 
     if args.threads < 0:
         print(f"eagerloco eval: error: --threads {args.threads}: must be >= 0", file=sys.stderr)

@@ -129,7 +129,7 @@ def generate_samples(
 
 def run(args: argparse.Namespace) -> int:
     """Run the sub-command; print an error naming the problem and return 2 on bad input."""
-    from eagerloco.lm.data import CorpusError
+    from eagerloco.lm.corpora import CorpusError
 
     if args.threads < 0:
         print(f"eagerloco sample: error: --threads {args.threads}: must be >= 0", file=sys.stderr)

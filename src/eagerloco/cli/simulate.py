@@ -63,6 +63,7 @@ from eagerloco.simulator.search import (
     min_bandwidth_for_targets,
     sustained_bandwidth_bound_gbps,
 )
+from eagerloco.units import format_bytes
 
 _SUFFIXES = {"": 1.0, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
 
@@ -598,7 +599,7 @@ def _print_wall_clock(args: argparse.Namespace, plan: Plan) -> None:
                 }
                 lines.append(
                     f"{m.name:<{width}}{100 * est.cu:>7.1f}%{est.hours:>10.3g}{est.compute_hours:>11.3g}"
-                    f"{_format_bytes(est.bytes_per_worker):>17}"
+                    f"{format_bytes(est.bytes_per_worker, '.3g'):>17}"
                 )
             else:
                 result = simulate(model, m, link)
@@ -637,10 +638,3 @@ def _print_wall_clock(args: argparse.Namespace, plan: Plan) -> None:
         )
     if plan.bandwidth_from_run:
         print("The bandwidth each CU target needs for this run: add --grid.")
-
-
-def _format_bytes(value: float) -> str:
-    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6)):
-        if value >= scale:
-            return f"{value / scale:.3g} {unit}"
-    return f"{value:.3g} B"

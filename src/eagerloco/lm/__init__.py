@@ -1,5 +1,6 @@
 """The language-model demo's model and data layer: a small GPT (:mod:`eagerloco.lm.model`), byte / BPE tokenizers
-(:mod:`eagerloco.lm.tokenizer`) and offline corpora with per-worker samplers (:mod:`eagerloco.lm.data`).
+(:mod:`eagerloco.lm.tokenizer`), offline corpora (:mod:`eagerloco.lm.corpora`), per-worker samplers
+(:mod:`eagerloco.lm.batches`) and the run's data bundle (:mod:`eagerloco.lm.data`).
 
 Needs the ``lm`` extra (numpy; ``tokenizers`` for BPE only).
 """
@@ -12,11 +13,13 @@ from typing import Any
 # Resolved lazily (``eagerloco plot`` and ``simulate`` must not pay for torch and numpy imports).
 _MODULE_OF = {
     **dict.fromkeys(
-        ["CORPORA", "SHARDINGS", "BatchSampler", "Corpus", "CorpusError", "Document", "EvalBatches", "LMData",
-         "TokenStream", "default_cache_dir", "load_corpus", "prepare_data", "shard_documents", "split_corpus",
-         "split_text"],
-        "eagerloco.lm.data",
+        ["CORPORA", "Corpus", "CorpusError", "Document", "load_corpus", "split_corpus", "split_text"],
+        "eagerloco.lm.corpora",
     ),
+    **dict.fromkeys(
+        ["SHARDINGS", "BatchSampler", "EvalBatches", "TokenStream", "shard_documents"], "eagerloco.lm.batches"
+    ),
+    **dict.fromkeys(["LMData", "default_cache_dir", "prepare_data"], "eagerloco.lm.data"),
     **dict.fromkeys(["GPT", "GPTConfig", "evaluate_loss"], "eagerloco.lm.model"),
     **dict.fromkeys(
         ["TOKENIZER_KINDS", "BPETokenizer", "ByteTokenizer", "Tokenizer", "build_tokenizer"], "eagerloco.lm.tokenizer"

@@ -38,6 +38,7 @@ __all__ = [
     "load_run_tokenizer",
     "load_saved_model",
     "read_metrics",
+    "record_step",
     "resolve_checkpoint",
     "run_label",
     "unique_labels",
@@ -124,6 +125,11 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return records
 
 
+def record_step(record: dict[str, Any]) -> int:
+    """The inner step a metrics record belongs to: ``step`` (inner and eval records) or ``inner_step`` (outer)."""
+    return int(record.get("step", record.get("inner_step", 0)))
+
+
 @dataclass
 class Run:
     """A run directory's config, metrics records and (once finished) summary."""
@@ -176,10 +182,10 @@ class Run:
     def eval_times(self, worker: int = 0) -> list[float]:
         """Training-loop wall time (s) at which each of :meth:`evals` was taken.
 
-        The eval records' own ``time_s`` is read while the evaluation's time is not yet subtracted, so it runs
-        ahead by the duration of that evaluation (see the note in ``train.py``). This uses the inner-step record of
-        the same step instead, plus the time of the final drain (``finalize``: blocked + overhead) for the
-        evaluation after it; it falls back on the eval record's ``time_s`` when no inner record matches.
+        Runs written before the loop's clock was the engine's own ran the final eval record's ``time_s`` ahead by
+        the duration of that evaluation. This uses the inner-step record of the same step instead, plus the time
+        of the final drain (``finalize``: blocked + overhead) for the evaluation after it, the same for every
+        run; it falls back on the eval record's ``time_s`` when no inner record matches.
         """
         inner_time = {r["step"]: float(r["time_s"]) for r in self.inner(worker)}
         last = max(inner_time, default=None)
@@ -447,7 +453,8 @@ def load_run_tokenizer(saved: SavedModel) -> Any:
     if d.tokenizer == "byte":
         tokenizer: Any = ByteTokenizer()
     else:
-        from eagerloco.lm.data import default_cache_dir, load_corpus, split_corpus
+        from eagerloco.lm.corpora import load_corpus, split_corpus
+        from eagerloco.lm.data import default_cache_dir
 
         train_docs, _ = split_corpus(load_corpus(d.corpus), d.val_fraction)
         tokenizer = build_tokenizer(

@@ -1,0 +1,271 @@
+"""Launching ``eagerloco train``: the run directory, the data, and the three ways to start the workers.
+
+* ``simulated``: M threads of this process over an in-process group (:func:`run_simulated`);
+* ``torchrun``: this process is one rank of a torchrun job, gloo or NCCL (:func:`run_torchrun`);
+* ``processes``: M local processes that run the torchrun path, this process hosting their TCPStore and
+  forwarding SIGINT/SIGTERM to them (:func:`run_processes`).
+
+:func:`run` picks one, then writes ``summary.json`` and prints the table (:mod:`eagerloco.report`). Each worker
+runs :func:`eagerloco.train.train_worker`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from eagerloco.comm import Communicator, InProcessGroup, TorchDistributedCommunicator, run_workers
+from eagerloco.engine.config import ConfigError
+from eagerloco.fileio import atomic_write_bytes
+from eagerloco.lm import checkpoint as ckpt
+from eagerloco.lm.config import TrainConfig
+from eagerloco.lm.data import LMData, default_cache_dir, prepare_data
+from eagerloco.lm.interrupt import StopSignal, TrainingInterrupted
+from eagerloco.lm.runs import read_metrics, record_step
+from eagerloco.report import MetricsLog, WorkerResult, print_summary, summarize
+from eagerloco.train import train_worker
+
+__all__ = [
+    "check_resume",
+    "check_same_config",
+    "load_data",
+    "prepare_run_dir",
+    "run",
+    "run_processes",
+    "run_simulated",
+    "run_torchrun",
+]
+
+
+def run(config: TrainConfig) -> dict[str, Any] | None:
+    """Run the configured training; return the summary (on the process that writes it, else None)."""
+    launch = config.run.launch
+    if launch == "auto":
+        launch = "torchrun" if "RANK" in os.environ and "WORLD_SIZE" in os.environ else "simulated"
+        config.run.launch = launch
+    # SIGINT/SIGTERM only set a flag from here on (interrupt.py); the workers agree where to stop. A signal after
+    # the training loop lets the run finish normally. The processes launcher forwards signals to its workers.
+    stop = StopSignal()
+    if launch == "processes":
+        results = run_processes(config)
+    elif launch == "torchrun":
+        with stop.installed():
+            gathered = run_torchrun(config, stop)
+        if gathered is None:
+            return None
+        results = gathered
+    else:
+        with stop.installed():
+            results = run_simulated(config, stop)
+    summary = summarize(config, results)
+    run_dir = Path(config.run.out_dir)
+    atomic_write_bytes(run_dir / "summary.json", json.dumps(summary, indent=2).encode())
+    if launch == "torchrun":
+        atomic_write_bytes(run_dir / "results.json", json.dumps([r.__dict__ for r in results]).encode())
+    if launch != "torchrun" or "EAGERLOCO_PARENT" not in os.environ:
+        print_summary(summary, config)
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------- data, run dir
+def load_data(config: TrainConfig) -> LMData:
+    """The run's corpus, split and tokenised; sets ``config.model.vocab_size`` from the tokenizer."""
+    data = prepare_data(
+        config.data.corpus,
+        tokenizer=config.data.tokenizer,
+        vocab_size=config.data.bpe_vocab_size if config.data.tokenizer == "bpe" else None,
+        val_fraction=config.data.val_fraction,
+        cache_dir=default_cache_dir(),
+    )
+    config.model.vocab_size = data.vocab_size
+    return data
+
+
+def prepare_run_dir(config: TrainConfig) -> Path:
+    """Create the run directory and write ``config.json``. A fresh run empties ``metrics.jsonl`` and removes old
+    checkpoints; ``--resume`` keeps what was logged up to the checkpoint it continues from."""
+    run_dir = Path(config.run.out_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    metrics = run_dir / "metrics.jsonl"
+    if config.run.resume:
+        directory = check_resume(config)
+        step = int(directory.name.split("-")[1])
+        if metrics.exists():  # drop what the interrupted run logged after its checkpoint
+            kept = [record for record in read_metrics(metrics) if record_step(record) <= step]
+            atomic_write_bytes(metrics, "".join(json.dumps(record) + "\n" for record in kept).encode())
+    else:
+        if (run_dir / "checkpoints").exists():
+            shutil.rmtree(run_dir / "checkpoints")
+        metrics.write_text("")
+    atomic_write_bytes(run_dir / "config.json", json.dumps(config.to_dict(), indent=2).encode())
+    return run_dir
+
+
+def check_resume(config: TrainConfig) -> Path:
+    """The checkpoint ``--resume`` will continue from; a clear error (before any worker starts) when there is none
+    or when this configuration cannot continue it (lm/checkpoint.py: check_compatible)."""
+    run_dir = Path(config.run.out_dir)
+    directory = ckpt.latest_valid(run_dir)
+    if directory is None:
+        raise ckpt.ResumeError(f"--resume: no complete checkpoint under {run_dir / 'checkpoints'}")
+    ckpt.check_compatible(directory, config.run.workers, config.to_dict())
+    return directory
+
+
+def check_same_config(config: TrainConfig, comm: Communicator) -> None:
+    """Every rank must run the same configuration (else the collectives would not match, or models differ):
+    compare before anything else, naming the first difference. Per-machine settings may differ."""
+    local = {"run.device", "run.threads", "run.progress", "run.tensorboard"}
+    mine = {f"{section}.{k}": v for section, table in config.to_dict().items() for k, v in table.items()}
+    mine = {k: v for k, v in mine.items() if k not in local}
+    for rank, other in enumerate(comm.all_gather_object(mine)):
+        diff = sorted(k for k in mine if other.get(k) != mine[k])
+        if diff:
+            raise ConfigError(
+                f"worker {rank} runs another configuration than worker {comm.rank}: "
+                + ", ".join(f"{k}={other.get(k)!r} vs {mine[k]!r}" for k in diff[:5])
+            )
+
+
+def set_threads(config: TrainConfig, workers_here: int) -> None:
+    """torch threads per worker: ``run.threads``, else this machine's cores shared by its workers."""
+    threads = config.run.threads or max(1, (os.cpu_count() or 1) // workers_here)
+    torch.set_num_threads(threads)
+
+
+# ----------------------------------------------------------------------------------------------- launchers
+def run_simulated(config: TrainConfig, stop: StopSignal | None = None) -> list[WorkerResult]:
+    """``run.workers`` threads of this process, one worker each, over an in-process group."""
+    stop = stop or StopSignal()
+    set_threads(config, config.run.workers)
+    data = load_data(config)
+    run_dir = prepare_run_dir(config)
+    log = MetricsLog(run_dir / "metrics.jsonl")
+    if config.run.tensorboard:
+        log.attach_tensorboard(run_dir / "tb")
+    group = InProcessGroup(config.run.workers, timeout=config.outer.collective_timeout_s)
+    control = InProcessGroup(config.run.workers, timeout=config.outer.collective_timeout_s)  # the stop vote
+
+    def worker(comm: Communicator) -> WorkerResult:
+        return train_worker(config, comm, data, run_dir, log, control.communicator(comm.rank), stop)
+
+    try:
+        return run_workers(group, worker)
+    except RuntimeError as exc:
+        if isinstance(exc.__cause__, TrainingInterrupted):  # every worker stopped at the same step
+            raise exc.__cause__ from None
+        raise
+    finally:
+        log.close()
+
+
+def run_torchrun(config: TrainConfig, stop: StopSignal | None = None) -> list[WorkerResult] | None:
+    """This process is one rank of a torchrun (or ``--launch processes``) job; rank 0 returns all results."""
+    import torch.distributed as dist
+
+    stop = stop or StopSignal()
+    world = int(os.environ["WORLD_SIZE"])
+    if world != config.run.workers:
+        raise SystemExit(f"torchrun started {world} ranks but run.workers={config.run.workers}: pass --workers {world}")
+    set_threads(config, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+    backend = "nccl" if config.run.device.startswith("cuda") else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        config.run.device = f"cuda:{torch.cuda.current_device()}"
+    timeout = config.outer.collective_timeout_s
+    # The process group's timeout bounds its blocking calls (start-up checks, checkpoint barriers) as
+    # collective_timeout_s bounds the outer collectives: a dead peer never blocks anyone for longer.
+    dist.init_process_group(backend, timeout=timedelta(seconds=timeout) if timeout else None)
+    try:
+        rank = dist.get_rank()
+        comm = TorchDistributedCommunicator(timeout=timeout)
+        # The stop vote on Ctrl+C / SIGTERM runs on a gloo group of its own (interrupt.py); same order on all ranks.
+        control = TorchDistributedCommunicator(dist.new_group(backend="gloo"), timeout=timeout)
+        check_same_config(config, comm)
+        data = load_data(config)
+        run_dir = Path(config.run.out_dir)
+        if config.run.resume:
+            check_resume(config)  # on every rank: a refusal must stop all of them, not leave them at the barrier
+        if rank == 0:
+            prepare_run_dir(config)
+        comm.all_gather_object(None)  # the run directory is ready
+        log = MetricsLog(run_dir / "metrics.jsonl")
+        if rank == 0 and config.run.tensorboard:
+            log.attach_tensorboard(run_dir / "tb")
+        try:
+            result = train_worker(config, comm, data, run_dir, log, control, stop)
+        finally:
+            log.close()
+        results = comm.all_gather_object(result)
+        return results if rank == 0 else None
+    finally:
+        from eagerloco.comm.torch_dist import stop_heartbeats
+
+        stop_heartbeats()  # no heartbeat thread inside the store while the process group is destroyed
+        dist.destroy_process_group()
+
+
+def run_processes(config: TrainConfig) -> list[WorkerResult]:
+    """Spawn ``workers`` local processes that run :func:`run_torchrun` over gloo; worker 0 writes the summary.
+
+    Like torchrun's agent, this process hosts the rendezvous store, so it outlives any worker and the survivors
+    of a crash can still tell which peer stopped answering (comm/torch_dist.py). SIGINT and SIGTERM are
+    forwarded to the workers, which stop at an agreed safe point (interrupt.py)."""
+    import signal
+    import socket
+
+    import torch.distributed as dist
+
+    load_data(config)  # fail here on bad data, and build the tokenizer cache once for all children
+    if config.run.resume:
+        check_resume(config)
+    run_dir = Path(config.run.out_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    resolved = run_dir / "config.launch.json"
+    child = TrainConfig.from_dict(config.to_dict())
+    child.run.launch = "torchrun"
+    resolved.write_text(json.dumps(child.to_dict(), indent=2))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    timeout = timedelta(seconds=config.outer.collective_timeout_s or 1800)
+    store = dist.TCPStore("127.0.0.1", port, config.run.workers, is_master=True, wait_for_workers=False,
+                          timeout=timeout)  # fmt: skip
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def forward(signum: int, frame: Any) -> None:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for rank in range(config.run.workers):
+            env = dict(os.environ, EAGERLOCO_PARENT=str(os.getpid()), RANK=str(rank), LOCAL_RANK=str(rank),
+                       WORLD_SIZE=str(config.run.workers), LOCAL_WORLD_SIZE=str(config.run.workers),
+                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                       TORCHELASTIC_USE_AGENT_STORE="True", TORCHELASTIC_RESTART_COUNT="0",  # the store is ours
+                       GLOO_SOCKET_IFNAME=os.environ.get("GLOO_SOCKET_IFNAME", "lo"))  # fmt: skip
+            cmd = [sys.executable, "-m", "eagerloco.train", "--resolved-config", str(resolved)]
+            procs.append(subprocess.Popen(cmd, env=env))
+        codes = [p.wait() for p in procs]
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        del store
+    if any(codes):
+        if len(set(codes)) == 1 and codes[0] > 128:  # interrupted: worker 0 said where it stopped
+            raise SystemExit(codes[0])
+        raise SystemExit(
+            f"eagerloco train: error: worker processes exited with codes {codes} (negative: killed by that "
+            "signal); their messages are above"
+        )
+    return [WorkerResult(**r) for r in json.loads((run_dir / "results.json").read_text())]
