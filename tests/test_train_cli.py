@@ -178,3 +178,11 @@ def test_quickstart_example_runs(tmp_path):
     assert len(lines) == 2 and all("compute utilization" in line for line in lines)
     # after consolidate both workers evaluate the same model
     assert lines[0].split("eval mse")[1].split(",")[0] == lines[1].split("eval mse")[1].split(",")[0]
+
+
+def test_one_byte_formatter_for_train_and_simulate():
+    from eagerloco.units import format_bytes
+
+    assert format_bytes(3_281_408) == "3.3 MB"  # train's summary
+    assert format_bytes(3_281_408, ".3g") == "3.28 MB"  # simulate's tables
+    assert (format_bytes(999), format_bytes(1000), format_bytes(2.5e15)) == ("999.0 B", "1.0 KB", "2.5 PB")
