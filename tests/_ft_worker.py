@@ -62,7 +62,7 @@ def main() -> None:
     records = []
     losses = []
     stop_at = spec.get("steps")
-    H = config.sync_every // config.num_fragments
+    H = config.sync_every // config.num_fragments  # one sync point per fragment offset
     print(f"{spec['replica_id']} attached at inner step {joined_at}", flush=True)
     while True:
         t = loco.inner_step
@@ -78,6 +78,8 @@ def main() -> None:
         inner.zero_grad()
         losses.append(float(loss.detach()))
         loco.step()
+        if spec.get("step_sleep_s"):  # leave CPU to a restarting worker on a small machine
+            time.sleep(spec["step_sleep_s"])
         if loco.inner_step % H == 0:
             rec = ft.stats.records[-1]
             records.append({"t": loco.inner_step, "digest": outer_digest(loco), "quorum": rec.quorum_id,
