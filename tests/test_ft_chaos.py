@@ -21,7 +21,7 @@ import torch
 
 pytest.importorskip("torchft")
 
-from eagerloco.ft import LighthouseHost  # noqa: E402
+from eagerloco.ft import LighthouseHost
 
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "_ft_worker.py"
@@ -51,7 +51,8 @@ def run_chaos(tmp_path: Path, config: dict, seed: int) -> tuple[list[dict], int]
         def spec(i: int, **kw: object) -> dict:
             out = {"lighthouse": host.lighthouse_addr, "store": host.store_addr, "replica_id": f"w{i}",
                    "config": config, "data_seed": i, "out": str(tmp_path / f"w{i}.pt"), "min_replicas": 2,
-                   "timeout_s": 10.0, "extra_after_join": 3 * config["sync_every"], "start_together": 3, "step_sleep_s": 0.002}  # fmt: skip
+                   "timeout_s": 10.0, "extra_after_join": 3 * config["sync_every"], "start_together": 3,
+                   "step_sleep_s": 0.002}  # fmt: skip
             out.update(kw)
             return out
 

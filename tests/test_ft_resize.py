@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _toy import TinyNet, run_inprocess
 
+from _toy import TinyNet, run_inprocess
 from eagerloco import DiLoCo, DiLoCoConfig
 from eagerloco.ft import resize_outer_states
 
@@ -49,7 +49,7 @@ def _momenta(states: list) -> list[torch.Tensor]:
 def saved_run(mode: str, m: int, **extra: object) -> tuple[list[dict], list[dict]]:
     """M workers train T steps and save; the same workers then finalize and consolidate (the reference)."""
 
-    def worker(comm):  # noqa: ANN001
+    def worker(comm):
         model = TinyNet()
         inner = torch.optim.SGD(model.parameters(), lr=0.05)
         loco = DiLoCo(model, inner, _config(mode, **extra), comm=comm)
@@ -65,7 +65,7 @@ def saved_run(mode: str, m: int, **extra: object) -> tuple[list[dict], list[dict
 
 
 def resumed_run(mode: str, states: list[dict], steps: int, **extra: object) -> list[dict]:
-    def worker(comm):  # noqa: ANN001
+    def worker(comm):
         model = TinyNet(seed=7)  # another init: everything must come from the resized state
         inner = torch.optim.SGD(model.parameters(), lr=0.05)
         loco = DiLoCo(model, inner, _config(mode, **extra), comm=comm)
