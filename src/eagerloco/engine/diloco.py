@@ -97,7 +97,8 @@ class DiLoCo:
         outer_optimizer: ``factory(params) -> torch.optim.Optimizer`` called once per fragment with
             ``[φ_p]``. Default: SGD(lr=config.outer_lr, momentum=config.outer_momentum, nesterov).
         comm: the outer process group. Default: ``torch.distributed``'s world group.
-        fragments: explicit streaming fragments: one module (or list of modules) per fragment.
+        fragments: explicit streaming fragments: one module (or list of modules) per fragment; a module may be
+            named by an ``fnmatch`` pattern over ``model.named_modules()`` (``["transformer.h.0", "transformer.wte"]``).
         blocks: the repeated blocks to split into fragments (default: the model's largest ModuleList).
         reducer_factory: ``factory(fragment_index, comm) -> Reducer``; default: from ``config.compression``.
         layout: when a worker is a group of ranks (DDP or FSDP2 inside): this rank's
@@ -116,7 +117,7 @@ class DiLoCo:
         *,
         outer_optimizer: OuterOptimizerFactory | None = None,
         comm: Communicator | None = None,
-        fragments: Sequence[nn.Module | Sequence[nn.Module]] | None = None,
+        fragments: Sequence[nn.Module | str | Sequence[nn.Module | str]] | None = None,
         blocks: Sequence[nn.Module] | None = None,
         reducer_factory: Callable[[int, Communicator], Reducer] | None = None,
         layout: WorkerLayout | None = None,
@@ -200,11 +201,52 @@ class DiLoCo:
 
         self.finalized = False
         self._outer_steps_fragment0 = 0
+        self._hook: Any = None  # the inner optimizer's step post-hook while inside ``with DiLoCo(...)``
+        self._stepping_from_hook = False
+
+    # ------------------------------------------------------------------ drop-in use: the optimizer hook
+
+    def __enter__(self) -> DiLoCo:
+        """``with DiLoCo(model, inner, config) as loco:`` -- the loop stays as it is: a post-hook on the inner
+        optimizer (``register_step_post_hook``) calls :meth:`step` after every inner ``optimizer.step()``, exactly
+        one outer step per inner step as in the explicit API; leaving the block drains and consolidates
+        (:meth:`finalize`, :meth:`consolidate`), so the model holds φ after it. Calling :meth:`step` by hand inside
+        the block is refused (it would double-step). An optimizer wrapper (Accelerate's ``AcceleratedOptimizer``)
+        is unwrapped to the ``torch.optim.Optimizer`` whose ``step()`` really runs: a step it skips (gradient
+        accumulation, an AMP overflow) is no inner step and no outer step."""
+        if self._hook is not None:
+            raise RuntimeError("DiLoCo is already in use as a context manager: enter it once")
+        if self.finalized:
+            raise RuntimeError("with DiLoCo(...) after finalize(): create a new wrapper (or reopen() it)")
+        optimizer = _innermost_optimizer(self.inner_optimizer)
+        self._hook = optimizer.register_step_post_hook(self._on_inner_step)
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        hook, self._hook = self._hook, None
+        if hook is not None:
+            hook.remove()
+        if exc_type is None:  # after an error another worker may never reach the collectives: do not drain
+            self.finalize()
+            self.consolidate()
+
+    def _on_inner_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self._stepping_from_hook = True
+        try:
+            self.step()
+        finally:
+            self._stepping_from_hook = False
 
     # ------------------------------------------------------------------ the user's calls
 
     def step(self) -> None:
-        """Call once after every inner optimizer step. Runs the outer work due at this inner step."""
+        """Call once after every inner optimizer step. Runs the outer work due at this inner step. (Inside
+        ``with DiLoCo(...)`` the inner optimizer's hook calls it: do not.)"""
+        if self._hook is not None and not self._stepping_from_hook:
+            raise RuntimeError(
+                "loco.step() called by hand inside `with DiLoCo(...)`: the inner optimizer's hook already runs it "
+                "after every optimizer.step(); remove the manual call (it would take two outer steps per inner step)"
+            )
         recorder, context = self._recorder, self._context
         recorder.enter()
         if self.finalized:
@@ -533,6 +575,22 @@ class DiLoCo:
                 f"models differ across workers: worker {self.rank} has {len(entries)} trainable parameters, "
                 f"worker {rank} has {len(other_entries)}"
             )
+
+
+def _innermost_optimizer(optimizer: torch.optim.Optimizer | None) -> torch.optim.Optimizer:
+    """The ``torch.optim.Optimizer`` whose ``step()`` really runs (through wrappers that hold it as
+    ``.optimizer``, like Accelerate's ``AcceleratedOptimizer``); refuses a wrapper without step hooks."""
+    if optimizer is None:
+        raise ConfigError("with DiLoCo(...) needs the inner optimizer: DiLoCo(model, inner_optimizer, config)")
+    seen = 0
+    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer) and seen < 8:
+        optimizer = optimizer.optimizer  # type: ignore[union-attr]
+        seen += 1
+    if not hasattr(optimizer, "register_step_post_hook"):
+        raise ConfigError(
+            f"inner optimizer {type(optimizer).__name__} has no register_step_post_hook: call loco.step() by hand"
+        )
+    return optimizer
 
 
 def _codec_reducer_factory(config: DiLoCoConfig) -> Callable[[int, Communicator], Reducer]:

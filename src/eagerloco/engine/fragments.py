@@ -16,6 +16,7 @@ t ≡ t_p (mod H), t_p = p·H/P.
 
 from __future__ import annotations
 
+import fnmatch
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -63,7 +64,7 @@ def build_fragments(
     num_fragments: int,
     sync_every: int,
     layout: str = "strided",
-    modules: Sequence[nn.Module | Sequence[nn.Module]] | None = None,
+    modules: Sequence[nn.Module | str | Sequence[nn.Module | str]] | None = None,
     blocks: Sequence[nn.Module] | None = None,
 ) -> list[Fragment]:
     """Split ``model``'s trainable parameters into fragments (see the module docstring).
@@ -74,7 +75,10 @@ def build_fragments(
         sync_every: H (for the offsets t_p = p·H/P).
         layout: 'strided' or 'sequential' (used when ``modules`` is not given).
         modules: explicit fragments: one module or list of modules per fragment; every trainable parameter of
-            the model must be in exactly one of them.
+            the model must be in exactly one of them. A module may also be given by name: a string is an
+            ``fnmatch`` pattern over ``model.named_modules()`` names (``"transformer.h.[02]"``, ``"lm_head"``,
+            ``"transformer.wte"``), standing for every module it matches (a pattern matching none is an error), so
+            that a TOML file or a command line can name the fragments.
         blocks: the repeated blocks to stride over (default: :func:`find_blocks`).
     """
     named = trainable_named_parameters(model)
@@ -84,7 +88,7 @@ def build_fragments(
     order = {id(p): i for i, (_, p) in enumerate(named)}
 
     if modules is not None:
-        groups = [_params_of(group) for group in modules]
+        groups = [_params_of(_resolve_patterns(model, group)) for group in modules]
         if len(groups) != num_fragments:
             raise ConfigError(
                 f"{len(groups)} explicit fragments given but num_fragments={num_fragments}: they must match"
@@ -145,6 +149,25 @@ def build_fragments(
                 "must live on one device"
             )
     return fragments
+
+
+def _resolve_patterns(model: nn.Module, group: object) -> nn.Module | list[nn.Module]:
+    """Replace module-name patterns (strings) in one explicit fragment by the modules they match."""
+    items = [group] if isinstance(group, (str, nn.Module)) else list(group)  # type: ignore[call-overload]
+    if not any(isinstance(item, str) for item in items):
+        return group  # type: ignore[return-value]
+    named = list(model.named_modules())
+    out: list[nn.Module] = []
+    for item in items:
+        if not isinstance(item, str):
+            out.append(item)
+            continue
+        matched = [module for name, module in named if fnmatch.fnmatchcase(name, item)]
+        if not matched:
+            sample = ", ".join(repr(name) for name, _ in named[1:6])
+            raise ConfigError(f"fragment pattern {item!r} matches no module of the model (module names: {sample}, ...)")
+        out.extend(matched)
+    return out
 
 
 def _params_of(group: nn.Module | Sequence[nn.Module]) -> list[torch.nn.Parameter]:
