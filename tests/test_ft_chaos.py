@@ -26,7 +26,11 @@ from eagerloco.ft import LighthouseHost
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "_ft_worker.py"
 H = 5
-PROCESS_TIMEOUT_S = 120
+PROCESS_TIMEOUT_S = 150
+# The survivors train on while the killed worker restarts (seconds: hundreds of outer steps); delayed mode with the
+# papers' outer lr 0.7 and Nesterov 0.9 diverges over that many on this toy problem, so the chaos runs use a milder
+# outer optimizer (the momentum is still there, and part of the state compared bit for bit).
+STABLE = {"outer_lr": 0.4, "outer_momentum": 0.5}
 
 
 def _spawn(spec: dict, log: Path) -> subprocess.Popen:
@@ -51,8 +55,8 @@ def run_chaos(tmp_path: Path, config: dict, seed: int) -> tuple[list[dict], int]
         def spec(i: int, **kw: object) -> dict:
             out = {"lighthouse": host.lighthouse_addr, "store": host.store_addr, "replica_id": f"w{i}",
                    "config": config, "data_seed": i, "out": str(tmp_path / f"w{i}.pt"), "min_replicas": 2,
-                   "timeout_s": 10.0, "extra_after_join": 3 * config["sync_every"], "start_together": 3,
-                   "step_sleep_s": 0.002}  # fmt: skip
+                   "timeout_s": 30.0, "extra_after_join": 3 * config["sync_every"], "start_together": 3,
+                   "step_sleep_s": 0.005}  # fmt: skip
             out.update(kw)
             return out
 
@@ -118,7 +122,7 @@ def check_chaos(results: list[dict], kill_at: int, config: dict) -> None:
 
 @pytest.mark.parametrize("mode", ["sync", "eager"])
 def test_kill_minus_9_survivors_go_on_and_the_restarted_worker_rejoins(tmp_path: Path, mode: str) -> None:
-    config = {"mode": mode, "sync_every": H, "nonfinite": "skip", "collective_timeout_s": 10.0}
+    config = {"mode": mode, "sync_every": H, "collective_timeout_s": 30.0, **STABLE}
     results, kill_at = run_chaos(tmp_path, config, seed=0)
     check_chaos(results, kill_at, config)
 
@@ -127,7 +131,7 @@ def test_kill_minus_9_survivors_go_on_and_the_restarted_worker_rejoins(tmp_path:
 @pytest.mark.parametrize("seed", [1, 2])
 @pytest.mark.parametrize("mode", ["sync", "overlap", "delayed", "eager"])
 def test_chaos_every_mode_several_seeds(tmp_path: Path, mode: str, seed: int) -> None:
-    config = {"mode": mode, "sync_every": H, "nonfinite": "skip", "collective_timeout_s": 10.0}
+    config = {"mode": mode, "sync_every": H, "collective_timeout_s": 30.0, **STABLE}
     results, kill_at = run_chaos(tmp_path, config, seed=seed)
     check_chaos(results, kill_at, config)
 
@@ -135,7 +139,7 @@ def test_chaos_every_mode_several_seeds(tmp_path: Path, mode: str, seed: int) ->
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["delayed", "eager"])
 def test_chaos_with_fragments_and_a_codec(tmp_path: Path, mode: str) -> None:
-    config = {"mode": mode, "sync_every": 2 * H, "num_fragments": 2, "compression": "int8", "nonfinite": "skip",
-              "collective_timeout_s": 10.0}  # fmt: skip
+    config = {"mode": mode, "sync_every": 2 * H, "num_fragments": 2, "compression": "int8",
+              "collective_timeout_s": 30.0, **STABLE}  # fmt: skip
     results, kill_at = run_chaos(tmp_path, config, seed=3)
     check_chaos(results, kill_at, config)

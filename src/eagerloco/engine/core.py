@@ -131,6 +131,9 @@ class FragmentCore:
         # on every worker (gloo and the codecs give every worker the same bits; a codec sends a payload that
         # decodes to NaN), so every worker takes the same decision in check_average when the average arrives.
         pending = self.reducer.launch(delta)  # may add the error-feedback residual into delta, in place
+        # M of this collective: a membership that changes (eagerloco.ft) tells each average its own M_Q, which every
+        # 1/M of this sync point uses (ALGORITHMS.md section 11); a fixed group keeps its size.
+        self.world_size = getattr(pending, "world_size", self.world_size)
         self._context.recorder.launched(self.index, pending.payload_bytes, delta if own_finite else None)
         item = InFlight(launch_step=t, mean=pending, own_finite=own_finite)
         self.in_flight.append(item)
@@ -163,6 +166,11 @@ class FragmentCore:
         take the same decision: ``nonfinite='raise'`` raises :class:`NonFiniteOuterGradient`, ``'skip'`` counts
         the skip and returns False (the strategy then leaves φ and the outer optimizer untouched and sets
         θ ← φ)."""
+        if getattr(item.mean, "dropped", False):
+            # Fault tolerance (ALGORITHMS.md section 11): the collective failed or its membership changed; every
+            # member of the quorum took the same decision. The strategy treats it as a skip (nothing applied).
+            self._context.recorder.dropped()
+            return False
         if bool(torch.isfinite(mean).all()):
             return True
         ctx = self._context

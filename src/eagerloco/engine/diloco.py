@@ -408,6 +408,7 @@ class DiLoCo:
                         "own": None if item.own is None else item.own.clone(),
                         "own_finite": item.own_finite,
                         "payload_bytes": item.mean.payload_bytes,
+                        "dropped": bool(getattr(item.mean, "dropped", False)),
                     }
                 )
             fragments.append(
@@ -480,7 +481,7 @@ class DiLoCo:
             state.in_flight = deque(
                 InFlight(
                     launch_step=item["launch_step"],
-                    mean=CompletedMean(item["mean"].to(state.phi.device), item["payload_bytes"]),
+                    mean=_restored_mean(item, state.phi.device),
                     own=None if item["own"] is None else item["own"].to(state.phi.device),
                     own_finite=item.get("own_finite", True),
                 )
@@ -591,6 +592,14 @@ def _innermost_optimizer(optimizer: torch.optim.Optimizer | None) -> torch.optim
             f"inner optimizer {type(optimizer).__name__} has no register_step_post_hook: call loco.step() by hand"
         )
     return optimizer
+
+
+def _restored_mean(item: dict[str, Any], device: torch.device) -> CompletedMean:
+    """A saved average in flight, with the drop decision fault tolerance took for it (ALGORITHMS.md section 11)."""
+    mean = CompletedMean(item["mean"].to(device), item["payload_bytes"])
+    if item.get("dropped", False):
+        mean.dropped = True  # type: ignore[attr-defined]
+    return mean
 
 
 def _codec_reducer_factory(config: DiLoCoConfig) -> Callable[[int, Communicator], Reducer]:

@@ -58,6 +58,8 @@ class OuterStepRecord:
     """‖g‖₂ of the outer gradient(s) given to the outer optimizer here (the average, or eager's Δ̃_m)."""
     skipped: bool = False
     """An outer step was skipped here because its outer gradient was not finite (policy 'skip')."""
+    dropped: bool = False
+    """An average was dropped here by fault tolerance (a member failed or the membership changed)."""
     divergence: float | None = None
     """‖φ_m − mean φ‖₂ over all fragments, when measured at this step (``divergence_every``)."""
     divergence_rel: float | None = None
@@ -86,6 +88,8 @@ class RunStats:
     """Bytes of divergence measurements and consolidation, not part of the algorithm's traffic."""
     skipped_outer_steps: int = 0
     """Averages (one per fragment and outer step) not applied because they held NaN/Inf (``nonfinite='skip'``)."""
+    dropped_averages: int = 0
+    """Averages dropped by fault tolerance (eagerloco.ft): nothing of them was applied."""
 
     @property
     def wall_s(self) -> float:

@@ -232,6 +232,13 @@ class Recorder:
         if self._record is not None:
             self._record.skipped = True
 
+    def dropped(self) -> None:
+        """An average was not applied because fault tolerance dropped it (a member failed or the membership
+        changed: ALGORITHMS.md section 11)."""
+        self.stats.dropped_averages += 1
+        if self._record is not None:
+            self._record.dropped = True
+
     def traffic(self, payload_bytes: int, wire_bytes: int) -> None:
         """Bytes of the algorithm's traffic counted outside records (data parallelism: one all-reduce per step)."""
         self.stats.payload_bytes += payload_bytes

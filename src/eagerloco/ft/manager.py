@@ -13,9 +13,10 @@ Semantics: ALGORITHMS.md section 11. How it maps onto torchft:
 * **Drops.** When the quorum id changed, every average still in flight from the previous quorum is marked dropped
   (every member sees the change at the same sync point). An average waited for within its quorum is decided by one
   record in the coordination store (apply iff all M_Q members reported success; drop on a failure or when the votes
-  are not complete within the timeout; written once by compare-and-set). A dropped average reaches the engine as
-  a NaN tensor, so the engine's ``nonfinite='skip'`` path drops it on every member: nothing applied, outer optimizer
-  untouched, θ ← φ, eager keeps its own contribution.
+  are not complete within the timeout; written once by compare-and-set). A dropped average has ``dropped = True``;
+  the engine's ``check_average`` then takes the path of a skipped non-finite average on every member: nothing
+  applied, outer optimizer untouched, θ ← φ, eager keeps its own contribution (``RunStats.dropped_averages``).
+  Its value is NaN, so that no path can apply it by mistake.
 
 Collective order: the quorum and the votes are not collectives of the process group (lighthouse RPC, store
 requests), so the order of the outer collectives is the engine's, unchanged. The quorum is a barrier at every sync
@@ -238,8 +239,7 @@ class _FTPending:
             self.dropped = True
             self.dropped_reason = error or "another member's collective failed or its vote did not arrive"
             self._ft.stats.dropped_by_vote += 1
-        # The engine's nonfinite='skip' path drops a non-finite average on every member: that is the path a
-        # dropped average must take (nothing applied, outer optimizer untouched, θ ← φ, eager keeps its own part).
+        # The engine sees `dropped` and applies nothing of it (core.check_average); NaN guards any other path.
         self._result = torch.full((self._numel,), float("nan"), device=self._device)
         self._ft._forget(self)
         return self._result
@@ -275,7 +275,7 @@ class FaultTolerance:
     agree)::
 
         ft = FaultTolerance(lighthouse="http://HOST:29510", store="HOST:29511", replica_id="site-a")
-        loco = ft.diloco(model, inner, DiLoCoConfig(mode="eager", nonfinite="skip"))   # builds and attaches
+        loco = ft.diloco(model, inner, DiLoCoConfig(mode="eager"))   # builds and attaches
         for batch in data:
             ...; inner.step(); loco.step()
         loco.finalize(); loco.consolidate(); ft.shutdown()
@@ -387,11 +387,6 @@ class FaultTolerance:
         Also checks that every worker runs the same model and configuration."""
         if engine.comm is not self.comm:
             raise ConfigError("attach(engine): the engine must be built with comm=ft.comm")
-        if engine.config.nonfinite != "skip":
-            raise ConfigError(
-                f"fault tolerance drops failed averages through the nonfinite='skip' path, the config has "
-                f"nonfinite={engine.config.nonfinite!r}: set DiLoCoConfig(nonfinite='skip')"
-            )
         if any(not isinstance(state.reducer, FaultTolerantReducer) for state in engine.states):
             raise ConfigError("attach(engine): build the engine with reducer_factory=ft.reducer_factory(config)")
         self.engine = engine
@@ -575,10 +570,10 @@ def _set_inner_step(engine: DiLoCo, t: int) -> None:
 
 
 def _set_membership(engine: DiLoCo, rank: int, world_size: int) -> None:
+    # The engine's own M (consolidate, divergence, checkpoints). Each average carries its M_Q (_FTPending.world_size),
+    # which the core takes at launch for every 1/M of that sync point (eager's own term included).
     engine.rank = rank
     engine.world_size = world_size
-    for core in engine.states:
-        core.world_size = world_size  # M of the averages launched from now on (eager's own term)
 
 
 def _model_and_config(engine: DiLoCo) -> tuple[list[tuple[Any, ...]], dict[str, Any]]:

@@ -1,0 +1,145 @@
+"""The engine's side of fault tolerance (ALGORITHMS.md section 11), without torchft: an average marked dropped takes
+exactly the path of a skipped non-finite one, in every mode; and M is taken per collective from the average."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+
+from _toy import TinyNet
+from eagerloco import DiLoCo, DiLoCoConfig
+from eagerloco.comm import Communicator, InProcessGroup, run_workers
+from eagerloco.comm.reducer import MeanReducer
+
+MODES: dict[str, dict[str, Any]] = {
+    "sync": {},
+    "overlap": {"overlap_steps": 2, "alpha": 0.5},
+    "delayed": {},
+    "eager": {},
+}
+DROP = 2  # the third average each worker launches is the one dropped (or made NaN)
+
+
+class _Marked:
+    """An average in flight whose wait returns NaN (``how='nan'``), or that is marked ``dropped`` (value NaN too, as
+    eagerloco.ft's are)."""
+
+    def __init__(self, inner: Any, how: str) -> None:
+        self._inner = inner
+        self.payload_bytes = inner.payload_bytes
+        self._how = how
+        if how == "dropped":
+            self.dropped = True
+
+    def wait(self, timeout: float | None = None) -> torch.Tensor:
+        mean = self._inner.wait(timeout)
+        return torch.full_like(mean, float("nan"))
+
+    def is_completed(self) -> bool:
+        return self._inner.is_completed()
+
+
+class _MarkingReducer(MeanReducer):
+    def __init__(self, comm: Communicator, how: str) -> None:
+        super().__init__(comm)
+        self.launches = 0
+        self.how = how
+
+    def launch(self, delta: torch.Tensor) -> Any:
+        pending = super().launch(delta)
+        self.launches += 1
+        return _Marked(pending, self.how) if self.how != "none" and self.launches == DROP + 1 else pending
+
+
+def _train(comm: Communicator, config: DiLoCoConfig, reducer_factory: Callable, steps: int = 22) -> dict:
+    """TinyNet on worker-specific data (as tests/_toy.train_tinynet), with the given reducers."""
+    model = TinyNet()
+    inner = torch.optim.SGD(model.parameters(), lr=0.05)
+    loco = DiLoCo(model, inner, config, comm=comm, reducer_factory=reducer_factory)
+    generator = torch.Generator().manual_seed(1000 + comm.rank)
+    w = torch.randn(4, 1, generator=generator)
+    for _ in range(steps):
+        x = torch.randn(16, 4, generator=generator)
+        (model(x) - (x @ w + 0.1 * comm.rank)).pow(2).mean().backward()
+        inner.step()
+        inner.zero_grad()
+        loco.step()
+    before = {k: v.clone() for k, v in loco.outer_parameters().items()}
+    loco.finalize()
+    return {
+        "phi_before_finalize": before,
+        "phi": {k: v.clone() for k, v in loco.outer_parameters().items()},
+        "theta": {k: v.detach().clone() for k, v in model.named_parameters()},
+        "stats": loco.stats.to_dict(),
+        "records": [r.to_dict() for r in loco.records],
+    }
+
+
+def _run(mode: str, how: str) -> list[dict]:
+    config = DiLoCoConfig(mode=mode, sync_every=4, nonfinite="skip", collective_timeout_s=60.0, **MODES[mode])
+    return run_workers(
+        InProcessGroup(2, timeout=60), lambda comm: _train(comm, config, lambda i, c: _MarkingReducer(c, how))
+    )
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_a_dropped_average_takes_exactly_the_skip_path(mode: str) -> None:
+    dropped = _run(mode, "dropped")
+    skipped = _run(mode, "nan")
+    for d, s in zip(dropped, skipped):
+        assert all(torch.equal(d["phi"][k], s["phi"][k]) for k in d["phi"])
+        assert all(torch.equal(d["theta"][k], s["theta"][k]) for k in d["theta"])
+        assert d["stats"]["dropped_averages"] == 1 and d["stats"]["skipped_outer_steps"] == 0
+        assert s["stats"]["skipped_outer_steps"] == 1 and s["stats"]["dropped_averages"] == 0
+        assert sum(r["dropped"] for r in d["records"]) == 1
+    normal = _run(mode, "none")
+    assert any(not torch.equal(dropped[0]["phi"][k], normal[0]["phi"][k]) for k in normal[0]["phi"])
+
+
+def test_a_dropped_average_is_dropped_with_nonfinite_raise_too() -> None:
+    config = DiLoCoConfig(mode="eager", sync_every=4, nonfinite="raise", collective_timeout_s=60.0)
+    out = run_workers(
+        InProcessGroup(2, timeout=60), lambda comm: _train(comm, config, lambda i, c: _MarkingReducer(c, "dropped"))
+    )
+    assert [o["stats"]["dropped_averages"] for o in out] == [1, 1]
+
+
+class _ScaledMean:
+    """The average of one worker's Δ as if M_Q = 4 had contributed it with three zeros: Δ/4, ``world_size`` 4."""
+
+    world_size = 4
+
+    def __init__(self, delta: torch.Tensor) -> None:
+        self._mean = delta.clone().div_(4)
+        self.payload_bytes = delta.numel() * 4
+
+    def wait(self, timeout: float | None = None) -> torch.Tensor:
+        return self._mean
+
+    def is_completed(self) -> bool:
+        return True
+
+
+class _ScaledReducer(MeanReducer):
+    name = "scaled"
+
+    def launch(self, delta: torch.Tensor) -> _ScaledMean:
+        return _ScaledMean(delta)
+
+
+def test_m_is_taken_per_collective_from_the_average() -> None:
+    """One process whose averages say M_Q = 4: eager's own term is Δ_m/4, the bracket Δ − own is exactly 0, so eager
+    applies exactly what sync applies with the same averages (bitwise). With the group's M = 1 instead, the own term
+    would be Δ_m and eager would differ."""
+    results = {}
+    for mode in ("eager", "sync"):
+        config = DiLoCoConfig(mode=mode, sync_every=4, collective_timeout_s=60.0)
+        results[mode] = run_workers(
+            InProcessGroup(1, timeout=60),
+            lambda comm, config=config: _train(comm, config, lambda i, c: _ScaledReducer(c)),
+        )[0]
+    eager, sync = results["eager"]["phi_before_finalize"], results["sync"]["phi_before_finalize"]
+    assert all(torch.equal(eager[k], sync[k]) for k in sync)
