@@ -4,6 +4,7 @@ clear errors. Tiny config: configs/smoke.toml (2-layer GPT, 20 inner steps, H = 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -186,3 +187,83 @@ def test_one_byte_formatter_for_train_and_simulate():
     assert format_bytes(3_281_408) == "3.3 MB"  # train's summary
     assert format_bytes(3_281_408, ".3g") == "3.28 MB"  # simulate's tables
     assert (format_bytes(999), format_bytes(1000), format_bytes(2.5e15)) == ("999.0 B", "1.0 KB", "2.5 PB")
+
+
+# ------------------------------------------------------------------------------------------------ issue 13
+def refused(capsys, argv: list[str]) -> tuple[int, str]:
+    """Run the CLI expecting a refusal: (exit code, the message), the message one line."""
+    with pytest.raises(SystemExit) as info:
+        cli(argv)
+    code = info.value.code
+    if isinstance(code, str):  # the one-line errors of eagerloco train
+        assert "\n" not in code and code.startswith("eagerloco train: error: "), code
+        return 1, code
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # argparse: the usage, then one line
+    assert err.startswith("eagerloco train: error: "), err
+    return code, err
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--compression", "int4"], r"argument --compression: invalid choice: 'int4'"),
+        (["--compression", "fp3"], r"argument --compression: invalid choice: 'fp3'"),
+        (["--tokenizer", "bpee"], r"argument --tokenizer: invalid choice: 'bpee'"),
+        (
+            ["--steps", "10", "--sync-every", "30"],
+            r"run.steps=10: the run would end before its first sync point "
+            r"\(inner step 30, H=30 / P=1\) and never take an outer step",
+        ),
+        (["--steps", "1", "--sync-every", "4", "--num-fragments", "2"], r"sync point \(inner step 2, H=4 / P=2\)"),
+        (["--steps", "2", "--sync-every", "4", "--num-fragments", "2"], None),  # the control: fragment 1 syncs at 2
+        (["--device", "gpu"], r"run.device='gpu': not a device"),
+        (["--device", "cuda"], r"run.device='cuda': this torch \(.*\) sees no CUDA device; use --device cpu"),
+        (["--tensorboard"], r"run.tensorboard=True needs the tensorboard package: pip install tensorboard"),
+    ],
+    ids=[
+        "int4",
+        "fp3",
+        "tokenizer",
+        "no-outer-step",
+        "streaming-no-outer-step",
+        "streaming-ok",
+        "device",
+        "cuda",
+        "tensorboard",
+    ],
+)
+def test_bad_input_is_one_line_and_leaves_nothing_behind(tmp_path, monkeypatch, capsys, flags, message):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "tensorboard" else real_find_spec(n))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU machine, also where a GPU is present
+    monkeypatch.chdir(tmp_path)  # a default run directory would land here
+    argv = ["train", "--config", SMOKE, "--threads", "1", "--no-progress", *flags]
+    if message is None:  # the schedule that trains
+        assert cli([*argv, "--out-dir", "ok", "--eval-every", "0"]) == 0
+        assert json.loads((tmp_path / "ok" / "summary.json").read_text())["outer_steps"] == 1
+        return
+    code, text = refused(capsys, [*argv, "--out-dir", "bad"])
+    assert code != 0 and re.search(message, text), text
+    assert list(tmp_path.iterdir()) == []  # no run directory, no file, no cache
+    code, text = refused(capsys, argv)  # the same without --out-dir: no runs/ either
+    assert code != 0 and list(tmp_path.iterdir()) == []
+
+
+def test_a_toml_codec_name_is_checked_too(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[outer]\ncompression = "int4"\n')
+    with pytest.raises(SystemExit, match=r"outer.compression='int4': must be one of 'none', 'bf16', 'fp16', 'fp8', "
+                                         r"'int8', 'fp4'$"):  # fmt: skip
+        cli(["train", "--config", str(bad), "--out-dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_codec_choices_are_the_codec_registry():
+    from typing import get_args
+
+    from eagerloco.compression.codecs import CODECS
+    from eagerloco.lm.config import Codec
+
+    assert set(get_args(Codec)) == {"none", *CODECS}

