@@ -219,6 +219,7 @@ def refused(capsys, argv: list[str]) -> tuple[int, str]:
         (["--device", "gpu"], r"run.device='gpu': not a device"),
         (["--device", "cuda"], r"run.device='cuda': this torch \(.*\) sees no CUDA device; use --device cpu"),
         (["--tensorboard"], r"run.tensorboard=True needs the tensorboard package: pip install tensorboard"),
+        (["--resume", "--overwrite"], r"continue the run in out_dir or replace it, not both"),
     ],
     ids=[
         "int4",
@@ -230,6 +231,7 @@ def refused(capsys, argv: list[str]) -> tuple[int, str]:
         "device",
         "cuda",
         "tensorboard",
+        "resume+overwrite",
     ],
 )
 def test_bad_input_is_one_line_and_leaves_nothing_behind(tmp_path, monkeypatch, capsys, flags, message):
@@ -267,3 +269,56 @@ def test_the_codec_choices_are_the_codec_registry():
     from eagerloco.lm.config import Codec
 
     assert set(get_args(Codec)) == {"none", *CODECS}
+
+
+def test_a_rerun_is_refused_without_overwrite_and_the_old_run_stays_intact(tmp_path):
+    run_dir = tmp_path / "run"
+    train(tmp_path, "run", "--steps", "10", "--eval-every", "0", "--no-progress")
+
+    def snapshot() -> dict[str, bytes]:
+        return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+    before = snapshot()
+    argv = ["train", "--config", SMOKE, "--out-dir", str(run_dir), "--threads", "1", "--mode", "sync"]
+    with pytest.raises(SystemExit) as info:
+        cli(argv)
+    assert info.value.code == (
+        f"eagerloco train: error: RunDirectoryError: run directory {run_dir} already holds a run (config.json, "
+        "metrics.jsonl, summary.json, model.pt, checkpoints): pass --overwrite to replace it, --resume to continue "
+        "it, or choose another --out-dir"
+    )
+    assert snapshot() == before
+    summary = train(tmp_path, "run", "--mode", "sync", "--steps", "10", "--eval-every", "0", "--overwrite")
+    assert summary["mode"] == "sync"
+    assert [r["step"] for r in records(run_dir, "inner")] == list(range(1, 11))  # the old run's lines are gone
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-000000010"]
+
+
+def test_the_default_run_directory_is_named_after_the_run(tmp_path):
+    from eagerloco.launch import default_run_dir
+
+    root = tmp_path / "runs"
+    config = TrainConfig()
+    assert default_run_dir(config, root) == root / "eager"
+    (root / "eager").mkdir(parents=True)
+    assert default_run_dir(config, root) == root / "eager-2"
+    for name in ("eager-7", "eager-x", "eagerly-9", "sync-12"):
+        (root / name).mkdir()
+    assert default_run_dir(config, root) == root / "eager-8"
+    config.run.resume = True  # continue the newest
+    assert default_run_dir(config, root) == root / "eager-7"
+    config.outer.mode = "dp"
+    assert default_run_dir(config, root) == root / "dp"
+
+
+def test_a_plain_run_names_its_directory_and_prints_the_next_commands(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    argv = ["train", "--config", SMOKE, "--out-dir", "", "--threads", "1", "--steps", "5", "--eval-every", "0",
+            "--no-progress"]  # fmt: skip
+    for expected in ("eager", "eager-2"):
+        assert cli(argv) == 0
+        out = capsys.readouterr().out
+        assert json.loads((tmp_path / "runs" / expected / "summary.json").read_text())["mode"] == "eager"
+        assert f"run directory: runs/{expected}; next:\n  eagerloco plot runs/{expected} " in out
+        assert f"\n  eagerloco eval runs/{expected} " in out and f"\n  eagerloco sample runs/{expected} " in out
+    assert json.loads((tmp_path / "runs" / "eager-2" / "config.json").read_text())["run"]["out_dir"] == "runs/eager-2"

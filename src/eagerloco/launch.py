@@ -34,9 +34,12 @@ from eagerloco.report import MetricsLog, WorkerResult, print_summary, summarize
 from eagerloco.train import train_worker
 
 __all__ = [
+    "RunDirectoryError",
     "check_environment",
     "check_resume",
+    "check_run_dir",
     "check_same_config",
+    "default_run_dir",
     "load_data",
     "prepare_run_dir",
     "run",
@@ -46,16 +49,28 @@ __all__ = [
 ]
 
 
+RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "model.pt", "checkpoints")
+"""What makes a directory hold a run (a fresh run refuses to write over them without ``--overwrite``)."""
+
+
+class RunDirectoryError(ConfigError):
+    """The run directory cannot take this run: it holds another one (and neither --overwrite nor --resume)."""
+
+
 def run(config: TrainConfig) -> dict[str, Any] | None:
     """Run the configured training; return the summary (on the process that writes it, else None).
 
-    What the configuration asks of this machine is checked first (:func:`check_environment`): bad input never
-    leaves a directory or a file behind."""
+    Everything the configuration asks of this machine and of the run directory is checked first
+    (:func:`check_environment`, :func:`check_run_dir`): bad input never leaves a directory or a file behind."""
     launch = config.run.launch
     if launch == "auto":
         launch = "torchrun" if "RANK" in os.environ and "WORLD_SIZE" in os.environ else "simulated"
         config.run.launch = launch
     check_environment(config)
+    if not config.run.out_dir and launch != "torchrun":  # under torchrun rank 0 names it (run_torchrun)
+        config.run.out_dir = str(default_run_dir(config))
+    if config.run.out_dir:
+        check_run_dir(config)
     # SIGINT/SIGTERM only set a flag from here on (interrupt.py); the workers agree where to stop. A signal after
     # the training loop lets the run finish normally. The processes launcher forwards signals to its workers.
     stop = StopSignal()
@@ -118,9 +133,39 @@ def check_environment(config: TrainConfig) -> None:
         raise ConfigError("run.tensorboard=True needs the tensorboard package: pip install tensorboard")
 
 
+def default_run_dir(config: TrainConfig, root: Path = Path("runs")) -> Path:
+    """The run directory named after the run: ``runs/MODE`` for the first run of a mode, then ``runs/MODE-2``,
+    ``runs/MODE-3``, ... (one past the highest in use); with ``resume``, the highest in use (the newest run)."""
+    mode = config.outer.mode
+    names = {p.name for p in root.iterdir()} if root.is_dir() else set()
+    counters = [1] if mode in names else []
+    counters += [int(n[len(mode) + 1 :]) for n in names if n.startswith(f"{mode}-") and n[len(mode) + 1 :].isdigit()]
+    last = max(counters, default=0)
+    number = last if config.run.resume else last + 1
+    return root / (mode if number <= 1 else f"{mode}-{number}")
+
+
+def check_run_dir(config: TrainConfig) -> None:
+    """A fresh run refuses a directory that already holds a run (:data:`RUN_FILES`) unless ``overwrite``;
+    ``resume`` needs a checkpoint this configuration can continue (:func:`check_resume`)."""
+    run_dir = Path(config.run.out_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunDirectoryError(f"run directory {run_dir} is a file, not a directory: choose another --out-dir")
+    if config.run.resume:
+        check_resume(config)
+        return
+    held = [name for name in RUN_FILES if (run_dir / name).exists()]
+    if held and not config.run.overwrite:
+        raise RunDirectoryError(
+            f"run directory {run_dir} already holds a run ({', '.join(held)}): pass --overwrite to replace it, "
+            "--resume to continue it, or choose another --out-dir"
+        )
+
+
 def prepare_run_dir(config: TrainConfig) -> Path:
-    """Create the run directory and write ``config.json``. A fresh run empties ``metrics.jsonl`` and removes old
-    checkpoints; ``--resume`` keeps what was logged up to the checkpoint it continues from."""
+    """Create the run directory and write ``config.json``. A fresh run (the directory was checked by
+    :func:`check_run_dir`) removes what an overwritten run left; ``--resume`` keeps what was logged up to the
+    checkpoint it continues from."""
     run_dir = Path(config.run.out_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     metrics = run_dir / "metrics.jsonl"
@@ -131,8 +176,11 @@ def prepare_run_dir(config: TrainConfig) -> Path:
             kept = [record for record in read_metrics(metrics) if record_step(record) <= step]
             atomic_write_bytes(metrics, "".join(json.dumps(record) + "\n" for record in kept).encode())
     else:
-        if (run_dir / "checkpoints").exists():
-            shutil.rmtree(run_dir / "checkpoints")
+        for name in ("checkpoints", "tb"):
+            if (run_dir / name).is_dir():
+                shutil.rmtree(run_dir / name)
+        for name in ("summary.json", "model.pt", "results.json"):
+            (run_dir / name).unlink(missing_ok=True)
         metrics.write_text("")
     atomic_write_bytes(run_dir / "config.json", json.dumps(config.to_dict(), indent=2).encode())
     return run_dir
@@ -219,6 +267,9 @@ def run_torchrun(config: TrainConfig, stop: StopSignal | None = None) -> list[Wo
         # The stop vote on Ctrl+C / SIGTERM runs on a gloo group of its own (interrupt.py); same order on all ranks.
         control = TorchDistributedCommunicator(dist.new_group(backend="gloo"), timeout=timeout)
         check_same_config(config, comm)
+        if not config.run.out_dir:  # named after the run by rank 0, for every rank
+            config.run.out_dir = comm.all_gather_object(str(default_run_dir(config)))[0]
+            check_run_dir(config)
         data = load_data(config)
         run_dir = Path(config.run.out_dir)
         if config.run.resume:

@@ -4,6 +4,7 @@ the end. Readers of these files are in :mod:`eagerloco.lm.runs`."""
 from __future__ import annotations
 
 import json
+import shlex
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +15,7 @@ from eagerloco.units import format_bytes
 if TYPE_CHECKING:
     from eagerloco.lm.config import TrainConfig
 
-__all__ = ["MetricsLog", "WorkerResult", "print_summary", "summarize"]
+__all__ = ["MetricsLog", "WorkerResult", "next_commands", "print_summary", "summarize"]
 
 
 @dataclass
@@ -141,3 +142,16 @@ def print_summary(summary: dict[str, Any], config: TrainConfig) -> None:
         print(f"  {'per worker':<{width}}  " + "  ".join(f"{'worker ' + str(w['rank']):>12}" for w in workers))
         for key, fmt in (("utilization", "{:.3f}"), ("blocked_s", "{:.2f} s"), ("final_train_loss", "{:.4f}")):
             print(f"  {'  ' + key:<{width}}  " + "  ".join(f"{fmt.format(w[key]):>12}" for w in workers))
+    print(next_commands(config.run.out_dir))
+
+
+def next_commands(run_dir: str) -> str:
+    """Where the run is, and the commands that look at it (printed at the end of every run)."""
+    where = shlex.quote(run_dir)
+    commands = [
+        (f"eagerloco plot {where}", f"# loss, utilization, blocked time, bytes: {Path(run_dir) / 'plot.png'}"),
+        (f"eagerloco eval {where}", "# eval loss of the saved model"),
+        (f"eagerloco sample {where}", "# text from the saved model"),
+    ]
+    width = max(len(c) for c, _ in commands)
+    return f"\nrun directory: {run_dir}; next:\n" + "\n".join(f"  {c:<{width}}  {note}" for c, note in commands)

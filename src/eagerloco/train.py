@@ -10,7 +10,8 @@
         --nproc-per-node 1 -m eagerloco.train --link-mbit 0             # one worker per site
 
 Every worker builds the same model from the same seed, samples its own shard of the text, and trains with AdamW;
-the DiLoCo wrapper runs the outer loop after each inner step. The run directory (``--out-dir``) receives
+the DiLoCo wrapper runs the outer loop after each inner step. The run directory (``--out-dir``; default
+``runs/MODE``, then ``runs/MODE-2``, ...; a run is never written over without ``--overwrite``) receives
 ``config.json`` (as resolved), ``metrics.jsonl`` (per inner step: loss and lr; per outer step: the engine's
 record; per evaluation: the eval loss of the outer parameters), ``summary.json``, ``checkpoints/`` and
 ``model.pt`` (the final outer parameters, consolidated). The loop reads top to bottom in :func:`train_worker`.

@@ -1,9 +1,9 @@
 """``eagerloco eval``: evaluate a run's saved model on the validation split.
 
-    eagerloco eval runs/latest                          # model.pt on the run's own validation windows
-    eagerloco eval runs/latest --batches 0              # every validation window, not the run's subset
-    eagerloco eval runs/latest --checkpoint latest      # the outer parameters of the newest checkpoint
-    eagerloco eval runs/latest --checkpoint 600 --worker 1 --json
+    eagerloco eval runs/eager                          # model.pt on the run's own validation windows
+    eagerloco eval runs/eager --batches 0              # every validation window, not the run's subset
+    eagerloco eval runs/eager --checkpoint latest      # the outer parameters of the newest checkpoint
+    eagerloco eval runs/eager --checkpoint 600 --worker 1 --json
 
 The model is rebuilt from ``model.pt`` (the final outer parameters) or from a checkpoint (``--checkpoint``: the
 outer parameters φ of one worker, what the training run evaluated at that step), the data and tokenizer from the

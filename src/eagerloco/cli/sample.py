@@ -1,8 +1,8 @@
 """``eagerloco sample``: generate text with a run's saved model.
 
-    eagerloco sample runs/latest
-    eagerloco sample runs/latest --prompt "ROMEO:" --tokens 300 --temperature 0.8 --top-k 40
-    eagerloco sample runs/latest --num-samples 3 --seed 7 --checkpoint latest
+    eagerloco sample runs/eager
+    eagerloco sample runs/eager --prompt "ROMEO:" --tokens 300 --temperature 0.8 --top-k 40
+    eagerloco sample runs/eager --num-samples 3 --seed 7 --checkpoint latest
 
 The model is rebuilt from ``model.pt`` (or a checkpoint's outer parameters, ``--checkpoint``) and the tokenizer
 from the run's config. The prompt is encoded, then ``--tokens`` new tokens are sampled by

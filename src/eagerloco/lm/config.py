@@ -135,8 +135,11 @@ class RunConfig:
     """Checkpoint every this many outer steps (sync points of fragment 0); 0: only at the end."""
     keep_checkpoints: int = 2
     """Keep the newest this many checkpoints."""
-    out_dir: str = "runs/latest"
-    """Run directory: config.json, metrics.jsonl, summary.json, checkpoints/, model.pt."""
+    out_dir: str = ""
+    """Run directory: config.json, metrics.jsonl, summary.json, checkpoints/, model.pt. Empty: named after the
+    run, runs/MODE for the first run of a mode, then runs/MODE-2, runs/MODE-3, ... (with resume: the newest)."""
+    overwrite: bool = False
+    """Replace the run already in out_dir (without it, a run directory that holds a run is refused)."""
     resume: bool = False
     """Continue from the newest complete checkpoint in out_dir."""
     progress: bool = True
@@ -232,6 +235,8 @@ class TrainConfig:
                 f"{first_sync}, H={self.outer.sync_every} / P={self.outer.num_fragments}) and never take an outer "
                 "step; raise --steps or lower --sync-every"
             )
+        if self.run.resume and self.run.overwrite:
+            raise ConfigError("run.resume and run.overwrite: continue the run in out_dir or replace it, not both")
         return self
 
 
