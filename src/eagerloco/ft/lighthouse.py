@@ -80,3 +80,40 @@ class LighthouseHost:
     def shutdown(self) -> None:
         """Stop the lighthouse (the store stops with this process)."""
         self.server.shutdown()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m eagerloco.ft.lighthouse``: host the lighthouse and the coordination store until interrupted."""
+    import argparse
+    import signal
+    import threading
+
+    parser = argparse.ArgumentParser(
+        prog="python -m eagerloco.ft.lighthouse",
+        description="Host a fault-tolerant run's lighthouse (torchft) and coordination store; print their "
+        "addresses; run until Ctrl+C / SIGTERM.",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address the workers use to reach this machine")
+    parser.add_argument("--port", type=int, default=29510, help="lighthouse port (0: any free port)")
+    parser.add_argument("--store-port", type=int, default=29511, help="coordination store port (0: any)")
+    parser.add_argument("--min-replicas", type=int, default=1, help="smallest quorum (workers) to train in")
+    parser.add_argument("--join-timeout-ms", type=int, default=1000)
+    parser.add_argument("--heartbeat-timeout-ms", type=int, default=2000)
+    args = parser.parse_args(argv)
+    try:
+        host = LighthouseHost(args.host, args.port, args.store_port, min_replicas=args.min_replicas,
+                              join_timeout_ms=args.join_timeout_ms,
+                              heartbeat_timeout_ms=args.heartbeat_timeout_ms)  # fmt: skip
+    except (ValueError, ImportError) as exc:
+        parser.exit(2, f"{parser.prog}: error: {exc}\n")
+    print(f"lighthouse {host.lighthouse_addr} store {host.store_addr}", flush=True)
+    done = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: done.set())
+    done.wait()
+    host.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
