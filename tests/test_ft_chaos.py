@@ -2,8 +2,8 @@
 one killed with SIGKILL at a random inner step, the survivors go on without restarting, the killed one is restarted,
 rejoins from a live peer's state, and all finish with finite losses. Every process is bounded by a timeout.
 
-The CI form runs delayed (bit-identical outer state, averages in flight dropped) and eager once each; the full matrix (every mode, several seeds, fragments and a codec) is
-marked slow.
+The CI form runs delayed (bit-identical outer state, averages in flight dropped) and eager once each; the full
+matrix (every mode, several seeds, fragments and a codec) is marked slow.
 """
 
 from __future__ import annotations
