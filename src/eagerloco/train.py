@@ -34,7 +34,7 @@ import torch
 from eagerloco.comm import Communicator, EmulatedLink
 from eagerloco.comm.base import CollectiveTimeout
 from eagerloco.engine import DiLoCo, Measured
-from eagerloco.engine.data_parallel import GradientAverager
+from eagerloco.engine.data_parallel import DDPGradientAverager, GradientAverager, torch_group_of
 from eagerloco.fileio import atomic_write_bytes
 from eagerloco.lm import checkpoint as ckpt
 from eagerloco.lm.config import TrainConfig
@@ -77,7 +77,13 @@ def train_worker(
     inner = torch.optim.AdamW(model.optimizer_groups(o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2))
     dp = config.outer.mode == "dp"  # default mode: eager, H = 30, k = 1, outer SGD lr 0.7 Nesterov 0.9
     timeout = config.outer.collective_timeout_s  # default: 300 s for any wait on a collective
-    engine = GradientAverager(model, comm, timeout) if dp else DiLoCo(model, inner, config.outer.diloco(), comm=comm)
+    if dp and torch_group_of(comm) is not None:  # workers are processes: the baseline is PyTorch's DDP (bucketed)
+        engine: DiLoCo | GradientAverager = DDPGradientAverager(model, comm, timeout)
+    elif dp:  # simulated workers (threads): one flat all-reduce after backward, the same average
+        engine = GradientAverager(model, comm, timeout)
+    else:
+        engine = DiLoCo(model, inner, config.outer.diloco(), comm=comm)
+    forward = engine.ddp if isinstance(engine, DDPGradientAverager) else model  # DDP all-reduces inside backward
     timer: Measured = engine  # both engines measure the loop alike (engine/recorder.py)
     loco = engine if isinstance(engine, DiLoCo) else None  # the outer loop
     averager = engine if isinstance(engine, GradientAverager) else None  # dp: gradients averaged every step
@@ -166,10 +172,10 @@ def train_worker(
             group["lr"] = lr
         x, y = sampler.next_batch()
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        _, loss = model(x, y)
+        _, loss = forward(x, y)
         loss.backward()
         if averager is not None:
-            averager.average_gradients()  # dp: every step, blocking
+            averager.average_gradients()  # dp: every step, blocking (DDP: measures the wait inside backward)
         if o.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
         inner.step()

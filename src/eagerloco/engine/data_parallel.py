@@ -1,16 +1,22 @@
 """The data-parallel baseline (ALGORITHMS.md, section 8): gradients averaged across workers every inner step.
 
-Every worker computes its gradients, then one fp32 all-reduce of the flat gradient averages them, then each
-worker takes the same inner optimizer step: the workers stay identical, like DDP. This is what DDP computes; it
-does not overlap the all-reduce with the backward pass bucket by bucket, which on a slow link can hide at most
-the backward time (documented in the benchmarks). Time is measured as in :mod:`eagerloco.engine.metrics`:
-inner compute between calls, time blocked on the all-reduce, and the copies.
+Two implementations of the same average, measured alike (:mod:`eagerloco.engine.recorder`):
+
+* :class:`DDPGradientAverager` -- PyTorch's ``DistributedDataParallel``: the gradient is all-reduced in buckets
+  while the backward pass still runs (bucket k travels while bucket k + 1 is computed). The baseline whenever the
+  workers are processes (``--launch processes``, ``torchrun``): what a practitioner would really run.
+* :class:`GradientAverager` -- one fp32 all-reduce of the flat gradient after ``backward()``, no overlap. For
+  simulated workers (threads, :class:`eagerloco.comm.InProcessGroup`), which DDP cannot span.
+
+Both compute the same average; the workers stay identical.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from contextlib import AbstractContextManager
+from typing import Any
 
 import torch
 from torch import nn
@@ -104,3 +110,101 @@ class GradientAverager:
     def elapsed_s(self) -> float:
         """Wall seconds since creation or :meth:`reset_clock`, paused time excluded."""
         return self._recorder.elapsed_s()
+
+
+def torch_group_of(comm: Communicator) -> Any | None:
+    """The ``torch.distributed`` process group under ``comm`` (through an :class:`eagerloco.EmulatedLink`), or
+    ``None`` when the workers are not processes of a ``torch.distributed`` job."""
+    from eagerloco.comm.torch_dist import TorchDistributedCommunicator
+
+    while not isinstance(comm, TorchDistributedCommunicator):
+        inner = getattr(comm, "inner", None)
+        if not isinstance(inner, Communicator):
+            return None
+        comm = inner
+    return comm.group if comm.group is not None else torch.distributed.group.WORLD
+
+
+class DDPGradientAverager(GradientAverager):
+    """The data-parallel baseline as ``torch.nn.parallel.DistributedDataParallel`` (bucketed, overlapping the
+    backward pass), with the measurements of :class:`GradientAverager`.
+
+    Forward through :attr:`ddp` (``ddp(x, y)``); call :meth:`average_gradients` after ``loss.backward()``, where
+    :class:`GradientAverager` needs it: the average has already happened inside ``backward()``, the call only
+    measures. Each bucket goes through ``comm`` (a DDP communication hook), so an
+    :class:`eagerloco.EmulatedLink` shapes it and its bytes are counted; the hook returns a future that a waiter
+    thread completes, so ``backward()`` keeps computing while the bucket travels.
+
+    Blocked time: from the launch of the last bucket (the backward pass has no compute left) to the return of
+    ``backward()``, i.e. the communication that DDP could not hide behind compute.
+
+    Args:
+        model: the replica (parameters equal on every worker: DDP broadcasts worker 0's at construction).
+        comm: the group of workers, over a ``torch.distributed`` process group (possibly an ``EmulatedLink``).
+        timeout: seconds before a pending all-reduce fails (``None``: the communicator's default).
+        bucket_cap_mb: DDP's bucket size.
+    """
+
+    def __init__(
+        self, model: nn.Module, comm: Communicator, timeout: float | None = None, bucket_cap_mb: float = 25.0
+    ) -> None:
+        group = torch_group_of(comm)
+        if group is None:
+            raise ValueError(
+                f"DDPGradientAverager needs workers that are torch.distributed processes, got {comm.describe()}: use "
+                "GradientAverager for simulated workers"
+            )
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.comm = comm
+        self.world_size = comm.world_size
+        self.timeout = timeout
+        self._recorder = Recorder(comm)
+        self._last_launch: float | None = None
+        self._bytes_this_step = 0
+        self._buckets_this_step = 0
+        self.last_step_buckets = 0
+        """Buckets all-reduced in the last measured step (DDP's bucketing, for tests and reports)."""
+        self.ddp = nn.parallel.DistributedDataParallel(
+            model, process_group=group, broadcast_buffers=False, bucket_cap_mb=bucket_cap_mb
+        )
+        self.ddp.register_comm_hook(state=self, hook=_ddp_hook)
+
+    def _all_reduce_bucket(self, buffer: torch.Tensor) -> torch.futures.Future:
+        """One bucket: launch its all-reduce through ``comm`` now; a thread waits and completes the future with the
+        mean (DDP copies it into the gradients)."""
+        self._last_launch = time.perf_counter()
+        self._buckets_this_step += 1
+        nbytes = buffer.numel() * buffer.element_size()
+        self._bytes_this_step += nbytes
+        future: torch.futures.Future = torch.futures.Future()
+        work = self.comm.all_reduce_sum(buffer)
+
+        def wait() -> None:
+            try:
+                work.wait(self.timeout)
+                future.set_result(buffer.div_(self.world_size))
+            except BaseException as exc:  # handed to backward(), which raises it
+                future.set_exception(exc)
+
+        threading.Thread(target=wait, name="ddp-bucket-wait", daemon=True).start()
+        return future
+
+    def average_gradients(self) -> None:
+        """Measure the step whose gradients DDP has averaged inside ``backward()`` (see the class docstring)."""
+        recorder = self._recorder
+        now = time.perf_counter()
+        began = self._last_launch if self._last_launch is not None else now
+        recorder.enter(at=began)
+        recorder.blocked(now - began)
+        stats = recorder.stats
+        stats.inner_steps += 1
+        recorder.traffic(self._bytes_this_step, wire_bytes("all_reduce", self._bytes_this_step, self.world_size))
+        self._bytes_this_step = 0
+        self.last_step_buckets, self._buckets_this_step = self._buckets_this_step, 0
+        self._last_launch = None
+        stats.outer_steps += 1
+        recorder.exit()
+
+
+def _ddp_hook(state, bucket):  # unannotated: DDP checks real annotations, and this module's are strings
+    return state._all_reduce_bucket(bucket.buffer())

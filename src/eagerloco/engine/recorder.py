@@ -135,9 +135,11 @@ class Recorder:
 
     # ------------------------------------------------------------------ the engine's calls
 
-    def enter(self) -> None:
-        """Start of an engine call: the time since the previous call was inner compute."""
-        enter = time.perf_counter()
+    def enter(self, at: float | None = None) -> None:
+        """Start of an engine call: the time since the previous call was inner compute. ``at``: when the call
+        really began (a ``time.perf_counter()`` value), if before now: DDP waits for its last all-reduce inside
+        ``backward()``, from the launch of its last bucket on, and that wait is the engine's, not compute."""
+        enter = time.perf_counter() if at is None else at
         inner = enter - self._last_exit
         self.stats.inner_s += inner
         self._window_inner_s += inner
