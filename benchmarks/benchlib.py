@@ -16,6 +16,7 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -81,7 +82,7 @@ def run_train(
 ) -> dict[str, Any]:
     """Run ``eagerloco train ARGS --out-dir OUT --no-progress`` to completion; return its summary.json (plus
     ``driver_wall_s``, the whole command's wall time). Raises RuntimeError with the output tail on failure."""
-    out_dir = Path(out_dir)
+    out_dir = fresh_run_dir(out_dir)
     argv = train_argv([*args, "--out-dir", str(out_dir), "--no-progress"])
     start = time.perf_counter()
     proc = subprocess.run(
@@ -92,6 +93,16 @@ def run_train(
     summary = read_summary(out_dir)
     summary["driver_wall_s"] = time.perf_counter() - start
     return summary
+
+
+def fresh_run_dir(out_dir: Path) -> Path:
+    """``out_dir``, emptied: a benchmark point that runs again (a repeat, a retry, a second invocation) replaces its
+    scratch run directory, which ``eagerloco train`` would refuse to write over. Removing it rather than passing
+    ``--overwrite`` keeps the drivers working with checkouts from before that flag (``recipe_sweep.py --src``)."""
+    out_dir = Path(out_dir)
+    if out_dir.is_dir():
+        shutil.rmtree(out_dir)
+    return out_dir
 
 
 def read_summary(run_dir: Path) -> dict[str, Any]:
@@ -289,10 +300,8 @@ def run_train_torchrun(
     ``ns_tx_bytes`` / ``ns_rx_bytes`` (each site's ``lab0`` counters over the whole job, start-up included)
     and ``driver_wall_s``."""
     nl = netlab()
-    out_dir = Path(out_dir)
+    out_dir = fresh_run_dir(out_dir)
     summary_path = out_dir / "summary.json"
-    if summary_path.exists():
-        summary_path.unlink()
     script = [
         "-m", "eagerloco.train", *args, "--launch", "torchrun", "--link-mbit", "0", "--threads", "1",
         "--out-dir", str(out_dir), "--no-progress",

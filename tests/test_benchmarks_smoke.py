@@ -53,6 +53,14 @@ def test_steady_state_is_the_engines_own_without_the_final_drain():
     assert bl.steady_state({"per_worker": [engine, worker]}) == {"cu_steady": 0.625, "wall_steady_s": 8.0}
 
 
+def test_a_benchmark_point_that_runs_again_gets_an_empty_run_directory(tmp_path):
+    run_dir = tmp_path / "runs" / "sync-s0"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "summary.json").write_text("{}")
+    assert bl.fresh_run_dir(run_dir) == run_dir and not run_dir.exists() and (tmp_path / "runs").is_dir()
+    assert bl.fresh_run_dir(run_dir) == run_dir  # nothing to remove
+
+
 def test_first_crossing_interpolates_between_evaluations():
     curve = [(30, 3.0), (60, 2.5), (90, 2.0)]
     assert ttt.first_crossing(curve, 3.5) == 30.0
