@@ -471,7 +471,9 @@ def test_malformed_configs_are_one_line_errors_before_training(tmp_path, capsys,
     bad.write_text(content)
     with pytest.raises(SystemExit, match=message) as info:
         cli(["train", "--config", str(bad), "--out-dir", str(tmp_path / "out")])
-    assert "\n" not in str(info.value.code) and str(info.value.code).startswith("eagerloco train: error: ")
+    assert info.value.code == 2  # bad input: eagerloco.cli.main.EXIT_USAGE
+    assert "\n" not in str(info.value) and str(info.value).startswith("eagerloco train: error: ")
+    assert capsys.readouterr().err == str(info.value) + "\n"  # the one line, on stderr
     assert not (tmp_path / "out").exists()  # nothing started
 
 

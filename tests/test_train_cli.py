@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from eagerloco.cli.main import EXIT_USAGE
 from eagerloco.cli.main import main as cli
+from eagerloco.cli.train import TrainError
 from eagerloco.engine.config import ConfigError
 from eagerloco.lm.config import TrainConfig, apply_overrides, load_toml
 
@@ -195,11 +197,10 @@ def refused(capsys, argv: list[str]) -> tuple[int, str]:
     with pytest.raises(SystemExit) as info:
         cli(argv)
     code = info.value.code
-    if isinstance(code, str):  # the one-line errors of eagerloco train
-        assert "\n" not in code and code.startswith("eagerloco train: error: "), code
-        return 1, code
-    err = capsys.readouterr().err.strip().splitlines()[-1]  # argparse: the usage, then one line
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # argparse: the usage, then one line; ours: one line
     assert err.startswith("eagerloco train: error: "), err
+    if isinstance(info.value, TrainError):  # the one-line errors of eagerloco train: the line is also str(exc)
+        assert str(info.value) == err and "\n" not in err
     return code, err
 
 
@@ -247,10 +248,10 @@ def test_bad_input_is_one_line_and_leaves_nothing_behind(tmp_path, monkeypatch, 
         assert json.loads((tmp_path / "ok" / "summary.json").read_text())["outer_steps"] == 1
         return
     code, text = refused(capsys, [*argv, "--out-dir", "bad"])
-    assert code != 0 and re.search(message, text), text
+    assert code == EXIT_USAGE and re.search(message, text), text
     assert list(tmp_path.iterdir()) == []  # no run directory, no file, no cache
     code, text = refused(capsys, argv)  # the same without --out-dir: no runs/ either
-    assert code != 0 and list(tmp_path.iterdir()) == []
+    assert code == EXIT_USAGE and list(tmp_path.iterdir()) == []
 
 
 def test_a_toml_codec_name_is_checked_too(tmp_path):
@@ -282,7 +283,8 @@ def test_a_rerun_is_refused_without_overwrite_and_the_old_run_stays_intact(tmp_p
     argv = ["train", "--config", SMOKE, "--out-dir", str(run_dir), "--threads", "1", "--mode", "sync"]
     with pytest.raises(SystemExit) as info:
         cli(argv)
-    assert info.value.code == (
+    assert info.value.code == EXIT_USAGE
+    assert str(info.value) == (
         f"eagerloco train: error: RunDirectoryError: run directory {run_dir} already holds a run (config.json, "
         "metrics.jsonl, summary.json, model.pt, checkpoints): pass --overwrite to replace it, --resume to continue "
         "it, or choose another --out-dir"
@@ -322,3 +324,26 @@ def test_a_plain_run_names_its_directory_and_prints_the_next_commands(tmp_path, 
         assert f"run directory: runs/{expected}; next:\n  eagerloco plot runs/{expected} " in out
         assert f"\n  eagerloco eval runs/{expected} " in out and f"\n  eagerloco sample runs/{expected} " in out
     assert json.loads((tmp_path / "runs" / "eager-2" / "config.json").read_text())["run"]["out_dir"] == "runs/eager-2"
+
+
+def test_exit_status_bad_input_2_failure_while_running_1(tmp_path, monkeypatch, capsys):
+    """eagerloco.cli.main's convention: bad input (a missing config file, a corpus that is not there) exits 2
+    before anything is written; a failure while the run runs exits 1; both print one line."""
+    monkeypatch.chdir(tmp_path)
+    for argv, pattern in [
+        (["--config", "missing.toml"], r"ConfigError: config file 'missing.toml' does not exist"),
+        (["--corpus", "no-such-corpus"], r"CorpusError: .*no-such-corpus"),
+    ]:
+        code, text = refused(capsys, ["train", "--config", SMOKE, *argv])
+        assert code == EXIT_USAGE and re.search(pattern, text), text
+        assert list(tmp_path.iterdir()) == []
+    import eagerloco.launch
+    from eagerloco.engine.errors import NonFiniteOuterGradient
+
+    def failing(config):
+        raise RuntimeError("worker 1 failed") from NonFiniteOuterGradient("outer step 3: non-finite outer gradient")
+
+    monkeypatch.setattr(eagerloco.launch, "run", failing)
+    code, text = refused(capsys, ["train", "--config", SMOKE])
+    assert code == 1
+    assert text == "eagerloco train: error: NonFiniteOuterGradient: outer step 3: non-finite outer gradient"

@@ -251,7 +251,7 @@ def run_torchrun(config: TrainConfig, stop: StopSignal | None = None) -> list[Wo
     stop = stop or StopSignal()
     world = int(os.environ["WORLD_SIZE"])
     if world != config.run.workers:
-        raise SystemExit(f"torchrun started {world} ranks but run.workers={config.run.workers}: pass --workers {world}")
+        raise ConfigError(f"torchrun started {world} ranks, run.workers={config.run.workers}: pass --workers {world}")
     set_threads(config, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
     backend = "nccl" if config.run.device.startswith("cuda") else "gloo"
     if backend == "nccl":

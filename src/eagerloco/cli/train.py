@@ -49,6 +49,19 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return from_args(args)
 
 
+class TrainError(SystemExit):
+    """The end of a failed ``eagerloco train``: its one line (``str()``, printed on stderr by :func:`run`) and its
+    exit status ``code`` (:data:`eagerloco.cli.main.EXIT_USAGE` for bad input, ``EXIT_FAILURE`` for a failure while
+    running)."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(code)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
 def _known_failure(exc: BaseException) -> BaseException | None:
     """The error a user should read, if ``exc`` is (or wraps, e.g. from a simulated worker's thread) one whose
     message says what happened: bad input, a peer that failed, non-finite outer gradients, a refused resume."""
@@ -70,10 +83,15 @@ def _known_failure(exc: BaseException) -> BaseException | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run from parsed arguments; every expected failure ends in ONE line on stderr and a non-zero exit code:
-    bad input or a refused resume (1), a failed peer or non-finite outer gradients (1), an interrupt (128 +
-    signal, after the final checkpoint). Under torchrun each rank prints its own line, prefixed with its rank."""
+    """Run from parsed arguments; every expected failure ends in ONE line on stderr and a non-zero exit code
+    (:mod:`eagerloco.cli.main`'s convention): bad input, i.e. a value that breaks a rule, a missing config file or
+    corpus, a refused resume or overwrite (2, before anything is written); a failed peer or non-finite outer
+    gradients (1); an interrupt (128 + signal, after the final checkpoint). Under torchrun each rank prints its own
+    line, prefixed with its rank. Raises :class:`TrainError` (a ``SystemExit``) for the first two."""
+    from eagerloco.cli.main import EXIT_FAILURE, EXIT_USAGE
+    from eagerloco.engine.config import ConfigError
     from eagerloco.launch import run as launch
+    from eagerloco.lm.corpora import CorpusError
     from eagerloco.lm.interrupt import TrainingInterrupted
 
     rank = os.environ.get("RANK")
@@ -92,7 +110,10 @@ def run(args: argparse.Namespace) -> int:
         if failure is None:
             raise
         text = " ".join(str(failure).split())  # one line, whatever the message held
-        raise SystemExit(f"eagerloco train: error: {prefix}{type(failure).__name__}: {text}") from None
+        line = f"eagerloco train: error: {prefix}{type(failure).__name__}: {text}"
+        print(line, file=sys.stderr, flush=True)
+        code = EXIT_USAGE if isinstance(failure, (ConfigError, CorpusError)) else EXIT_FAILURE
+        raise TrainError(line, code) from None
     return 0
 
 
