@@ -45,6 +45,15 @@ def main() -> None:
     config = DiLoCoConfig(**spec["config"])
     ft = FaultTolerance(spec["lighthouse"], spec["store"], spec["replica_id"], min_replicas=spec.get("min_replicas", 1),
                         timeout_s=spec.get("timeout_s", 10.0))  # fmt: skip
+    if spec.get("kill_in_launch_at") is not None:  # die inside a sync point: after its quorum, before the launch
+        take_quorum = ft._quorum_for_launch
+
+        def quorum_then_die() -> None:
+            take_quorum()
+            if ft.engine is not None and ft.engine.inner_step == spec["kill_in_launch_at"]:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        ft._quorum_for_launch = quorum_then_die
     model = TinyNet(seed=spec.get("model_seed", 0))
     inner = torch.optim.SGD(model.parameters(), lr=0.05)
     if spec.get("start_together"):  # the first quorum holds every initial worker (a slow start is not a join)

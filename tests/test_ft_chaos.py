@@ -143,3 +143,44 @@ def test_chaos_with_fragments_and_a_codec(tmp_path: Path, mode: str) -> None:
               "collective_timeout_s": 30.0, **STABLE}  # fmt: skip
     results, kill_at = run_chaos(tmp_path, config, seed=3)
     check_chaos(results, kill_at, config)
+
+
+@pytest.mark.parametrize("mode", ["sync", "overlap"])
+def test_a_worker_dies_inside_a_sync_point_and_every_survivor_drops_that_average(tmp_path: Path, mode: str) -> None:
+    """Worker 2 dies after the quorum of sync point 2H, before its launch: the others' collective of that sync point
+    fails, the decision record says drop, every survivor drops it (nothing applied, outer state bit-identical), and
+    the next quorum goes on without worker 2."""
+    config = {"mode": mode, "sync_every": H, "collective_timeout_s": 30.0, **STABLE}
+    if mode == "overlap":
+        config.update(overlap_steps=2, alpha=0.5)
+    host = LighthouseHost(min_replicas=2, join_timeout_ms=500, heartbeat_timeout_ms=1000)
+    steps = 6 * H
+    try:
+        specs = [{"lighthouse": host.lighthouse_addr, "store": host.store_addr, "replica_id": f"w{i}",
+                  "config": config, "data_seed": i, "out": str(tmp_path / f"w{i}.pt"), "min_replicas": 2,
+                  "timeout_s": 30.0, "start_together": 3, "steps": steps,
+                  "kill_in_launch_at": 2 * H if i == 2 else None} for i in range(3)]  # fmt: skip
+        logs = [tmp_path / f"w{i}.log" for i in range(3)]
+        procs = [_spawn(spec, log) for spec, log in zip(specs, logs)]
+        try:
+            for i, (proc, log) in enumerate(zip(procs, logs)):
+                try:
+                    rc = proc.wait(timeout=PROCESS_TIMEOUT_S)
+                except subprocess.TimeoutExpired:
+                    pytest.fail(f"a worker hung past {PROCESS_TIMEOUT_S} s:\n{_tail(log)}")
+                assert rc == (-9 if i == 2 else 0), _tail(log)
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+    finally:
+        host.shutdown()
+    survivors = [torch.load(tmp_path / f"w{i}.pt", weights_only=False) for i in range(2)]
+    for r in survivors:
+        assert r["inner_step"] == steps and all(math.isfinite(x) for x in r["losses"])
+        assert r["ft"]["dropped_by_vote"] == 1 and r["ft"]["failed_waits"] == 1
+        assert r["engine"]["dropped_averages"] == 1
+        assert [rec["members"] for rec in r["records"]] == [3, 3, 2, 2, 2, 2]
+    assert [rec["digest"] for rec in survivors[0]["records"]] == [rec["digest"] for rec in survivors[1]["records"]]
+    assert survivors[0]["final_digest"] == survivors[1]["final_digest"]

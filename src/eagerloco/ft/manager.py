@@ -314,7 +314,42 @@ class FaultTolerance:
         from torchft.manager import Manager
         from torchft.process_group import ProcessGroupGloo
 
-        class _AdvertisedHTTPTransport(HTTPTransport):  # torchft advertises gethostname(): wrong across namespaces
+        class _AdvertisedHTTPTransport(HTTPTransport):
+            """torchft's HTTP state transfer, with two fixes for a loop that never calls ``should_commit``:
+
+            * it advertises ``host`` (torchft advertises ``gethostname()``: wrong across namespaces);
+            * :meth:`disallow_checkpoint` (called before each quorum, so that a joiner's request waits until this
+              quorum's state is staged) first waits until every joiner of the previous quorum has fetched it, else
+              a joiner slower than our next H inner steps would wait on us while we wait on it in the next quorum.
+            """
+
+            def __init__(self, timeout: timedelta, num_chunks: int) -> None:
+                self._fetched = threading.Condition()
+                self._expected_fetches = 0
+                self._fetches = 0
+                super().__init__(timeout=timeout, num_chunks=num_chunks)
+
+            @property
+            def _state_dict(self) -> Any:  # read once per full fetch by torchft's request handler
+                with self._fetched:
+                    self._fetches += 1
+                    self._fetched.notify_all()
+                return self.__dict__.get("_staged")
+
+            @_state_dict.setter
+            def _state_dict(self, value: Any) -> None:
+                self.__dict__["_staged"] = value
+
+            def send_checkpoint(self, dst_ranks: list[int], step: int, state_dict: Any, timeout: timedelta) -> None:
+                with self._fetched:
+                    self._expected_fetches, self._fetches = len(dst_ranks), 0
+                super().send_checkpoint(dst_ranks, step, state_dict, timeout)
+
+            def disallow_checkpoint(self) -> None:
+                with self._fetched:  # bounded: a joiner that died never fetches
+                    self._fetched.wait_for(lambda: self._fetches >= self._expected_fetches, timeout=timeout_s)
+                super().disallow_checkpoint()
+
             def address(self) -> str:
                 return f"http://{host}:{self._server.socket.getsockname()[1]}/checkpoint/"
 
@@ -425,7 +460,8 @@ class FaultTolerance:
         # torchft heals a member whose step is below the quorum's highest: the engine's inner step is that step.
         self.manager.load_state_dict({"step": step, "batches_committed": 0})
         # A joiner may ask for our state as soon as the lighthouse answers, before this quorum has staged it: hold
-        # its request until then (torchft does this in should_commit, which this loop does not call).
+        # its request until then (torchft does this in should_commit, which this loop does not call). This first
+        # waits until the joiners of the previous quorum have fetched theirs (see _AdvertisedHTTPTransport).
         self._transport.disallow_checkpoint()
         try:
             self.manager.start_quorum()
