@@ -1,7 +1,8 @@
 """One rank of the Hugging Face integration tests: ``python _hf_worker.py RANK WORLD PORT CASE OUTDIR OUT``.
 
-CASE 'trainer': ``transformers.Trainer`` on a tiny GPT-2 built from a config (examples/hf_gpt2.py, nothing
-downloaded) with :class:`eagerloco.integrations.hf.DiLoCoCallback`, one rank per worker. CASE 'accelerate':
+CASE 'trainer': examples/hf_trainer.py's ``transformers.Trainer`` on a tiny GPT-2 built from a config (nothing
+downloaded) with :class:`eagerloco.integrations.hf.DiLoCoCallback`, one rank per worker ('trainer_2x2': 4 ranks, 2
+workers of 2 ranks, DDP inside each worker). CASE 'accelerate':
 examples/accelerate_loop.py's loop. Each rank records, per training step, how many collectives each process
 group ran (gloo's sequence numbers: the world group, where Trainer's DDP would average gradients, and the outer
 group of the outer step), and the final outer parameters.
@@ -29,54 +30,45 @@ def seq(group) -> int:
     return group._get_sequence_number_for_group()
 
 
-def run_trainer(outdir: Path) -> dict:
-    import hf_gpt2
-    from transformers import Trainer, TrainerCallback, TrainingArguments
-
-    from eagerloco import DiLoCoConfig
-    from eagerloco.integrations.hf import DiLoCoCallback
+def run_trainer(outdir: Path, ranks_per_worker: int = 1) -> dict:
+    import hf_trainer
+    from transformers import TrainerCallback
 
     world = dist.distributed_c10d._get_default_group()
-    data = hf_gpt2.sample(64, torch.Generator().manual_seed(5 + dist.get_rank()))
-    dataset = [{"input_ids": x, "labels": x} for x in data]
-    args = TrainingArguments(
-        output_dir=str(outdir / f"trainer{dist.get_rank()}"),
-        max_steps=STEPS,
-        per_device_train_batch_size=4,
-        learning_rate=3e-3,
-        use_cpu=True,
-        ddp_backend="gloo",
-        report_to=[],
-        logging_steps=1000,
-        save_strategy="no",
-        seed=0,
-        dataloader_num_workers=0,
+    trainer, callback = hf_trainer.build_trainer(
+        str(outdir / f"trainer{dist.get_rank()}"), steps=STEPS, sync_every=H, ranks_per_worker=ranks_per_worker
     )
-    trainer = Trainer(model=hf_gpt2.make_model(), args=args, train_dataset=dataset)
-    callback = DiLoCoCallback(DiLoCoConfig(mode="sync", sync_every=H, outer_lr=0.7), ranks_per_worker=1)
-    callback.attach(trainer)
     counts: list[int] = []
+    inner, outer = callback.layout.inner_group, callback.layout.outer_group
 
     class Count(TrainerCallback):  # added after DiLoCoCallback: its on_step_end runs after the outer step
         def on_step_begin(self, *a, **k):
-            self.before = seq(world)
+            self.before = (seq(world), seq(inner), seq(outer))
 
         def on_step_end(self, *a, **k):
-            counts.append(seq(world) - self.before)  # world-group collectives in this step
+            counts.append(seq(world) - self.before[0])  # world-group collectives in this step
+            inner_counts.append(seq(inner) - self.before[1])  # inside the worker
+            outer_counts.append(seq(outer) - self.before[2])  # the outer step's group
 
+    inner_counts: list[int] = []
+    outer_counts: list[int] = []
     trainer.add_callback(Count())
     trainer.train()
     loco = callback.loco
     ddp = trainer.model_wrapped
     outer_is_world = callback.layout.outer_group == world
+    phi = {k: v.clone() for k, v in loco.full_outer_parameters().items()}
     return {
         "counts": counts,
-        "phi": {k: v.clone() for k, v in loco.full_outer_parameters().items()},
+        "inner_counts": inner_counts,
+        "outer_counts": outer_counts,
+        "phi": phi,
         "model": {k: v.detach().clone() for k, v in trainer.model.named_parameters()},
         "ddp": type(ddp).__name__,
         "outer_is_world": outer_is_world,
         "inner_steps": loco.inner_step,
-        "eval": trainer.evaluate(eval_dataset=dataset[:16])["eval_loss"],
+        "eval": trainer.evaluate()["eval_loss"],
+        "worker": callback.layout.worker,
     }
 
 
@@ -117,7 +109,12 @@ def main() -> None:
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
     )  # fmt: skip
     init_gloo(rank, world_size, port)
-    result = run_trainer(outdir) if case == "trainer" else run_accelerate(outdir)
+    if case == "trainer":
+        result = run_trainer(outdir)
+    elif case == "trainer_2x2":
+        result = run_trainer(outdir, ranks_per_worker=2)
+    else:
+        result = run_accelerate(outdir)
     torch.save(result, out)
     dist.destroy_process_group()
 

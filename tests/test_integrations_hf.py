@@ -26,9 +26,9 @@ EXPECTED = [0, 2, 0, 1, 0, 0, 0, 1]
 CONTROL = [1, 3, 1, 1]
 
 
-def _launch(tmp_path_factory, case: str) -> list[dict]:
+def _launch(tmp_path_factory, case: str, world: int = 2) -> list[dict]:
     tmp = tmp_path_factory.mktemp(case)
-    return launch_ranks(HERE / "_hf_worker.py", 2, tmp, case, str(tmp), timeout=400)
+    return launch_ranks(HERE / "_hf_worker.py", world, tmp, case, str(tmp), timeout=500)
 
 
 @pytest.fixture(scope="module")
@@ -37,16 +37,24 @@ def trainer_results(tmp_path_factory) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
+def trainer_2x2_results(tmp_path_factory) -> list[dict]:
+    return _launch(tmp_path_factory, "trainer_2x2", world=4)
+
+
+@pytest.fixture(scope="module")
 def accelerate_results(tmp_path_factory) -> list[dict]:
     return _launch(tmp_path_factory, "accelerate")
 
 
 def _same_outer_parameters_in_the_model(results: list[dict]) -> None:
-    a, b = results
-    assert a["phi"].keys() == b["phi"].keys() and len(a["phi"]) > 0
-    for name in a["phi"]:
-        assert torch.equal(a["phi"][name], b["phi"][name]), name  # one model on both workers (sync)
-        for r in results:
+    a = results[0]
+    assert len(a["phi"]) > 0
+    for b in results[1:]:
+        assert a["phi"].keys() == b["phi"].keys()
+        for name in a["phi"]:
+            assert torch.equal(a["phi"][name], b["phi"][name]), name  # one model on every worker (sync)
+    for r in results:
+        for name in a["phi"]:
             assert torch.equal(r["model"][name], r["phi"][name]), name  # the model holds φ at the end
 
 
@@ -60,6 +68,21 @@ def test_trainer_callback_runs_workers_without_a_gradient_all_reduce(trainer_res
     _same_outer_parameters_in_the_model(trainer_results)
     # trainer.evaluate() after train() sees φ: the same loss on both workers
     assert trainer_results[0]["eval"] == trainer_results[1]["eval"]
+
+
+@pytest.mark.slow
+def test_trainer_with_workers_of_two_ranks_keeps_ddp_inside_each_worker(trainer_2x2_results):
+    """4 ranks, 2 workers x 2 ranks: the world group sees only DDP's one-time bucket rebuild; the outer group one
+    all-reduce per sync point; each worker's inner group DDP's gradient all-reduce every step (one bucket) plus,
+    at sync points, the all-gather that restores the worker's replicas after the outer step."""
+    assert sorted(r["worker"] for r in trainer_2x2_results) == [0, 0, 1, 1]
+    for r in trainer_2x2_results:
+        assert not r["outer_is_world"]
+        assert r["counts"] == [0, 2, 0, 0, 0, 0, 0, 0]
+        assert r["outer_counts"] == [0, 0, 0, 1, 0, 0, 0, 1]
+        assert r["inner_counts"] == [1, 1, 1, 2, 1, 1, 1, 2]
+    _same_outer_parameters_in_the_model(trainer_2x2_results)
+    assert len({r["eval"] for r in trainer_2x2_results}) == 1
 
 
 @pytest.mark.slow
