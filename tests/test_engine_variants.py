@@ -191,3 +191,18 @@ def test_weight_below_one_over_m_is_refused_before_any_outer_collective(world_si
         return loco.stats.to_dict()["payload_bytes"] if "loco" in locals() else 0
 
     assert run_inprocess(world_size, worker) == [0] * world_size
+
+
+def test_train_cli_refuses_a_weight_below_one_over_m_before_anything_runs():
+    from eagerloco.lm.config import TrainConfig
+
+    config = TrainConfig()
+    config.outer.eager_own_weight = 0.25
+    config.run.workers = 2
+    with pytest.raises(ConfigError, match=r"^outer\.eager_own_weight=0\.25: below 1/M = 0\.5 for run\.workers=2;"):
+        config.validate()
+    config.run.workers = 4
+    assert config.validate().outer.diloco().eager_own_weight == 0.25
+    config.outer.mode = "sync"
+    with pytest.raises(ConfigError, match=r"^eager_own_weight=0\.25: applies to mode 'eager' only"):
+        config.validate()

@@ -199,6 +199,12 @@ class TrainConfig:
         for name, value in positive.items():
             if value < 1:
                 raise ConfigError(f"{name}={value!r}: must be >= 1")
+        weight = self.outer.eager_own_weight  # range and mode checked by diloco() above; here against M
+        if self.outer.mode == "eager" and weight is not None and weight < 1 / self.run.workers:
+            raise ConfigError(
+                f"outer.eager_own_weight={weight!r}: below 1/M = {1 / self.run.workers:g} for run.workers="
+                f"{self.run.workers}; the own-contribution weight w must be in [1/M, 1]"
+            )
         non_negative = {
             "optim.warmup_steps": self.optim.warmup_steps,
             "optim.weight_decay": self.optim.weight_decay,
