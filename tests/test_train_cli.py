@@ -1,5 +1,5 @@
 """The training CLI end to end on tiny runs: every mode, resume ≡ uninterrupted, launches agree, summary ≡ metrics,
-clear errors. Tiny config: configs/smoke.toml (2-layer GPT, 20 inner steps, H = 5, seconds per run)."""
+clear errors. Tiny config: the shipped smoke.toml (2-layer GPT, 20 inner steps, H = 5, seconds per run)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from eagerloco import configs
 from eagerloco.cli.main import EXIT_USAGE
 from eagerloco.cli.main import main as cli
 from eagerloco.cli.train import TrainError
@@ -18,7 +19,7 @@ from eagerloco.engine.config import ConfigError
 from eagerloco.lm.config import TrainConfig, apply_overrides, load_toml
 
 ROOT = Path(__file__).resolve().parent.parent
-SMOKE = str(ROOT / "configs" / "smoke.toml")
+SMOKE = str(configs.path("smoke"))  # shipped in the package (src/eagerloco/configs; configs/ links there)
 
 
 def train(tmp_path: Path, name: str, *flags: str) -> dict:
@@ -150,18 +151,66 @@ def test_unknown_and_mistyped_config_keys(tmp_path):
         load_toml(tmp_path / "missing.toml")
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.toml")), ids=lambda p: p.name)
-def test_shipped_configs_are_valid(path):
+@pytest.mark.parametrize("name", configs.names())
+def test_shipped_configs_are_valid(name):
     config = TrainConfig()
+    path = configs.path(name)
     apply_overrides(config, load_toml(path), str(path))
     config.validate()
+    # A config named after its mode leaves the run directory to the default (runs/MODE, runs/MODE-2, ...); the
+    # others name it after themselves. Either way the file's comment says where the run goes.
+    expected = "" if name == config.outer.mode or name == "smoke" else f"runs/{name}"
+    assert config.run.out_dir == expected
+    assert f"eagerloco train --config {name} " in path.read_text() or name == "eager"
+
+
+def test_configs_by_name_from_any_directory(tmp_path, monkeypatch, capsys):
+    """--config NAME reads the shipped file (package data: it works outside a checkout); an existing file wins
+    over a name; an unknown name is one line listing the shipped names, exit 2, nothing written."""
+    assert configs.names() == ["dp", "eager", "eager_fp4", "smoke", "streaming", "sync"]
+    assert (ROOT / "configs").resolve() == configs.path("eager").parent  # the checkout's configs/ is the package's
+    monkeypatch.chdir(tmp_path)
+    assert configs.resolve("sync") == configs.resolve("sync.toml") == configs.path("sync")
+    (tmp_path / "sync").write_text("[outer]\nmode = 'dp'\n")
+    assert configs.resolve("sync") == Path("sync")
+    (tmp_path / "sync").unlink()
+    for spec in ("eagr", "runs/eager.toml", "eager/"):
+        code, text = refused(capsys, ["train", "--config", spec])
+        assert code == EXIT_USAGE
+        assert text == (
+            f"eagerloco train: error: ConfigError: config file {spec!r} does not exist and is not the name of a "
+            "shipped config; shipped configs: dp, eager, eager_fp4, smoke, streaming, sync (eagerloco train "
+            "--config NAME)"
+        )
+    assert list(tmp_path.iterdir()) == []
+    assert cli(["train", "--config", "smoke", "--steps", "5", "--eval-every", "0", "--threads", "1"]) == 0
+    config = json.loads((tmp_path / "runs" / "eager" / "config.json").read_text())
+    assert (config["model"]["n_layer"], config["run"]["steps"], config["outer"]["sync_every"]) == (2, 5, 5)
+
+
+def test_the_wheel_ships_the_configs(tmp_path):
+    """pyproject's package data: the built wheel holds every shipped config (what makes --config NAME work from an
+    installed package)."""
+    import subprocess
+    import sys
+    import zipfile
+
+    pytest.importorskip("setuptools")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", str(ROOT), "-w",
+         str(tmp_path)],
+        check=True, capture_output=True, timeout=300,
+    )  # fmt: skip
+    [wheel] = tmp_path.glob("eagerloco-*.whl")
+    shipped = sorted(n for n in zipfile.ZipFile(wheel).namelist() if n.startswith("eagerloco/configs/"))
+    assert shipped == ["eagerloco/configs/__init__.py", *(f"eagerloco/configs/{n}.toml" for n in configs.names())]
 
 
 def test_default_config_is_the_documented_main_job():
     config = TrainConfig().validate()
     assert (config.outer.mode, config.run.workers, config.outer.delay) == ("eager", 2, 1)
     shipped = TrainConfig()
-    apply_overrides(shipped, load_toml(ROOT / "configs" / "eager.toml"), "eager.toml")
+    apply_overrides(shipped, load_toml(configs.path("eager")), "eager.toml")
     shipped.run.out_dir = config.run.out_dir
     assert shipped.to_dict() == config.to_dict()
 

@@ -4,7 +4,7 @@
     eagerloco train --mode sync --out-dir runs/sync     # blocking DiLoCo on the same (emulated) link, to compare
     eagerloco train --mode dp --out-dir runs/dp         # the data-parallel baseline
     eagerloco train --launch processes                  # 2 real processes over gloo on this machine
-    eagerloco train --config configs/smoke.toml         # a named experiment (flags still override it)
+    eagerloco train --config smoke                      # a shipped experiment by name (flags still override it)
     torchrun --nproc-per-node 2 -m eagerloco.train --link-mbit 0        # one rank per worker, any torchrun job
     torchrun --nnodes 2 --node-rank R --rdzv-backend c10d --rdzv-endpoint HOST:29400 \\
         --nproc-per-node 1 -m eagerloco.train --link-mbit 0             # one worker per site

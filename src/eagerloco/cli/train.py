@@ -22,9 +22,14 @@ HELP = "pretrain a small GPT with DiLoCo / streaming / eager updates (the main j
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Every flag of ``eagerloco train``: ``--config``, the hidden ``--resolved-config`` and one flag per field of
     :class:`eagerloco.lm.config.TrainConfig`. Returns ``parser``."""
+    from eagerloco import configs
     from eagerloco.lm.config import add_arguments as add_config_fields
 
-    parser.add_argument("--config", help="TOML experiment file (see configs/); flags override it")
+    parser.add_argument(
+        "--config",
+        metavar="NAME|PATH",
+        help=f"a shipped experiment by name ({', '.join(configs.names())}) or a TOML file; flags override it",
+    )
     parser.add_argument("--resolved-config", help=argparse.SUPPRESS)  # --launch processes hands its config over
     add_config_fields(parser)
     return parser
@@ -42,10 +47,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The validated configuration: defaults < ``--config`` TOML < flags (or the launcher's resolved file)."""
+    from eagerloco import configs
     from eagerloco.lm.config import TrainConfig, from_args
 
     if args.resolved_config:
         return TrainConfig.from_dict(json.loads(Path(args.resolved_config).read_text())).validate()
+    if args.config:
+        args.config = str(configs.resolve(args.config))  # a file, else a shipped config's name
     return from_args(args)
 
 

@@ -1,6 +1,6 @@
 """The training run's configuration: one typed dataclass tree, a docstring per field, loaded from TOML and flags.
 
-Precedence: the defaults below < a TOML file (``--config configs/NAME.toml``) < command-line flags. Every field
+Precedence: the defaults below < a TOML file (``--config NAME`` or ``PATH.toml``) < command-line flags. Every field
 of every section is a flag named after the field (``sync_every`` → ``--sync-every``); field names are unique
 across sections so that flags stay short. The TOML file has one table per section::
 
