@@ -513,6 +513,7 @@ def plot(out: Path, path: Path) -> Path | None:
     cols = min(3, len(keys))
     nrows = math.ceil(len(keys) / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(5 * cols, 3.8 * nrows), squeeze=False, sharey=True)
+    colors = {col: f"C{i}" for i, col in enumerate(MOMENTUM_COLUMNS)}  # one colour per momentum in every panel
     for ax, g in zip(axes.flat, keys):
         for mom, nest in MOMENTUM_COLUMNS:
             pts = sorted(
@@ -522,7 +523,10 @@ def plot(out: Path, path: Path) -> Path | None:
             )
             if pts:
                 name = "momentum 0" if mom == 0 else f"{mom:g} {'Nesterov' if nest else 'heavy ball'}"
-                ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=name)
+                ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=name, color=colors[(mom, nest)])
+        lrs = sorted({Point.from_dict(r["point"]).outer_lr for r in groups[g]} | set(LRS))
+        ax.set_xticks(lrs)
+        ax.set_xlim(min(lrs) - 0.1, max(lrs) + 0.1)
         ax.set_title(label(g), fontsize=9)
         ax.set_xlabel("outer lr")
         ax.grid(alpha=0.3)
