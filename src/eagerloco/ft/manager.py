@@ -610,6 +610,8 @@ def _set_membership(engine: DiLoCo, rank: int, world_size: int) -> None:
     # which the core takes at launch for every 1/M of that sync point (eager's own term included).
     engine.rank = rank
     engine.world_size = world_size
+    for core in engine.states:  # current before the launch too (eager's check of its own weight against 1/M)
+        core.world_size = world_size
 
 
 def _model_and_config(engine: DiLoCo) -> tuple[list[tuple[Any, ...]], dict[str, Any]]:
