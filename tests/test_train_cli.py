@@ -196,8 +196,12 @@ def test_the_wheel_ships_the_configs(tmp_path):
     import zipfile
 
     pytest.importorskip("setuptools")
+    source = tmp_path / "source"  # a copy: setuptools writes build/ next to the sources
+    shutil.copytree(ROOT / "src", source / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", str(ROOT), "-w",
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", str(source), "-w",
          str(tmp_path)],
         check=True, capture_output=True, timeout=300,
     )  # fmt: skip
