@@ -104,3 +104,40 @@ def test_safetensors_export_of_a_plain_module_and_a_loco(tmp_path):
     loco.finalize()
     loaded = safetensors.load_file(str(export_safetensors(loco, tmp_path / "phi.safetensors", rank=0)))
     assert all(torch.equal(loaded[n], v) for n, v in loco.full_outer_parameters().items())
+
+
+def test_safetensors_export_of_a_hugging_face_model_is_save_pretrained(tmp_path):
+    pytest.importorskip("safetensors")
+    transformers = pytest.importorskip("transformers")
+    import sys
+
+    sys.path.insert(0, str(HERE.parent / "examples"))
+    import hf_gpt2
+
+    from eagerloco import DiLoCo, DiLoCoConfig, InProcessGroup
+    from eagerloco.integrations.dcp import export_safetensors
+
+    model = hf_gpt2.make_model()
+    loco = DiLoCo(model, None, DiLoCoConfig(sync_every=2), comm=InProcessGroup(1).communicator(0))
+    with pytest.raises(RuntimeError, match=r"before loco\.finalize\(\)"):
+        export_safetensors(loco, tmp_path / "early", rank=0)
+    loco.finalize()
+    out = export_safetensors(loco, tmp_path / "gpt2", rank=0)
+    assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
+    loaded = transformers.GPT2LMHeadModel.from_pretrained(out)
+    params = dict(loaded.named_parameters())
+    for name, value in loco.full_outer_parameters().items():
+        assert torch.equal(params[name].detach(), value), name
+    assert loaded.lm_head.weight.data_ptr() == loaded.transformer.wte.weight.data_ptr()  # still tied
+
+
+def test_the_integrations_import_nothing_beyond_torch_until_used():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, eagerloco, eagerloco.integrations, eagerloco.integrations.dcp;"
+        "print(sorted(m for m in ('transformers', 'accelerate', 'safetensors') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
