@@ -34,6 +34,8 @@ def make(config: DiLoCoConfig, model=None, **kwargs) -> DiLoCo:
         ({"fragment_layout": "random"}, r"fragment_layout='random': must be 'strided' or 'sequential'"),
         ({"collective_timeout_s": 0}, r"collective_timeout_s=0: must be a finite number of seconds > 0"),
         ({"error_feedback": True}, r"error_feedback=True needs a lossy codec"),
+        ({"compression": "int4"}, r"compression='int4': unknown codec; valid codecs: none, bf16, fp16, fp8, int8, fp4"),
+        ({"compression": "fp3"}, r"compression='fp3': unknown codec"),
     ],
 )
 def test_config_errors(fields, pattern):
@@ -41,6 +43,13 @@ def test_config_errors(fields, pattern):
         DiLoCoConfig(**fields).validate()
     with pytest.raises(ConfigError, match=pattern):  # and the wrapper validates before doing anything
         make(DiLoCoConfig(**fields))
+
+
+def test_the_config_knows_exactly_the_shipped_codecs():
+    from eagerloco.compression import CODECS
+    from eagerloco.engine.config import CODEC_NAMES
+
+    assert CODEC_NAMES == CODECS
 
 
 def test_unknown_config_field():

@@ -127,6 +127,11 @@ def train_worker(
             loss = evaluate_loss(eval_model, eval_batches, device)
             log.write({"type": "eval", "worker": rank, "step": step, "tokens": step * tokens_per_step,
                        "time_s": elapsed(), "eval_loss": loss})  # fmt: skip
+        if rank == 0 and config.run.progress:  # one line per evaluation, printed above the progress bar
+            from tqdm import tqdm
+
+            tqdm.write(f"step {step}/{config.run.steps}: eval loss {loss:.4f} (outer parameters), "
+                       f"{step * tokens_per_step:,} tokens, {elapsed():.1f} s", file=sys.stderr)  # fmt: skip
         return loss
 
     def save_checkpoint(step: int) -> None:

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 Mode = Literal["sync", "overlap", "delayed", "eager"]
-MODES: tuple[str, ...] = ("sync", "overlap", "delayed", "eager")
+MODES: tuple[str, ...] = get_args(Mode)
 FragmentLayout = Literal["strided", "sequential"]
+Codec = Literal["none", "bf16", "fp16", "fp8", "int8", "fp4"]
+"""Codec names for outer gradients, from widest to narrowest (``eagerloco.compression.CODECS`` holds the same)."""
+CODEC_NAMES: tuple[str, ...] = get_args(Codec)
 
 
 class ConfigError(ValueError):
@@ -68,7 +71,7 @@ class DiLoCoConfig:
     """Device of the outer parameters φ and the outer optimizer state ('cpu' to offload them from the GPU).
     ``None``: the model's device."""
 
-    compression: str = "none"
+    compression: Codec = "none"
     """Codec for outer gradients on the wire: 'none' (fp32), 'bf16', 'fp16', 'fp8', 'int8', 'fp4'."""
 
     error_feedback: bool = False
@@ -145,6 +148,8 @@ class DiLoCoConfig:
         if self.nonfinite not in ("raise", "skip"):
             raise bad("nonfinite", "must be 'raise' or 'skip'")
         _check_int(self, "divergence_every", 0, "must be an integer >= 0 (0 disables the measurement)")
+        if self.compression not in CODEC_NAMES:
+            raise bad("compression", f"unknown codec; valid codecs: {', '.join(CODEC_NAMES)}")
         if self.error_feedback and self.compression == "none":
             raise ConfigError("error_feedback=True needs a lossy codec: compression='none' has no residual")
         return self

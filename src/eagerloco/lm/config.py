@@ -25,13 +25,12 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
-from eagerloco.engine.config import ConfigError, DiLoCoConfig
+from eagerloco.engine.config import Codec, ConfigError, DiLoCoConfig, Mode
 from eagerloco.lm.model import GPTConfig
 
-TrainMode = Literal["dp", "sync", "overlap", "delayed", "eager"]
+TrainMode = Literal["dp", Mode]
+"""The data-parallel baseline and every engine mode (a new mode in ``engine/config.py`` reaches the CLI by itself)."""
 Launch = Literal["auto", "simulated", "processes", "torchrun"]
-Codec = Literal["none", "bf16", "fp16", "fp8", "int8", "fp4"]
-"""The codecs of :mod:`eagerloco.compression` (tests check that the two lists agree)."""
 TokenizerKind = Literal["byte", "bpe"]
 
 
