@@ -400,3 +400,52 @@ def test_exit_status_bad_input_2_failure_while_running_1(tmp_path, monkeypatch, 
     code, text = refused(capsys, ["train", "--config", SMOKE])
     assert code == 1
     assert text == "eagerloco train: error: NonFiniteOuterGradient: outer step 3: non-finite outer gradient"
+
+
+def test_data_preparation_says_what_it_does_and_what_it_reuses(tmp_path):
+    """One line per slow stage (reading, BPE training, tokenising) and per cache reused, then the summary."""
+    from eagerloco.lm.corpora import load_corpus, split_corpus
+    from eagerloco.lm.data import prepare_data
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(3):
+        (corpus / f"doc{i}.txt").write_text(f"to be or not to be, that is question {i}\n" * 50)
+    chars = sum(len(p.read_text()) for p in corpus.iterdir())
+    cache = tmp_path / "cache"
+    lines: list[str] = []
+    data = prepare_data(f"path:{corpus}", tokenizer="bpe", vocab_size=300, cache_dir=cache, log=lines.append)
+    [bpe] = cache.glob("bpe-*.json")
+    [tokens] = cache.glob("tokens-*.npz")
+    train_docs, _ = split_corpus(load_corpus(f"path:{corpus}"), data.val_fraction)
+    assert lines[:3] == [
+        f"data: reading corpus path:{corpus} ...",
+        f"data: corpus path:{corpus}: 3 documents, {chars:,} characters",
+        f"tokenizer: training a byte-level BPE (vocab 300) on {sum(len(d.text) for d in train_docs):,} characters "
+        "of the training split ...",
+    ]
+    assert re.fullmatch(rf"tokenizer: BPE trained in \d+\.\d s, cached as {re.escape(str(bpe))}", lines[3])
+    assert lines[4] == f"data: tokenising {chars:,} characters with the BPE ..."
+    assert re.fullmatch(rf"data: ready in \d+\.\d s: {re.escape(data.summary())}", lines[5]) and len(lines) == 6
+    lines.clear()
+    again = prepare_data(f"path:{corpus}", tokenizer="bpe", vocab_size=300, cache_dir=cache, log=lines.append)
+    assert lines[2:4] == [f"tokenizer: BPE (vocab 300) reused from the cache {bpe}",
+                          f"data: token arrays reused from the cache {tokens}"]  # fmt: skip
+    assert len(lines) == 5 and again.summary() == data.summary()
+    lines.clear()
+    prepare_data(f"path:{corpus}", log=lines.append)  # bytes: nothing to train, nothing to tokenise slowly
+    assert [line.split(":")[0] for line in lines] == ["data", "data", "data"]
+
+
+def test_eval_losses_are_printed_as_they_happen(tmp_path, capsys):
+    """Worker 0 prints one line per evaluation (not per inner step), the values of metrics.jsonl; --no-progress
+    keeps the run quiet but for the final table."""
+    train(tmp_path, "run", "--progress", "--steps", "20", "--eval-every", "5")
+    err = capsys.readouterr().err
+    printed = re.findall(r"step (\d+)/20: eval loss (\d+\.\d{4}) \(outer parameters\), ([\d,]+) tokens", err)
+    logged = records(tmp_path / "run", "eval")
+    assert printed == [(str(r["step"]), f"{r['eval_loss']:.4f}", f"{r['tokens']:,}") for r in logged]
+    assert [r["step"] for r in logged] == [5, 10, 15, 20]
+    assert "data: ready in " in err
+    train(tmp_path, "quiet", "--no-progress", "--steps", "20", "--eval-every", "5")
+    assert capsys.readouterr().err == ""

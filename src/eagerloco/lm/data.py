@@ -15,6 +15,8 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,6 +111,7 @@ def prepare_data(
     vocab_size: int | None = None,
     val_fraction: float = DEFAULT_VAL_FRACTION,
     cache_dir: str | os.PathLike[str] | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> LMData:
     """Load (or take) a corpus, split it, build the tokenizer (BPE: trained on the training split) and tokenise both
     splits.
@@ -120,12 +123,19 @@ def prepare_data(
         val_fraction: fraction of each document held out for validation (its tail), in [0, 1).
         cache_dir: where the BPE tokenizer and BPE token arrays are cached (None: no caching).
             :func:`default_cache_dir` is the conventional choice.
+        log: called with one line per stage that takes a while (reading the corpus, training the BPE, tokenising)
+            or that reuses a cache, and with :meth:`LMData.summary` at the end (None: silent).
     """
+    say = log or (lambda line: None)
+    start = time.perf_counter()
+    if not isinstance(corpus, Corpus):
+        say(f"data: reading corpus {corpus} ...")
     corp = corpus if isinstance(corpus, Corpus) else load_corpus(corpus)
     if not corp.documents:
         raise CorpusError(f"empty corpus {corp.name!r}")
+    say(f"data: corpus {corp.name}: {len(corp.documents)} documents, {corp.num_chars:,} characters")
     train_docs, val_docs = split_corpus(corp, val_fraction)
-    tok = build_tokenizer(tokenizer, vocab_size, corpus=[d.text for d in train_docs], cache_dir=cache_dir)
+    tok = build_tokenizer(tokenizer, vocab_size, corpus=[d.text for d in train_docs], cache_dir=cache_dir, log=log)
     arrays: tuple[np.ndarray, ...] | None = None
     cache_path: Path | None = None
     if cache_dir is not None and not isinstance(tok, ByteTokenizer):
@@ -133,9 +143,12 @@ def prepare_data(
         cache_path = Path(cache_dir) / f"tokens-{hashlib.sha256(key.encode()).hexdigest()[:20]}.npz"
         arrays = _load_token_cache(cache_path, len(train_docs), len(val_docs))
     if arrays is not None:
+        say(f"data: token arrays reused from the cache {cache_path}")
         train = TokenStream(arrays[0], arrays[1].astype(np.int64), tuple(d.name for d in train_docs))
         val = TokenStream(arrays[2], arrays[3].astype(np.int64), tuple(d.name for d in val_docs))
     else:
+        if not isinstance(tok, ByteTokenizer):  # bytes are a memory copy; BPE encoding takes a while
+            say(f"data: tokenising {corp.num_chars:,} characters with the BPE ...")
         train = TokenStream.from_documents(train_docs, tok)
         val = TokenStream.from_documents(val_docs, tok)
         if cache_path is not None:
@@ -150,4 +163,6 @@ def prepare_data(
             atomic_write_bytes(cache_path, buffer.getvalue())
     if len(train) == 0:
         raise CorpusError(f"empty corpus {corp.name!r}: no training tokens")
-    return LMData(corp.name, corp.fingerprint, val_fraction, tok, train, val)
+    data = LMData(corp.name, corp.fingerprint, val_fraction, tok, train, val)
+    say(f"data: ready in {time.perf_counter() - start:.1f} s: {data.summary()}")
+    return data

@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -194,6 +195,7 @@ def build_tokenizer(
     vocab_size: int | None = None,
     corpus: Sequence[str] | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> ByteTokenizer | BPETokenizer:
     """The tokenizer ``kind`` ('byte' or 'bpe').
 
@@ -203,6 +205,7 @@ def build_tokenizer(
         corpus: BPE only: the training texts (the training split, never the validation split).
         cache_dir: BPE only: directory of the cache. When the file for (corpus fingerprint, vocab size) exists it is
             loaded, otherwise the BPE is trained and saved there atomically. ``None``: train, do not cache.
+        log: called with one line when the BPE is trained (it takes a while) and when a cached one is reused.
     """
     if kind == "byte":
         if vocab_size not in (None, 256):
@@ -218,11 +221,17 @@ def build_tokenizer(
     texts = list(corpus)
     if not any(texts):
         raise ValueError("cannot train a BPE tokenizer on an empty corpus")
-    if cache_dir is None:
-        return BPETokenizer.train(texts, size)
-    path = bpe_cache_path(cache_dir, texts, size)
-    if path.is_file():
+    say = log or (lambda line: None)
+    path = None if cache_dir is None else bpe_cache_path(cache_dir, texts, size)
+    if path is not None and path.is_file():
+        say(f"tokenizer: BPE (vocab {size}) reused from the cache {path}")
         return BPETokenizer.from_file(path)
+    chars = sum(len(t) for t in texts)
+    say(f"tokenizer: training a byte-level BPE (vocab {size}) on {chars:,} characters of the training split ...")
+    start = time.perf_counter()
     tok = BPETokenizer.train(texts, size)
-    tok.save(path)
+    if path is not None:
+        tok.save(path)
+    where = f", cached as {path}" if path is not None else ""
+    say(f"tokenizer: BPE trained in {time.perf_counter() - start:.1f} s{where}")
     return tok
