@@ -23,6 +23,7 @@ record; per evaluation: the eval loss of the outer parameters), ``summary.json``
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 import sys
@@ -61,13 +62,19 @@ def train_worker(
     log: MetricsLog,
     control: Communicator | None = None,
     stop: StopSignal | None = None,
+    ft: Any = None,
 ) -> WorkerResult:
     """One worker's run. ``control`` (a communicator on a group of its own) and ``stop`` enable the agreed stop
     on SIGINT/SIGTERM (:mod:`eagerloco.lm.interrupt`): it raises :class:`TrainingInterrupted` after writing a
-    checkpoint at the agreed inner step."""
+    checkpoint at the agreed inner step. ``ft`` (an :class:`eagerloco.ft.FaultTolerance` whose ``comm`` is
+    ``comm``): a fault-tolerant site (docs/fault-tolerance.md): it joins at the others' inner step, reads its data
+    shard ``run.ft_shard`` of ``run.workers``, runs on the real link, and writes its own model.pt (no collective
+    checkpoints)."""
     rank, world = comm.rank, comm.world_size  # default: 2 workers
+    if ft is not None:  # the membership changes; the data shard does not
+        rank, world = config.run.ft_shard, config.run.workers
     device = torch.device(config.run.device)  # default: cpu
-    if config.run.link_mbit > 0 or config.run.link_latency_ms > 0:  # default: an emulated 20 Mbit/s, 0 ms link
+    if ft is None and (config.run.link_mbit > 0 or config.run.link_latency_ms > 0):  # default: emulated 20 Mbit/s
         comm = EmulatedLink(comm, config.run.link_mbit * 1e6 or None, config.run.link_latency_ms / 1e3)
 
     # Model: identical on every worker (same seed); the wrapper also broadcasts worker 0's φ_0 to be sure.
@@ -81,6 +88,8 @@ def train_worker(
         engine: DiLoCo | GradientAverager = DDPGradientAverager(model, comm, timeout)
     elif dp:  # simulated workers (threads): one flat all-reduce after backward, the same average
         engine = GradientAverager(model, comm, timeout)
+    elif ft is not None:  # joins the run: the first quorum, a live peer's state when behind (eagerloco.ft)
+        engine = ft.diloco(model, inner, config.outer.diloco())
     else:
         engine = DiLoCo(model, inner, config.outer.diloco(), comm=comm)
     forward = engine.ddp if isinstance(engine, DDPGradientAverager) else model  # DDP all-reduces inside backward
@@ -109,9 +118,21 @@ def train_worker(
         torch.set_rng_state(state["rng"])
         start_step = state["inner_step"]
         elapsed_before = state["elapsed_s"]
+    if ft is not None and loco is not None:
+        start_step = loco.inner_step  # a joiner continues at the others' inner step
     timer.add_record_listener(
         lambda r: log.write({"type": "outer", "worker": rank, "tokens": r.inner_step * tokens_per_step, **r.to_dict()})
     )
+    if ft is not None:  # membership per quorum: M, changes, drops, state transfers (docs/fault-tolerance.md)
+        logged = [0]
+
+        def log_membership(_record: Any) -> None:
+            for rec in ft.stats.records[logged[0] :]:
+                log.write({"type": "membership", "worker": rank, **dataclasses.asdict(rec)})
+            logged[0] = len(ft.stats.records)
+
+        log_membership(None)
+        timer.add_record_listener(log_membership)
 
     def elapsed() -> float:
         """Seconds of the training loop: the engine's clock, which stands still while paused (eval, checkpoint)."""
@@ -221,8 +242,9 @@ def train_worker(
     stats = timer.stats
     final_eval = evaluate(config.run.steps)
     evals.append({"step": config.run.steps, "eval_loss": final_eval})
-    save_checkpoint(config.run.steps)
-    if rank == 0:
+    if ft is None:  # fault tolerance: no collective checkpoint (members come and go); each site keeps its model
+        save_checkpoint(config.run.steps)
+    if rank == 0 or ft is not None:
         final = {"model_config": model_cfg.to_dict(), "model": model.state_dict(), "train_config": config.to_dict(),
                  "tokenizer": data.tokenizer.fingerprint, "eval_loss": final_eval}  # fmt: skip
         buffer = io.BytesIO()
@@ -231,7 +253,8 @@ def train_worker(
     return WorkerResult(
         rank=rank,
         params=model.num_parameters(),
-        stats=stats.to_dict(),
+        stats=stats.to_dict()
+        | ({"fault_tolerance": ft.stats.to_dict() | {"records": len(ft.stats.records)}} if ft else {}),
         final_train_loss=loss_value,
         eval_loss=final_eval,
         comm_payload_bytes=comm.stats.payload_bytes,

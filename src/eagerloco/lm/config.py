@@ -147,6 +147,20 @@ class RunConfig:
     """Also write TensorBoard event files to out_dir/tb (needs the ``tensorboard`` package)."""
     device: str = "cpu"
     """Device of the model: 'cpu', 'cuda' (rank-local GPU under torchrun), or 'cuda:N'."""
+    fault_tolerance: str = ""
+    """Join a fault-tolerant run (docs/fault-tolerance.md): HOST:PORT of its lighthouse (torchft; its coordination
+    store listens on PORT + 1). One process per site; sites may fail and (re)join without stopping the others.
+    Empty: off."""
+    ft_lighthouse: bool = False
+    """With fault_tolerance: this process also starts the lighthouse and the store at that address (one site)."""
+    ft_replica_id: str = ""
+    """With fault_tolerance: this site's name (empty: host name and process id)."""
+    ft_host: str = "127.0.0.1"
+    """With fault_tolerance: this site's address as the other sites reach it (state transfer, its store)."""
+    ft_shard: int = 0
+    """With fault_tolerance: this site's data shard, 0 <= ft_shard < workers (workers = the number of shards)."""
+    ft_min_replicas: int = 1
+    """With fault_tolerance and ft_lighthouse: the smallest quorum (sites) the lighthouse forms."""
 
 
 @dataclass

@@ -1,0 +1,76 @@
+"""``eagerloco train --fault-tolerance``: one process per site (docs/fault-tolerance.md). Bad input is a one-line
+error before anything starts; two sites, one hosting the lighthouse, train together and log their membership."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from eagerloco import configs
+from eagerloco.cli.main import main as cli
+
+SMOKE = str(configs.path("smoke"))
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--fault-tolerance", "nohost"], r"run.fault_tolerance='nohost': must be HOST:PORT of the lighthouse"),
+        (["--fault-tolerance", "127.0.0.1:1", "--mode", "dp"], r"needs a DiLoCo mode"),
+        (["--fault-tolerance", "127.0.0.1:1", "--ft-shard", "2"], r"run.ft_shard=2: must be in \[0, workers=2\)"),
+        (["--fault-tolerance", "127.0.0.1:1", "--checkpoint-every", "1"], r"--resume and --checkpoint-every"),
+        (["--fault-tolerance", "127.0.0.1:1", "--launch", "simulated"], r"one process per site"),
+    ],
+)
+def test_fault_tolerance_bad_values_are_clear_errors_before_training(tmp_path, flags, message) -> None:
+    with pytest.raises(SystemExit, match=message):
+        cli(["train", "--config", SMOKE, "--out-dir", str(tmp_path / "bad"), "--workers", "2", *flags])
+    assert not (tmp_path / "bad").exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_sites_train_together(tmp_path: Path) -> None:
+    pytest.importorskip("torchft")
+    port = _free_port()
+    env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
+    common = ["--config", SMOKE, "--steps", "20", "--eval-every", "0", "--threads", "1", "--workers", "2",
+              "--fault-tolerance", f"127.0.0.1:{port}", "--collective-timeout-s", "60"]  # fmt: skip
+    sites = [
+        ["--ft-lighthouse", "--ft-min-replicas", "2", "--ft-replica-id", "a", "--ft-shard", "0"],
+        ["--ft-replica-id", "b", "--ft-shard", "1"],
+    ]
+    procs = []
+    for i, flags in enumerate(sites):
+        argv = [sys.executable, "-m", "eagerloco", "train", *common, *flags, "--out-dir", str(tmp_path / f"s{i}")]
+        procs.append(subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    outputs = []
+    try:
+        for proc in procs:
+            out, _ = proc.communicate(timeout=180)
+            outputs.append(out.decode(errors="replace"))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    for proc, out in zip(procs, outputs):
+        assert proc.returncode == 0, "\n".join(ln for ln in out.splitlines() if "[INFO]" not in ln)[-3000:]
+    summaries = [json.loads((tmp_path / f"s{i}" / "summary.json").read_text()) for i in range(2)]
+    assert summaries[0]["eval_loss"] == summaries[1]["eval_loss"]  # eager: consolidated into one model
+    for i in range(2):
+        records = [json.loads(line) for line in (tmp_path / f"s{i}" / "metrics.jsonl").read_text().splitlines()]
+        membership = [r for r in records if r["type"] == "membership"]
+        assert [r["inner_step"] for r in membership] == [0, 5, 10, 15, 20]  # the attach, then every sync point
+        assert {r["members"] for r in membership} == {2} and {r["quorum_id"] for r in membership} == {1}
+        assert (tmp_path / f"s{i}" / "model.pt").exists()
