@@ -114,3 +114,15 @@ def test_worker_ddp_kwargs_refuse_world_collectives_every_step():
     handler = worker_ddp_kwargs(None, bucket_cap_mb=10)
     assert handler.to_kwargs() == {"bucket_cap_mb": 10, "broadcast_buffers": False}
     assert handler.layout is None
+
+
+def test_confine_ddp_replaces_the_accelerators_ddp_settings_and_keeps_the_others():
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    from eagerloco.integrations.hf import WorkerDDPKwargs, confine_ddp
+
+    accelerator = Accelerator(cpu=True, kwargs_handlers=[DistributedDataParallelKwargs(bucket_cap_mb=7)])
+    assert confine_ddp(accelerator) is None  # one process: one worker, no layout
+    assert isinstance(accelerator.ddp_handler, WorkerDDPKwargs)
+    assert accelerator.ddp_handler.to_kwargs() == {"bucket_cap_mb": 7, "broadcast_buffers": False}

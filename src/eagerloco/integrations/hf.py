@@ -27,9 +27,10 @@ building DDP -- installs a DDP communication hook that all-reduces the gradient 
 group only (``layout.inner_group``; with one rank per worker the hook does no collective at all). It also turns off
 what DDP would otherwise do over the world every step: ``broadcast_buffers`` (buffers are not synchronised across
 workers, as DiLoCo synchronises parameters only) and ``find_unused_parameters`` (its per-step all-reduce of the
-used- parameter bitmap; a model with unused parameters must set ``requires_grad=False`` on them). What remains on
-the world group is DDP's one-time broadcast of the initial parameters at construction and whatever Trainer itself
-gathers (logged losses, evaluation); the outer step runs on ``layout.outer_group``.
+used-parameter bitmap; a model with unused parameters must set ``requires_grad=False`` on them). What remains on the
+world group is one-time: DDP's broadcast of the initial parameters at construction and of its rebuilt bucket order
+at the second step, and whatever Trainer itself gathers (logged losses, evaluation); the outer step runs on
+``layout.outer_group``.
 
 **What Trainer saves and evaluates.** :meth:`DiLoCoCallback.on_train_end` drains and consolidates
 (``finalize()``/``consolidate()``): after ``trainer.train()`` returns, the model holds φ, the same on every
@@ -127,18 +128,20 @@ def worker_ddp_kwargs(layout: WorkerLayout | int | None = 1, **ddp_kwargs: Any) 
     return handler
 
 
-def confine_ddp(accelerator: Any, layout: WorkerLayout | int | None = 1) -> WorkerLayout | None:
+def confine_ddp(
+    accelerator: Any, ranks_per_worker: int = 1, *, layout: WorkerLayout | None = None
+) -> WorkerLayout | None:
     """Make ``accelerator`` (an ``accelerate.Accelerator``, before ``prepare``) build its DDP for one DiLoCo worker
     (see the module docstring): its DDP settings are kept, except ``broadcast_buffers`` and
-    ``find_unused_parameters`` (off). ``layout``: as in :func:`worker_ddp_kwargs`. Returns the layout, for
-    ``eagerloco.DiLoCo(..., layout=...)``. (Accelerate accepts only its own handler classes in
-    ``Accelerator(kwargs_handlers=...)``, hence the replacement of ``accelerator.ddp_handler``, which its
-    ``prepare_model`` reads.)"""
+    ``find_unused_parameters`` (off). The layout is built from ``ranks_per_worker`` (a collective: every rank calls
+    this) unless given. Returns it, for ``eagerloco.DiLoCo(..., layout=...)`` (``None`` in one process). (Accelerate
+    accepts only its own handler classes in ``Accelerator(kwargs_handlers=...)``, hence the replacement of
+    ``accelerator.ddp_handler``, which its ``prepare_model`` reads.)"""
     old = accelerator.ddp_handler
     kwargs = old.to_kwargs() if old is not None else {}
     for key in ("broadcast_buffers", "find_unused_parameters", "comm_hook", "comm_wrapper", "comm_state_option"):
         kwargs.pop(key, None)
-    handler = worker_ddp_kwargs(layout, **kwargs)
+    handler = worker_ddp_kwargs(layout if layout is not None else ranks_per_worker, **kwargs)
     accelerator.ddp_handler = handler
     return handler.layout
 
