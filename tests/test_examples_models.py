@@ -34,7 +34,7 @@ def test_hf_gpt2_trains_with_the_same_api_and_its_loss_falls(monkeypatch: pytest
     try:
         import transformers  # noqa: F401
     except ImportError as exc:
-        pytest.skip(f"transformers is not installed ({exc}); `bash scripts/setup.sh` installs it (the dev extra)")
+        pytest.skip(f"transformers is not installed ({exc}); `bash scripts/setup.sh --dev` installs it (the hf extra)")
     hf = _load_example("hf_gpt2")
     steps, sync_every, fragments = 60, 20, 2
     args = hf.parse_args(["--steps", str(steps), "--sync-every", str(sync_every), "--fragments", str(fragments)])
