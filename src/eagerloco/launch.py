@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -63,6 +64,8 @@ def run(config: TrainConfig) -> dict[str, Any] | None:
 
     Everything the configuration asks of this machine and of the run directory is checked first
     (:func:`check_environment`, :func:`check_run_dir`): bad input never leaves a directory or a file behind."""
+    if config.run.fault_tolerance:  # one site of a fault-tolerant run (docs/fault-tolerance.md)
+        return run_fault_tolerant(config)
     launch = config.run.launch
     if launch == "auto":
         launch = "torchrun" if "RANK" in os.environ and "WORLD_SIZE" in os.environ else "simulated"
@@ -235,6 +238,68 @@ def set_threads(config: TrainConfig, workers_here: int) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- launchers
+def check_fault_tolerance(config: TrainConfig) -> tuple[str, int]:
+    """What ``--fault-tolerance`` needs, checked before anything starts; returns the lighthouse's host and port."""
+    r = config.run
+    host, _, port = r.fault_tolerance.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65535:
+        raise ConfigError(f"run.fault_tolerance={r.fault_tolerance!r}: must be HOST:PORT of the lighthouse")
+    if config.outer.mode == "dp":
+        raise ConfigError("run.fault_tolerance needs a DiLoCo mode (sync, overlap, delayed, eager), not 'dp'")
+    if r.launch not in ("auto", "processes"):
+        raise ConfigError(f"run.fault_tolerance: one process per site; run.launch={r.launch!r} does not apply")
+    if r.resume or r.checkpoint_every:
+        raise ConfigError(
+            "run.fault_tolerance: a site joins from a live peer's state; --resume and --checkpoint-every are not "
+            "supported with it"
+        )
+    if not 0 <= r.ft_shard < r.workers:
+        raise ConfigError(f"run.ft_shard={r.ft_shard}: must be in [0, workers={r.workers})")
+    if r.ft_min_replicas < 1:
+        raise ConfigError(f"run.ft_min_replicas={r.ft_min_replicas}: must be >= 1")
+    return host, int(port)
+
+
+def run_fault_tolerant(config: TrainConfig) -> dict[str, Any]:
+    """One site of a fault-tolerant run: joins the lighthouse at ``run.fault_tolerance`` (starting it and the
+    coordination store first with ``run.ft_lighthouse``), trains with live membership (eagerloco.ft), writes its own
+    run directory (metrics with one ``membership`` record per quorum, summary.json, model.pt)."""
+    from eagerloco.ft import FaultTolerance, LighthouseHost
+    from eagerloco.ft._deps import require_torchft
+
+    host, port = check_fault_tolerance(config)
+    try:
+        require_torchft()
+    except ImportError as exc:
+        raise ConfigError(str(exc)) from None
+    check_environment(config)
+    if not config.run.out_dir:
+        config.run.out_dir = str(default_run_dir(config))
+    check_run_dir(config)
+    lighthouse = None
+    if config.run.ft_lighthouse:
+        lighthouse = LighthouseHost(host, port, port + 1, min_replicas=config.run.ft_min_replicas)
+    set_threads(config, 1)
+    data = load_data(config)
+    run_dir = prepare_run_dir(config)
+    log = MetricsLog(run_dir / "metrics.jsonl")
+    replica_id = config.run.ft_replica_id or f"{socket.gethostname()}-{os.getpid()}"
+    timeout = config.outer.collective_timeout_s or 300.0
+    ft = FaultTolerance(f"http://{host}:{port}", f"{host}:{port + 1}", replica_id,
+                        timeout_s=timeout, host=config.run.ft_host)  # fmt: skip
+    try:
+        result = train_worker(config, ft.comm, data, run_dir, log, ft=ft)
+    finally:
+        log.close()
+        ft.shutdown()
+        if lighthouse is not None:
+            lighthouse.shutdown()
+    summary = summarize(config, [result])
+    atomic_write_bytes(run_dir / "summary.json", json.dumps(summary, indent=2).encode())
+    print_summary(summary, config)
+    return summary
+
+
 def run_simulated(config: TrainConfig, stop: StopSignal | None = None) -> list[WorkerResult]:
     """``run.workers`` threads of this process, one worker each, over an in-process group."""
     stop = stop or StopSignal()
