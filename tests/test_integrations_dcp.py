@@ -62,7 +62,7 @@ def test_dcp_resume_mid_flight_is_bitwise_the_uninterrupted_run(one_rank_per_wor
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", sorted(set(CASES) - {"eager_async_save"}))
+@pytest.mark.parametrize("case", sorted(CASES))
 def test_dcp_resume_under_fsdp2_is_bitwise(fsdp_workers, case):
     for saved in fsdp_workers:
         assert saved[case]["in_flight"] == EXPECTED_IN_FLIGHT[case]

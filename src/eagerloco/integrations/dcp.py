@@ -43,7 +43,8 @@ Workers of several ranks (``layout=``): an FSDP2 parameter's entries are ``DTens
 placements (each rank writes and reads its shard); a replicated (DDP) parameter's entries are full tensors, gathered
 inside the worker when its ranks split it (a collective on the inner group: every rank saves and loads, as DCP
 requires anyway). Loading needs the same mode, schedule, number of workers and layout as the save (a mode switch
-after ``finalize()`` goes through ``DiLoCo.state_dict()`` and ``torch.save`` instead).
+after ``finalize()`` goes through ``DiLoCo.state_dict()`` and ``torch.save`` instead). ``dcp.async_save`` works
+too, FSDP2 included.
 """
 
 from __future__ import annotations
@@ -243,7 +244,10 @@ def _per_parameter(view: FragmentView, flat: torch.Tensor) -> list[torch.Tensor]
     out = []
     for p, value, kind in zip(view.fragment.params, values, view.kinds):
         if kind == "sharded":
-            value = DTensor.from_local(value, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+            # A copy, not a view of the flat buffer: torch 2.13's dcp.async_save stager fails on a DTensor whose
+            # local tensor is a view into a larger storage ("copy_() on an invalid python storage").
+            local = value.clone()
+            value = DTensor.from_local(local, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
         out.append(value)
     return out
 
