@@ -449,3 +449,21 @@ def test_eval_losses_are_printed_as_they_happen(tmp_path, capsys):
     assert "data: ready in " in err
     train(tmp_path, "quiet", "--no-progress", "--steps", "20", "--eval-every", "5")
     assert capsys.readouterr().err == ""
+
+
+def test_resume_of_a_finished_run_needs_more_steps(tmp_path, capsys):
+    """`eagerloco train --resume` on a run that ended: one line (exit 2, nothing touched) unless --steps asks for
+    more, which continues it."""
+    run_dir = tmp_path / "run"
+    train(tmp_path, "run", "--steps", "10", "--eval-every", "0", "--no-progress")
+    before = {p: p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+    argv = ["train", "--config", SMOKE, "--out-dir", str(run_dir), "--threads", "1", "--steps", "10", "--resume"]
+    code, text = refused(capsys, argv)
+    assert code == EXIT_USAGE and text == (
+        f"eagerloco train: error: ResumeError: --resume: the run in {run_dir} is complete (checkpoint at inner step "
+        "10, run.steps=10); pass --steps N with N > 10 to train it further"
+    )
+    assert {p: p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()} == before
+    summary = train(tmp_path, "run", "--steps", "15", "--eval-every", "0", "--no-progress", "--resume")
+    assert summary["tokens"] == 15 * 4 * 32 * 2
+    assert [r["step"] for r in records(run_dir, "inner")] == list(range(1, 16))

@@ -213,6 +213,12 @@ def check_resume(config: TrainConfig) -> Path:
     if directory is None:
         raise ckpt.ResumeError(f"--resume: no complete checkpoint under {run_dir / 'checkpoints'}")
     ckpt.check_compatible(directory, config.run.workers, config.to_dict())
+    step = int(directory.name.split("-")[1])
+    if step >= config.run.steps:  # nothing left to train: a finished run continues only with more steps
+        raise ckpt.ResumeError(
+            f"--resume: the run in {run_dir} is complete (checkpoint at inner step {step}, run.steps="
+            f"{config.run.steps}); pass --steps N with N > {step} to train it further"
+        )
     return directory
 
 
