@@ -13,6 +13,7 @@ Both compute the same average; the workers stay identical.
 
 from __future__ import annotations
 
+import inspect
 import threading
 import time
 from contextlib import AbstractContextManager
@@ -164,8 +165,14 @@ class DDPGradientAverager(GradientAverager):
         self._buckets_this_step = 0
         self.last_step_buckets = 0
         """Buckets all-reduced in the last measured step (DDP's bucketing, for tests and reports)."""
+        # No buffer broadcast before every forward (the flat averager has none either). torch 2.13 renames the
+        # switch (``broadcast_buffers`` is deprecated there); buffers are still synced once, at construction.
+        parameters = inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
+        no_sync = (
+            {"forward_sync_buffers": False} if "forward_sync_buffers" in parameters else {"broadcast_buffers": False}
+        )
         self.ddp = nn.parallel.DistributedDataParallel(
-            model, process_group=group, broadcast_buffers=False, bucket_cap_mb=bucket_cap_mb
+            model, process_group=group, bucket_cap_mb=bucket_cap_mb, **no_sync
         )
         self.ddp.register_comm_hook(state=self, hook=_ddp_hook)
 
