@@ -467,3 +467,17 @@ def test_resume_of_a_finished_run_needs_more_steps(tmp_path, capsys):
     summary = train(tmp_path, "run", "--steps", "15", "--eval-every", "0", "--no-progress", "--resume")
     assert summary["tokens"] == 15 * 4 * 32 * 2
     assert [r["step"] for r in records(run_dir, "inner")] == list(range(1, 16))
+
+
+def test_torchrun_with_another_number_of_ranks_is_bad_input(tmp_path, monkeypatch, capsys):
+    """Every rank refuses before the process group starts: one line (rank-prefixed), exit 2, nothing written."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    code, text = refused(capsys, ["train", "--config", SMOKE, "--launch", "torchrun", "--out-dir", "run"])
+    assert code == EXIT_USAGE
+    assert (
+        text
+        == "eagerloco train: error: [rank 1] ConfigError: torchrun started 3 ranks, run.workers=2: pass --workers 3"
+    )
+    assert list(tmp_path.iterdir()) == []
