@@ -26,6 +26,14 @@ EXPECTED = [0, 2, 0, 1, 0, 0, 0, 1]
 CONTROL = [1, 3, 1, 1]
 
 
+def _no_buffer_sync() -> dict[str, bool]:
+    """DDP's switch for no buffer broadcast before every forward, as this torch spells it."""
+    import inspect
+
+    params = inspect.signature(torch.nn.parallel.DistributedDataParallel.__init__).parameters
+    return {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
+
+
 def _launch(tmp_path_factory, case: str, world: int = 2) -> list[dict]:
     tmp = tmp_path_factory.mktemp(case)
     return launch_ranks(HERE / "_hf_worker.py", world, tmp, case, str(tmp), timeout=500)
@@ -112,7 +120,7 @@ def test_worker_ddp_kwargs_refuse_world_collectives_every_step():
     with pytest.raises(ValueError, match="broadcast_buffers=True would run a collective across all workers"):
         worker_ddp_kwargs(None, broadcast_buffers=True)
     handler = worker_ddp_kwargs(None, bucket_cap_mb=10)
-    assert handler.to_kwargs() == {"bucket_cap_mb": 10, "broadcast_buffers": False}
+    assert handler.to_kwargs() == {"bucket_cap_mb": 10, **_no_buffer_sync()}
     assert handler.layout is None
 
 
@@ -125,4 +133,6 @@ def test_confine_ddp_replaces_the_accelerators_ddp_settings_and_keeps_the_others
     accelerator = Accelerator(cpu=True, kwargs_handlers=[DistributedDataParallelKwargs(bucket_cap_mb=7)])
     assert confine_ddp(accelerator) is None  # one process: one worker, no layout
     assert isinstance(accelerator.ddp_handler, WorkerDDPKwargs)
-    assert accelerator.ddp_handler.to_kwargs() == {"bucket_cap_mb": 7, "broadcast_buffers": False}
+    assert accelerator.ddp_handler.to_kwargs() == {"bucket_cap_mb": 7, **_no_buffer_sync()}
+    confine_ddp(accelerator)  # again: the settings survive a second call
+    assert accelerator.ddp_handler.to_kwargs() == {"bucket_cap_mb": 7, **_no_buffer_sync()}

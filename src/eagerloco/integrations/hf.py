@@ -88,6 +88,15 @@ class WorkerDDPKwargs(DistributedDataParallelKwargs):
         # The process group is no DDP keyword and cannot be deep-copied: kept out (private attributes).
         return {k: copy.deepcopy(v) for k, v in self.__dict__.items() if k not in ignore_keys and k[0] != "_"}
 
+    def to_kwargs(self) -> dict[str, Any]:
+        """DDP's keyword arguments; ``broadcast_buffers=False`` is spelt ``forward_sync_buffers=False`` where torch
+        has it (torch 2.13 deprecates the old name; both stop the buffer broadcast before every forward)."""
+        kwargs = super().to_kwargs()
+        if kwargs.get("broadcast_buffers") is False and _ddp_has("forward_sync_buffers"):
+            del kwargs["broadcast_buffers"]
+            kwargs["forward_sync_buffers"] = False
+        return kwargs
+
     @property
     def layout(self) -> WorkerLayout | None:
         """This rank's layout (``None`` in one process): pass it to ``eagerloco.DiLoCo(..., layout=...)``."""
@@ -103,6 +112,12 @@ class WorkerDDPKwargs(DistributedDataParallelKwargs):
 
             model.register_comm_hook(state=group, hook=allreduce_hook)  # mean over the worker's ranks only
         self._registered_on = model
+
+
+def _ddp_has(name: str) -> bool:
+    import inspect
+
+    return name in inspect.signature(torch.nn.parallel.DistributedDataParallel.__init__).parameters
 
 
 def worker_ddp_kwargs(layout: WorkerLayout | int | None = 1, **ddp_kwargs: Any) -> WorkerDDPKwargs:
@@ -138,7 +153,7 @@ def confine_ddp(
     accepts only its own handler classes in ``Accelerator(kwargs_handlers=...)``, hence the replacement of
     ``accelerator.ddp_handler``, which its ``prepare_model`` reads.)"""
     old = accelerator.ddp_handler
-    kwargs = old.to_kwargs() if old is not None else {}
+    kwargs = DistributedDataParallelKwargs.to_kwargs(old) if old is not None else {}  # Accelerate's names
     for key in ("broadcast_buffers", "find_unused_parameters", "comm_hook", "comm_wrapper", "comm_state_option"):
         kwargs.pop(key, None)
     handler = worker_ddp_kwargs(layout if layout is not None else ranks_per_worker, **kwargs)
