@@ -136,3 +136,26 @@ def test_confine_ddp_replaces_the_accelerators_ddp_settings_and_keeps_the_others
     assert accelerator.ddp_handler.to_kwargs() == {"bucket_cap_mb": 7, **_no_buffer_sync()}
     confine_ddp(accelerator)  # again: the settings survive a second call
     assert accelerator.ddp_handler.to_kwargs() == {"bucket_cap_mb": 7, **_no_buffer_sync()}
+
+
+def test_the_hook_fires_on_real_optimizer_steps_only_under_gradient_accumulation():
+    """Accelerate's AcceleratedOptimizer skips step() on accumulation micro-batches; the hook sits on the wrapped
+    torch optimizer, so those are neither inner nor outer steps."""
+    from accelerate import Accelerator
+
+    from _toy import TinyNet
+    from eagerloco import DiLoCo, DiLoCoConfig, InProcessGroup
+
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    model = TinyNet()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    comm = InProcessGroup(1).communicator(0)
+    with DiLoCo(model, optimizer, DiLoCoConfig(mode="sync", sync_every=2), comm=comm) as loco:
+        for _ in range(6):  # 6 micro-batches = 3 optimizer steps
+            with accelerator.accumulate(model):
+                accelerator.backward(model(torch.ones(4, 4)).pow(2).mean())
+                optimizer.step()
+                optimizer.zero_grad()
+        assert loco.inner_step == 3
+    assert loco.finalized
