@@ -9,6 +9,7 @@ slow.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -50,7 +51,7 @@ def _tail(log: Path) -> str:
 def run_chaos(tmp_path: Path, config: dict, seed: int) -> tuple[list[dict], int]:
     """Start 3 workers, kill worker 2 at a random inner step, restart it; return the three results."""
     kill_at = random.Random(seed).randrange(H + 1, 5 * H)
-    host = LighthouseHost(min_replicas=2, join_timeout_ms=500, heartbeat_timeout_ms=1000)
+    host = LighthouseHost(min_replicas=2, join_timeout_ms=2000, heartbeat_timeout_ms=1000)
     try:
 
         def spec(i: int, **kw: object) -> dict:
@@ -92,23 +93,33 @@ def check_chaos(results: list[dict], kill_at: int, config: dict) -> None:
     for r in results:
         assert r["losses"] and all(math.isfinite(x) for x in r["losses"])
         assert all(bool(torch.isfinite(v).all()) for v in r["phi"].values())
-    # Membership, the same on every worker at every sync point they share: 3, then 2 after the kill, then 3 again.
+    # Membership, the same on every worker at every sync point they share: 3, then 2 after the kill, then 3 again;
+    # or 3 throughout when the restarted worker was already waiting when the survivors noticed the death (it then
+    # replaces the dead one in the same quorum).
     by_t = [{rec["t"]: (rec["quorum"], rec["members"]) for rec in r["records"]} for r in results]
     assert by_t[0] == by_t[1]
     assert all(by_t[0][t] == q for t, q in by_t[2].items())
     sizes = [m for _, (_, m) in sorted(by_t[0].items())]
-    first_two = sizes.index(2)
-    last_two = len(sizes) - 1 - sizes[::-1].index(2)
-    assert set(sizes[:first_two]) == {3} and set(sizes[first_two : last_two + 1]) == {2}
-    assert set(sizes[last_two + 1 :]) == {3}
-    assert first_two * sync_every <= kill_at + sync_every  # the survivors noticed at the next sync point
+    quorums = [q for _, (q, _) in sorted(by_t[0].items())]
+    changes = sum(1 for a, b in itertools.pairwise(quorums) if a != b)
+    if 2 in sizes:
+        first_two = sizes.index(2)
+        last_two = len(sizes) - 1 - sizes[::-1].index(2)
+        assert set(sizes[:first_two]) == {3} and set(sizes[first_two : last_two + 1]) == {2}
+        assert set(sizes[last_two + 1 :]) == {3}
+        assert changes == 2
+    else:
+        assert set(sizes) == {3} and changes == 1
+    times = sorted(by_t[0])
+    first_change = times[next(i for i, (a, b) in enumerate(itertools.pairwise(quorums)) if a != b) + 1]
+    assert first_change <= kill_at + sync_every  # the survivors noticed at the next sync point after the kill
     # Averages in flight when the membership changed were dropped, on the survivors only (the joiner had none):
-    # with k = 1 and one fragment, one per change in delayed and eager (the kill and the rejoin), none in sync.
+    # with k = 1, one per change and fragment in delayed and eager, none in sync.
     mode = config["mode"]
-    expected = {"sync": 0, "overlap": 0}.get(mode, 2 * config.get("num_fragments", 1))
+    expected = {"sync": 0, "overlap": 0}.get(mode, changes * config.get("num_fragments", 1))
     for r in survivors:
         assert r["ft"]["dropped_on_change"] == expected
-        assert r["ft"]["membership_changes"] == 3  # the start, the kill, the rejoin
+        assert r["ft"]["membership_changes"] == 1 + changes  # the start, then each change
     assert rejoined["ft"]["heals"] == 1 and rejoined["ft"]["state_bytes_received"] > 0
     assert rejoined["ft"]["dropped_on_change"] == 0
     if mode != "eager":
@@ -154,7 +165,7 @@ def test_a_worker_dies_inside_a_sync_point_and_every_survivor_drops_that_average
     config = {"mode": mode, "sync_every": H, "collective_timeout_s": 30.0, **STABLE}
     if mode == "overlap":
         config.update(overlap_steps=2, alpha=0.5)
-    host = LighthouseHost(min_replicas=2, join_timeout_ms=500, heartbeat_timeout_ms=1000)
+    host = LighthouseHost(min_replicas=2, join_timeout_ms=2000, heartbeat_timeout_ms=1000)
     steps = 6 * H
     try:
         specs = [{"lighthouse": host.lighthouse_addr, "store": host.store_addr, "replica_id": f"w{i}",

@@ -427,6 +427,7 @@ class FaultTolerance:
         self.engine = engine
         self._check_fingerprint(engine)
         start = time.perf_counter()
+        self._wait_for_a_sync_point()
         self._quorum(engine.inner_step)
         received, self._received = self._received, None
         if received is not None and received["launch_step"] is not None:
@@ -449,11 +450,41 @@ class FaultTolerance:
         if self._skip_next_quorum:  # attach() already took this sync point's quorum
             return
         assert self.engine is not None, "attach(engine) before training"
+        # Announce the sync point to a joiner waiting for one (see _wait_for_a_sync_point).
+        self.coord.add(f"{self.prefix}/syncpoints", 1)
         self._serving_launch = True
         try:
             self._quorum(self.engine.inner_step)
         finally:
             self._serving_launch = False
+        if self._received is not None:
+            # The lighthouse formed a quorum without this live worker (it reached this sync point after the join
+            # window while the others were ready) and the others went on: it is behind, in the middle of its own
+            # step. Catching up from here would misalign its collectives; it stops, and rejoins when restarted.
+            behind = self._received["inner_step"]
+            self._received = None
+            raise FaultToleranceError(
+                f"replica {self.replica_id!r} fell behind: it reached sync point {self.engine.inner_step} after the "
+                f"others had formed a quorum without it and moved on to inner step {behind} (raise the lighthouse's "
+                "join_timeout_ms above the workers' skew); restart this worker to rejoin"
+            )
+
+    def _wait_for_a_sync_point(self) -> None:
+        """A worker joining a run in progress asks for its first quorum only when the others reach their next sync
+        point: the lighthouse measures its join window from the first request of a round, and a joiner that asked
+        long before would close that window early and leave out a live worker slightly behind the others."""
+        key = f"{self.prefix}/syncpoints"
+        seen = int(self.coord.add(key, 0))
+        if seen == 0:  # the start of the run: every worker asks at once
+            return
+        deadline = time.monotonic() + self.manager._quorum_timeout.total_seconds()
+        while int(self.coord.add(key, 0)) == seen:
+            if time.monotonic() > deadline:
+                raise FaultToleranceError(
+                    f"replica {self.replica_id!r}: no worker of the run reached a sync point within the quorum "
+                    "timeout; is the run still going?"
+                )
+            time.sleep(0.01)
 
     def _quorum(self, step: int) -> None:
         start = time.perf_counter()
