@@ -1,6 +1,6 @@
 """eagerloco against torchft: DiLoCo and streaming DiLoCo of both libraries, and eagerloco's eager, side by side.
 
-    sudo .venv/bin/pip install torchft==0.2.0                        # once; not a project dependency
+    sudo .venv/bin/pip install torchft==0.2.0                        # once (the ft extra: setup.sh --dev has it)
     sudo .venv/bin/python benchmarks/torchft_compare.py              # 5 variants x 2 rates x 2 repeats, ~25 min
     sudo .venv/bin/python benchmarks/torchft_compare.py --smoke      # ~1 min: tiny model, one rate, one repeat
 

@@ -1,7 +1,7 @@
 """``benchmarks/torchft_compare.py`` (eagerloco vs torchft on the link lab) and its worker.
 
-The pure helpers run everywhere. The smoke run needs torchft (not a project dependency: ``pip install
-torchft==0.2.0``) and network namespaces (root); it skips, saying which is missing, elsewhere.
+The pure helpers run everywhere. The smoke run needs torchft (the ``ft`` extra: ``bash scripts/setup.sh --dev`` or
+``pip install torchft==0.2.0``) and network namespaces (root); it skips, saying which is missing, elsewhere.
 """
 
 from __future__ import annotations
@@ -137,7 +137,7 @@ def test_instrument_times_the_managers_blocking_calls():
 @pytest.mark.slow
 @pytest.mark.netns
 def test_torchft_compare_smoke(tmp_path):
-    pytest.importorskip("torchft", reason=f"torchft is not installed (not a project dependency): {tc.INSTALL}")
+    pytest.importorskip("torchft", reason=f"torchft is not installed (the ft extra): {tc.INSTALL}")
     from netlab import netns_available
 
     ok, why = netns_available()
