@@ -431,7 +431,6 @@ def test_resume_refusals_and_the_mode_switch_after_finalize(tmp_path, reference)
     out = tmp_path / "run"
     shutil.copytree(reference, out)
     for flags, pattern in [
-        (["--workers", "3"], r"written by 2 workers, this run has 3: resume with --workers 2"),
         (["--n-layer", "3"], r"model.n_layer=2, this run has model.n_layer=3: the model, tokenizer and outer"),
         (["--sync-every", "10"], r"outer.sync_every=5, this run has outer.sync_every=10"),
     ]:

@@ -207,7 +207,9 @@ def prepare_run_dir(config: TrainConfig) -> Path:
 
 def check_resume(config: TrainConfig) -> Path:
     """The checkpoint ``--resume`` will continue from; a clear error (before any worker starts) when there is none
-    or when this configuration cannot continue it (lm/checkpoint.py: check_compatible)."""
+    or when this configuration cannot continue it (lm/checkpoint.py: check_compatible). With another number of
+    workers than the checkpoint's, it also resizes the saved outer states once (check_resizable: every worker
+    file is read) so that a checkpoint that cannot be resized is refused here, not inside the workers."""
     run_dir = Path(config.run.out_dir)
     directory = ckpt.latest_valid(run_dir)
     if directory is None:
@@ -219,6 +221,7 @@ def check_resume(config: TrainConfig) -> Path:
             f"--resume: the run in {run_dir} is complete (checkpoint at inner step {step}, run.steps="
             f"{config.run.steps}); pass --steps N with N > {step} to train it further"
         )
+    ckpt.check_resizable(directory, config.run.workers)
     return directory
 
 

@@ -106,22 +106,40 @@ def train_worker(
 
     start_step = 0
     elapsed_before = 0.0  # loop seconds of the lives of this run before a --resume
+    tokens_offset = 0  # a resume with another worker count: its earlier steps had another global batch
     if config.run.resume and (directory := ckpt.latest_valid(run_dir)) is not None:
-        state = ckpt.load_worker(directory, rank, world, config.to_dict())
+        saved_world = ckpt.read_manifest(directory)["world_size"]
+        if saved_world == world:  # the same workers: each continues from its own file, bitwise
+            state = ckpt.load_worker(directory, rank, world, config.to_dict())
+        else:  # another number of workers: ALGORITHMS.md section 11, last rule (lm/checkpoint.py: load_resized)
+            state = ckpt.load_resized(directory, rank, world, config.to_dict())
         model.load_state_dict(state["model"])
-        inner.load_state_dict(state["inner_optimizer"])
-        sampler.load_state_dict(state["sampler"])
+        if state["inner_optimizer"] is not None:  # None: a new worker (rank >= saved workers) starts AdamW fresh
+            inner.load_state_dict(state["inner_optimizer"])
+        if state["sampler"] is not None:
+            sampler.load_state_dict(state["sampler"])
+        else:  # resized: shard `rank` of `world`, at the saved step's batch (one batch per inner step)
+            sampler.load_state_dict({**sampler.state_dict(), "batches_drawn": state["inner_step"]})
         if loco is not None and state["outer"] is not None:
             loco.load_state_dict(state["outer"])
             if loco.finalized and state["inner_step"] < config.run.steps:
                 loco.reopen()  # a finished run continued with more steps (possibly in another mode)
-        torch.set_rng_state(state["rng"])
+            if saved_world != world:
+                loco.copy_outer_parameters_to(model)  # θ ← φ: the resized state has nothing in flight
+        if state["rng"] is not None:  # None: a new worker keeps the RNG of a fresh run
+            torch.set_rng_state(state["rng"])
         start_step = state["inner_step"]
         elapsed_before = state["elapsed_s"]
+        tokens_offset = start_step * config.data.batch_size * model_cfg.seq_len * (saved_world - world)
+
+    def tokens_at(step: int) -> int:
+        """Global tokens trained up to inner step ``step`` (the lives before a resize counted with their M)."""
+        return step * tokens_per_step + tokens_offset
+
     if ft is not None and loco is not None:
         start_step = loco.inner_step  # a joiner continues at the others' inner step
     timer.add_record_listener(
-        lambda r: log.write({"type": "outer", "worker": rank, "tokens": r.inner_step * tokens_per_step, **r.to_dict()})
+        lambda r: log.write({"type": "outer", "worker": rank, "tokens": tokens_at(r.inner_step), **r.to_dict()})
     )
     if ft is not None:  # membership per quorum: M, changes, drops, state transfers (docs/fault-tolerance.md)
         logged = [0]
@@ -146,13 +164,13 @@ def train_worker(
             else:
                 eval_model.load_state_dict(model.state_dict())
             loss = evaluate_loss(eval_model, eval_batches, device)
-            log.write({"type": "eval", "worker": rank, "step": step, "tokens": step * tokens_per_step,
+            log.write({"type": "eval", "worker": rank, "step": step, "tokens": tokens_at(step),
                        "time_s": elapsed(), "eval_loss": loss})  # fmt: skip
         if rank == 0 and config.run.progress:  # one line per evaluation, printed above the progress bar
             from tqdm import tqdm
 
             tqdm.write(f"step {step}/{config.run.steps}: eval loss {loss:.4f} (outer parameters), "
-                       f"{step * tokens_per_step:,} tokens, {elapsed():.1f} s", file=sys.stderr)  # fmt: skip
+                       f"{tokens_at(step):,} tokens, {elapsed():.1f} s", file=sys.stderr)  # fmt: skip
         return loss
 
     def save_checkpoint(step: int) -> None:
@@ -211,7 +229,7 @@ def train_worker(
         done = step + 1
         loss_value = loss.item()
         log.write({"type": "inner", "worker": rank, "step": done, "loss": loss_value, "lr": lr,
-                   "tokens": done * tokens_per_step, "time_s": elapsed()})  # fmt: skip
+                   "tokens": tokens_at(done), "time_s": elapsed()})  # fmt: skip
         if progress is not None:
             progress.set_postfix(loss=f"{loss_value:.3f}", cu=f"{timer.stats.utilization:.3f}", refresh=False)
             progress.update(1)

@@ -13,8 +13,9 @@ written to a temporary name in the same directory, flushed, fsynced and renamed,
 file. ``commit`` keeps the newest ``keep`` complete checkpoints and removes unfinished ones older than the newest.
 
 The manifest also records the run's configuration and whether the outer loop was finalized, so that a resume
-with another number of workers, another model or (before finalize) another mode is refused with a clear message
-before any worker starts (:func:`check_compatible`); see docs/reliability.md.
+with another model or (before finalize) another mode is refused with a clear message before any worker starts
+(:func:`check_compatible`); see docs/reliability.md. A resume with another number of workers is supported
+(:func:`load_resized`, ALGORITHMS.md section 11, docs/fault-tolerance.md).
 """
 
 from __future__ import annotations
@@ -145,19 +146,21 @@ def _flat(config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def read_manifest(directory: Path) -> dict[str, Any]:
+    """The checkpoint's ``COMPLETE.json`` (call :func:`verify` or :func:`latest_valid` first)."""
+    return json.loads((Path(directory) / MANIFEST).read_text())
+
+
 def check_compatible(directory: Path, world_size: int, config: dict[str, Any] | None = None) -> dict[str, Any]:
     """Refuse (:class:`ResumeError`) a checkpoint this run cannot continue; return its manifest.
 
-    Always refused: another number of workers (each worker's file holds its own inner optimizer, data position
-    and, in eager mode, its own φ), another model, tokenizer or outer schedule (sync_every, fragments). Another
-    mode (or delay, codec, outer optimizer) is refused unless the checkpoint was written after finalize, when
-    nothing is in flight and the workers hold one φ: the run then continues in the new mode from there."""
-    manifest = json.loads((directory / MANIFEST).read_text())
-    if manifest["world_size"] != world_size:
-        raise ResumeError(
-            f"checkpoint {directory} was written by {manifest['world_size']} workers, this run has {world_size}: "
-            f"resume with --workers {manifest['world_size']}, or start a new run (docs/reliability.md)"
-        )
+    Always refused: another model, tokenizer or outer schedule (sync_every, fragments). Another mode (or delay,
+    codec, outer optimizer) is refused unless the checkpoint was written after finalize, when nothing is in flight
+    and the workers hold one φ: the run then continues in the new mode from there. Another number of workers is
+    accepted here; :func:`check_resizable` checks that the saved outer states can be resized (it reads them)."""
+    if world_size < 1:
+        raise ResumeError(f"checkpoint {directory}: this run has {world_size} workers, it needs at least 1")
+    manifest = read_manifest(directory)
     saved = manifest.get("config")
     if config is None or saved is None:
         return manifest
@@ -184,9 +187,74 @@ def check_compatible(directory: Path, world_size: int, config: dict[str, Any] | 
     return manifest
 
 
-def load_worker(directory: Path, rank: int, world_size: int, config: dict[str, Any] | None = None) -> dict[str, Any]:
-    check_compatible(directory, world_size, config)
-    state = torch.load(directory / f"worker-{rank}.pt", map_location="cpu", weights_only=False)
+def _read(directory: Path, rank: int) -> dict[str, Any]:
+    state = torch.load(Path(directory) / f"worker-{rank}.pt", map_location="cpu", weights_only=False)
     if state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"checkpoint {directory} has format {state.get('format')!r}, expected {CHECKPOINT_FORMAT}")
     return state
+
+
+def load_worker(directory: Path, rank: int, world_size: int, config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Worker ``rank``'s saved state, for a run of as many workers as the checkpoint (else :func:`load_resized`)."""
+    manifest = check_compatible(directory, world_size, config)
+    if manifest["world_size"] != world_size:
+        raise ResumeError(
+            f"checkpoint {directory} was written by {manifest['world_size']} workers, this run has {world_size}: "
+            "load it with load_resized"
+        )
+    return _read(directory, rank)
+
+
+def resized_outer_states(directory: Path, world_size: int) -> list[dict[str, Any]] | None:
+    """The outer states of ``world_size`` workers continuing the checkpoint's M saved workers
+    (:func:`eagerloco.ft.resize_outer_states` on each saved worker's ``outer`` state, read one file at a time);
+    None when the run has no outer loop (mode dp). Raises :class:`ResumeError` when they cannot be resized."""
+    from eagerloco.ft.resize import resize_outer_states
+
+    saved_world = read_manifest(directory)["world_size"]
+    outer = [_read(directory, r)["outer"] for r in range(saved_world)]  # the rest of each file is dropped at once
+    if all(state is None for state in outer):
+        return None
+    if any(state is None for state in outer):
+        raise ResumeError(f"checkpoint {directory}: some workers saved an outer state and some did not")
+    try:
+        return resize_outer_states(outer, world_size)
+    except ValueError as exc:
+        raise ResumeError(f"checkpoint {directory} cannot be resumed by {world_size} workers: {exc}") from exc
+
+
+def check_resizable(directory: Path, world_size: int) -> None:
+    """Refuse (:class:`ResumeError`), before any worker starts, a checkpoint whose saved outer states cannot be
+    resized to ``world_size`` workers (e.g. a non-finite average in flight under ``nonfinite='raise'``). It reads
+    every worker file once; a no-op when the worker count does not change."""
+    if read_manifest(directory)["world_size"] != world_size:
+        resized_outer_states(directory, world_size)
+
+
+def load_resized(directory: Path, rank: int, world_size: int, config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What new worker ``rank`` of ``world_size`` starts from when the checkpoint was written by M ≠ world_size
+    workers (ALGORITHMS.md section 11, docs/fault-tolerance.md): a state shaped like a saved worker file with
+
+    - ``outer``: :func:`resized_outer_states`' state ``rank`` (in-flight averages applied, eager consolidated,
+      finalized: the caller loads it, reopens, and sets θ ← φ);
+    - ``model``: saved worker ``rank``'s (its buffers; θ is overwritten by φ), saved worker 0's for rank ≥ M;
+    - ``inner_optimizer``, ``rng``: saved worker ``rank``'s for rank < M, None (fresh) for rank ≥ M; except when
+      the new run is data-parallel (mode dp), whose workers must hold one inner optimizer state: there a new
+      worker takes saved worker 0's inner optimizer state (identical on every worker of a dp checkpoint);
+    - ``sampler``: None: every new worker takes a fresh data shard ``rank`` of ``world_size`` positioned at the
+      saved inner step (one batch per step, like the saved workers' own counters);
+    - ``elapsed_s``, ``inner_step``: the saved ones (worker 0's elapsed_s for rank ≥ M); ``resized_from``: M."""
+    manifest = check_compatible(directory, world_size, config)
+    saved_world = manifest["world_size"]
+    outer = resized_outer_states(directory, world_size)
+    own = rank < saved_world
+    state = _read(directory, rank if own else 0)
+    dp = (config or {}).get("outer", {}).get("mode") == "dp"  # one inner optimizer state on every worker
+    return {
+        **state,
+        "outer": None if outer is None else outer[rank],
+        "inner_optimizer": state["inner_optimizer"] if own or dp else None,
+        "rng": state["rng"] if own else None,
+        "sampler": None,
+        "resized_from": saved_world,
+    }
