@@ -31,6 +31,12 @@ class WorkerResult:
     comm_wire_bytes: int
     inner_steps: int
     evals: list[dict[str, Any]] = field(default_factory=list)
+    tokens: int | None = None
+    """Global tokens trained by the end of the run, over every life of it (a life before a resume with another
+    number of workers counted with its own worker count); None: ``steps`` x batch x sequence x workers."""
+    tokens_this_life: int | None = None
+    """Global tokens trained since this process started (after a ``--resume``: since the checkpoint), the ones
+    ``stats['wall_s']`` measured; None: all of ``tokens``."""
 
 
 class MetricsLog:
@@ -76,7 +82,10 @@ def summarize(config: TrainConfig, results: list[WorkerResult], data_summary: st
     """``summary.json``: the run's totals from every worker's result (means over workers, the slowest wall time)."""
     world = len(results)
     steps = config.run.steps
-    tokens = steps * config.data.batch_size * config.model.seq_len * world
+    tokens = results[0].tokens
+    if tokens is None:
+        tokens = steps * config.data.batch_size * config.model.seq_len * world
+    trained = results[0].tokens_this_life if results[0].tokens_this_life is not None else tokens
     walls = [r.stats["wall_s"] for r in results]
     summary = {
         "mode": config.outer.mode,
@@ -84,7 +93,7 @@ def summarize(config: TrainConfig, results: list[WorkerResult], data_summary: st
         "launch": config.run.launch,
         "eval_loss": results[0].eval_loss,
         "tokens": tokens,
-        "tokens_per_s": tokens / max(walls),
+        "tokens_per_s": trained / max(walls) if max(walls) > 0 else 0.0,  # this life's tokens over its wall time
         "wall_s": max(walls),
         "utilization": sum(r.stats["utilization"] for r in results) / world,
         "blocked_s": sum(r.stats["blocked_s"] for r in results) / world,

@@ -279,6 +279,8 @@ def train_worker(
         comm_wire_bytes=comm.stats.wire_bytes,
         inner_steps=config.run.steps,
         evals=evals,
+        tokens=tokens_at(config.run.steps),
+        tokens_this_life=tokens_at(config.run.steps) - tokens_at(start_step),
     )
 
 
