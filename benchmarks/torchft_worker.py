@@ -173,8 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     from torchft.local_sgd import DiLoCo
 
     from eagerloco.engine.fragments import build_fragments
+    from eagerloco.launch import load_data as eagerloco_load_data
     from eagerloco.lm.model import GPT, GPTConfig, evaluate_loss
-    from eagerloco.train import load_data as eagerloco_load_data
     from eagerloco.train import lr_at
 
     rank, world = args.replica, args.replicas

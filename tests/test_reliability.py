@@ -480,8 +480,8 @@ def test_workers_with_different_configurations_refuse_before_training():
     """Under torchrun every rank compares its whole configuration with the others' before building anything
     (train.check_same_config): each stops with an error naming the first difference."""
     from eagerloco.engine.config import ConfigError
+    from eagerloco.launch import check_same_config
     from eagerloco.lm.config import TrainConfig
-    from eagerloco.train import check_same_config
 
     configs = [TrainConfig(), TrainConfig()]
     configs[1].model.n_layer = 3

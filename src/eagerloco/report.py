@@ -3,6 +3,7 @@ the end. Readers of these files are in :mod:`eagerloco.lm.runs`."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shlex
 import threading
@@ -76,6 +77,22 @@ class MetricsLog:
             self._fh.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def log_membership(ft: Any, timer: Any, log: MetricsLog, worker: int) -> None:
+    """Write a ``membership`` record per quorum of the fault-tolerant site ``ft`` (an
+    :class:`eagerloco.ft.FaultTolerance`) into ``log``: the ones so far now, each later one with the engine's next
+    outer-step record (``timer.add_record_listener``)."""
+    logged = 0
+
+    def flush(_record: Any = None) -> None:
+        nonlocal logged
+        for rec in ft.stats.records[logged:]:
+            log.write({"type": "membership", "worker": worker, **dataclasses.asdict(rec)})
+        logged = len(ft.stats.records)
+
+    flush()
+    timer.add_record_listener(flush)
 
 
 def summarize(config: TrainConfig, results: list[WorkerResult], data_summary: str | None = None) -> dict[str, Any]:

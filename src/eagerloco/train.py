@@ -23,8 +23,6 @@ record; per evaluation: the eval loss of the outer parameters), ``summary.json``
 
 from __future__ import annotations
 
-import dataclasses
-import io
 import math
 import sys
 from pathlib import Path
@@ -36,13 +34,12 @@ from eagerloco.comm import Communicator, EmulatedLink
 from eagerloco.comm.base import CollectiveTimeout
 from eagerloco.engine import DiLoCo, Measured
 from eagerloco.engine.data_parallel import DDPGradientAverager, GradientAverager, torch_group_of
-from eagerloco.fileio import atomic_write_bytes
 from eagerloco.lm import checkpoint as ckpt
 from eagerloco.lm.config import TrainConfig
 from eagerloco.lm.data import LMData
 from eagerloco.lm.interrupt import AgreedStop, StopSignal, TrainingInterrupted
 from eagerloco.lm.model import GPT, GPTConfig, evaluate_loss
-from eagerloco.report import MetricsLog, WorkerResult
+from eagerloco.report import MetricsLog, WorkerResult, log_membership
 
 
 def lr_at(step: int, config: TrainConfig) -> float:
@@ -104,33 +101,13 @@ def train_worker(
     )  # fmt: skip
     tokens_per_step = config.data.batch_size * model_cfg.seq_len * world  # global tokens per inner step
 
-    start_step = 0
-    elapsed_before = 0.0  # loop seconds of the lives of this run before a --resume
-    tokens_offset = 0  # a resume with another worker count: its earlier steps had another global batch
-    if config.run.resume and (directory := ckpt.latest_valid(run_dir)) is not None:
-        saved_world = ckpt.read_manifest(directory)["world_size"]
-        if saved_world == world:  # the same workers: each continues from its own file, bitwise
-            state = ckpt.load_worker(directory, rank, world, config.to_dict())
-        else:  # another number of workers: ALGORITHMS.md section 11, last rule (lm/checkpoint.py: load_resized)
-            state = ckpt.load_resized(directory, rank, world, config.to_dict())
-        model.load_state_dict(state["model"])
-        if state["inner_optimizer"] is not None:  # None: a new worker (rank >= saved workers) starts AdamW fresh
-            inner.load_state_dict(state["inner_optimizer"])
-        if state["sampler"] is not None:
-            sampler.load_state_dict(state["sampler"])
-        else:  # resized: shard `rank` of `world`, at the saved step's batch (one batch per inner step)
-            sampler.load_state_dict({**sampler.state_dict(), "batches_drawn": state["inner_step"]})
-        if loco is not None and state["outer"] is not None:
-            loco.load_state_dict(state["outer"])
-            if loco.finalized and state["inner_step"] < config.run.steps:
-                loco.reopen()  # a finished run continued with more steps (possibly in another mode)
-            if saved_world != world:
-                loco.copy_outer_parameters_to(model)  # θ ← φ: the resized state has nothing in flight
-        if state["rng"] is not None:  # None: a new worker keeps the RNG of a fresh run
-            torch.set_rng_state(state["rng"])
-        start_step = state["inner_step"]
-        elapsed_before = state["elapsed_s"]
-        tokens_offset = start_step * config.data.batch_size * model_cfg.seq_len * (saved_world - world)
+    restored = ckpt.Restored()  # a fresh run; --resume: the newest complete checkpoint (any number of workers)
+    if config.run.resume:
+        restored = ckpt.restore_worker(
+            run_dir, rank, world, config.to_dict(), model=model, inner_optimizer=inner, sampler=sampler, loco=loco,
+            tokens_per_worker_step=config.data.batch_size * model_cfg.seq_len,
+        )  # fmt: skip
+    start_step, elapsed_before, tokens_offset = restored.inner_step, restored.elapsed_s, restored.tokens_offset
 
     def tokens_at(step: int) -> int:
         """Global tokens trained up to inner step ``step`` (the lives before a resize counted with their M)."""
@@ -142,15 +119,7 @@ def train_worker(
         lambda r: log.write({"type": "outer", "worker": rank, "tokens": tokens_at(r.inner_step), **r.to_dict()})
     )
     if ft is not None:  # membership per quorum: M, changes, drops, state transfers (docs/fault-tolerance.md)
-        logged = [0]
-
-        def log_membership(_record: Any) -> None:
-            for rec in ft.stats.records[logged[0] :]:
-                log.write({"type": "membership", "worker": rank, **dataclasses.asdict(rec)})
-            logged[0] = len(ft.stats.records)
-
-        log_membership(None)
-        timer.add_record_listener(log_membership)
+        log_membership(ft, timer, log, rank)
 
     def elapsed() -> float:
         """Seconds of the training loop: the engine's clock, which stands still while paused (eval, checkpoint)."""
@@ -262,12 +231,9 @@ def train_worker(
     evals.append({"step": config.run.steps, "eval_loss": final_eval})
     if ft is None:  # fault tolerance: no collective checkpoint (members come and go); each site keeps its model
         save_checkpoint(config.run.steps)
-    if rank == 0 or ft is not None:
-        final = {"model_config": model_cfg.to_dict(), "model": model.state_dict(), "train_config": config.to_dict(),
-                 "tokenizer": data.tokenizer.fingerprint, "eval_loss": final_eval}  # fmt: skip
-        buffer = io.BytesIO()
-        torch.save(final, buffer)
-        atomic_write_bytes(run_dir / "model.pt", buffer.getvalue())
+    if rank == 0 or ft is not None:  # model.pt: the final outer parameters, what eval/sample/plot read
+        ckpt.save_final_model(run_dir, model, model_cfg.to_dict(), config.to_dict(), data.tokenizer.fingerprint,
+                              final_eval)  # fmt: skip
     return WorkerResult(
         rank=rank,
         params=model.num_parameters(),
@@ -289,15 +255,6 @@ def main(argv: list[str] | None = None) -> int:
     from eagerloco.cli.train import main as cli_main
 
     return cli_main(argv)
-
-
-def __getattr__(name: str) -> Any:
-    """The launchers' names, for code written when they lived here (``from eagerloco.train import run``)."""
-    if name in ("run", "load_data", "check_same_config", "check_resume", "prepare_run_dir"):
-        import eagerloco.launch
-
-        return getattr(eagerloco.launch, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 if __name__ == "__main__":

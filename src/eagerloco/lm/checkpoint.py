@@ -25,6 +25,7 @@ import io
 import json
 import shutil
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -258,3 +259,74 @@ def load_resized(directory: Path, rank: int, world_size: int, config: dict[str, 
         "sampler": None,
         "resized_from": saved_world,
     }
+
+
+@dataclass(frozen=True)
+class Restored:
+    """Where a resumed worker continues: the inner step, the loop seconds of the run's earlier lives, and the
+    global tokens to add to ``step x tokens per step`` (nonzero after a resume with another number of workers,
+    whose earlier steps had another global batch)."""
+
+    inner_step: int = 0
+    elapsed_s: float = 0.0
+    tokens_offset: int = 0
+
+
+def restore_worker(
+    run_dir: Path,
+    rank: int,
+    world_size: int,
+    config: dict[str, Any],
+    *,
+    model: torch.nn.Module,
+    inner_optimizer: torch.optim.Optimizer,
+    sampler: Any,
+    loco: Any,
+    tokens_per_worker_step: int,
+) -> Restored:
+    """Load worker ``rank``'s state from the newest complete checkpoint of ``run_dir`` into the model, the inner
+    optimizer, the sampler and the DiLoCo wrapper ``loco`` (None for dp), and the RNG. The same workers: each
+    continues from its own file, bitwise (:func:`load_worker`); another number of workers: :func:`load_resized`
+    (ALGORITHMS.md section 11, last rule), then θ ← φ. No checkpoint: a fresh start (``Restored()``)."""
+    directory = latest_valid(run_dir)
+    if directory is None:
+        return Restored()
+    saved_world = read_manifest(directory)["world_size"]
+    if saved_world == world_size:
+        state = load_worker(directory, rank, world_size, config)
+    else:
+        state = load_resized(directory, rank, world_size, config)
+    model.load_state_dict(state["model"])
+    if state["inner_optimizer"] is not None:  # None: a new worker (rank >= saved workers) starts AdamW fresh
+        inner_optimizer.load_state_dict(state["inner_optimizer"])
+    if state["sampler"] is not None:
+        sampler.load_state_dict(state["sampler"])
+    else:  # resized: shard `rank` of `world_size`, at the saved step's batch (one batch per inner step)
+        sampler.load_state_dict({**sampler.state_dict(), "batches_drawn": state["inner_step"]})
+    if loco is not None and state["outer"] is not None:
+        loco.load_state_dict(state["outer"])
+        if loco.finalized and state["inner_step"] < config["run"]["steps"]:
+            loco.reopen()  # a finished run continued with more steps (possibly in another mode)
+        if saved_world != world_size:
+            loco.copy_outer_parameters_to(model)  # θ ← φ: the resized state has nothing in flight
+    if state["rng"] is not None:  # None: a new worker keeps the RNG of a fresh run
+        torch.set_rng_state(state["rng"])
+    step = state["inner_step"]
+    return Restored(step, state["elapsed_s"], step * tokens_per_worker_step * (saved_world - world_size))
+
+
+def save_final_model(
+    run_dir: Path,
+    model: torch.nn.Module,
+    model_config: dict[str, Any],
+    train_config: dict[str, Any],
+    tokenizer_fingerprint: Any,
+    eval_loss: float,
+) -> None:
+    """Write ``run_dir/model.pt`` atomically: the model (the final outer parameters), its config, the training
+    config, the tokenizer's fingerprint and the final eval loss (read by ``eagerloco eval``/``sample``)."""
+    final = {"model_config": model_config, "model": model.state_dict(), "train_config": train_config,
+             "tokenizer": tokenizer_fingerprint, "eval_loss": eval_loss}  # fmt: skip
+    buffer = io.BytesIO()
+    torch.save(final, buffer)
+    atomic_write_bytes(run_dir / "model.pt", buffer.getvalue())
