@@ -32,6 +32,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 # 820k-parameter GPT, AdamW lr 3e-3, H = 30, outer SGD Nesterov 0.9, outer lr 0.7).
 METHODS: dict[str, list[str]] = {
     "dp": ["--mode", "dp"],
+    "dp_1mb": ["--mode", "dp", "--ddp-bucket-mb", "1"],  # DDP with 1 MB buckets: overlap within the backward pass
     "sync": ["--mode", "sync"],
     "streaming": ["--mode", "overlap", "--num-fragments", "2", "--overlap-steps", "1", "--alpha", "0.5"],
     "delayed": ["--mode", "delayed", "--delay", "1"],
@@ -47,6 +48,7 @@ METHODS: dict[str, list[str]] = {
 }
 LABELS: dict[str, str] = {
     "dp": "data-parallel (DDP)",
+    "dp_1mb": "data-parallel (DDP, 1 MB buckets)",
     "sync": "DiLoCo (sync)",
     "streaming": "streaming, P=2, τ=1, α=0.5",
     "delayed": "delayed k=1 (naive)",

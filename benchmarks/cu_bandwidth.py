@@ -57,6 +57,7 @@ def simulated_cu(method: str, rate_mbit: float, step_s: float, layers: int, para
     model = ModelSpec(name="default-gpt", params=float(params), layers=layers, step_time_s=step_s)
     specs = {
         "dp": MethodSpec(name="dp", data_parallel=True, bits=32),
+        "dp_1mb": MethodSpec(name="dp", data_parallel=True, bits=32),  # the simulator reduces per layer anyway
         "sync": MethodSpec(name="sync", sync_every=sync_every, fragments=1, bits=32),
         "streaming": MethodSpec(name="streaming", sync_every=sync_every, fragments=2, overlap_steps=1, bits=32),
         "delayed": MethodSpec(name="delayed", sync_every=sync_every, fragments=1, slack_outer_steps=1, bits=32),
@@ -103,7 +104,7 @@ def aggregate(payload: dict[str, Any]) -> list[dict[str, Any]]:
     runs = payload["runs"]
     if not runs:
         return []
-    step_s = bl.median(r["inner_step_time_s"] for r in runs if r["method"] != "dp")
+    step_s = bl.median(r["inner_step_time_s"] for r in runs if not r["method"].startswith("dp"))
     if math.isnan(step_s):
         step_s = bl.median(r["inner_step_time_s"] for r in runs)
     params, layers, h = runs[0]["params"], runs[0]["num_layers"], runs[0]["sync_every"]
@@ -272,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
             for ri, rate in enumerate(rates):
                 lab.set_rate(rate)
                 for method in bl.rotate(args.methods, rep + ri):
-                    steps = dp_steps(rate, args.steps, args.dp_budget_s) if method == "dp" else args.steps
+                    steps = dp_steps(rate, args.steps, args.dp_budget_s) if method.startswith("dp") else args.steps
                     if args.smoke:
                         steps = args.steps
                     train_args = [

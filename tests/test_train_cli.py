@@ -125,6 +125,7 @@ def test_simulated_and_process_launches_agree(tmp_path):
         (["--mode", "overlap", "--overlap-steps", "5"], r"overlap_steps=5 >= sync_every=5"),
         (["--alpha", "2"], r"alpha=2.0: α must be a number in \[0, 1\]"),
         (["--steps", "0"], r"run.steps=0: must be >= 1"),
+        (["--mode", "dp", "--ddp-bucket-mb", "0"], r"outer.ddp_bucket_mb=0.0: must be a finite number of MB > 0"),
         (["--corpus", "/nonexistent/corpus"], r"/nonexistent/corpus"),
         (["--n-head", "3"], r"d_model=32 must be divisible by n_head=3"),
         (["--mode", "dp", "--compression", "fp4"], r"mode 'dp' has none"),

@@ -82,7 +82,7 @@ def train_worker(
     dp = config.outer.mode == "dp"  # default mode: eager, H = 30, k = 1, outer SGD lr 0.7 Nesterov 0.9
     timeout = config.outer.collective_timeout_s  # default: 300 s for any wait on a collective
     if dp and torch_group_of(comm) is not None:  # workers are processes: the baseline is PyTorch's DDP (bucketed)
-        engine: DiLoCo | GradientAverager = DDPGradientAverager(model, comm, timeout)
+        engine: DiLoCo | GradientAverager = DDPGradientAverager(model, comm, timeout, config.outer.ddp_bucket_mb)
     elif dp:  # simulated workers (threads): one flat all-reduce after backward, the same average
         engine = GradientAverager(model, comm, timeout)
     elif ft is not None:  # joins the run: the first quorum, a live peer's state when behind (eagerloco.ft)

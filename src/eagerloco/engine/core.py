@@ -45,8 +45,8 @@ class InFlight:
     launch_step: int
     mean: PendingMean
     own: torch.Tensor | None = None
-    """Eager only: this worker's contribution exactly as it was applied eagerly ((1/M)·Δ_m(t); zero when Δ_m(t)
-    was not finite: nothing was applied). Set by the strategy."""
+    """Eager only: this worker's contribution exactly as it was applied eagerly (w·Δ_m(t), w = 1/M by default,
+    ALGORITHMS.md 4.1; zero when Δ_m(t) was not finite: nothing was applied). Set by the strategy."""
     own_finite: bool = True
     """Whether this worker's own Δ_m(t) was finite (for the error message when the average is not)."""
 

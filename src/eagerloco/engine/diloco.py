@@ -141,7 +141,8 @@ class DiLoCo:
         self.comm = comm
         self.rank = comm.rank
         self.world_size = comm.world_size
-        self.strategy: OuterStrategy = make_strategy(cfg)
+        # The strategy's parameters are checked against M here, before any collective (eager_own_weight >= 1/M).
+        self.strategy: OuterStrategy = make_strategy(cfg, self.world_size)
         self.fragments = build_fragments(
             model, cfg.num_fragments, cfg.sync_every, cfg.fragment_layout, modules=fragments, blocks=blocks
         )

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 import types
 import typing
@@ -100,6 +101,11 @@ class OuterConfig(DiLoCoConfig):
     """Seconds any wait on a collective may block (outer all-reduces, start-up checks, checkpoint barriers, the
     stop vote) before the run stops with an error naming the outer step, the fragment and the peers that did not
     answer. Raise it for huge models on slow links in mode 'sync'."""
+
+    ddp_bucket_mb: float = 25.0
+    """Mode 'dp' with process workers (PyTorch DDP): the gradient bucket size in MB (25: DDP's default). A model
+    smaller than one bucket is all-reduced in one piece after backward, with nothing to overlap; smaller buckets
+    let early buckets travel while backward computes the rest."""
 
     def diloco(self) -> DiLoCoConfig:
         """The engine's config (mode 'dp' has none)."""
@@ -212,6 +218,8 @@ class TrainConfig:
         for name, value in positive.items():
             if value < 1:
                 raise ConfigError(f"{name}={value!r}: must be >= 1")
+        if not (math.isfinite(self.outer.ddp_bucket_mb) and self.outer.ddp_bucket_mb > 0):
+            raise ConfigError(f"outer.ddp_bucket_mb={self.outer.ddp_bucket_mb!r}: must be a finite number of MB > 0")
         weight = self.outer.eager_own_weight  # range and mode checked by diloco() above; here against M
         if self.outer.mode == "eager" and weight is not None and weight < 1 / self.run.workers:
             raise ConfigError(
