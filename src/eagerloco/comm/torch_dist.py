@@ -45,7 +45,7 @@ def is_peer_failure(exc: BaseException) -> bool:
     return any(word in text for word in _PEER_FAILURE_WORDS)
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     """gloo's messages start with a source path and end with an emoji; keep the sentence that matters."""
     line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     if line.startswith("[") and "] " in line:
@@ -113,15 +113,21 @@ def stop_heartbeats() -> None:
     _Heartbeat.stop_all()
 
 
-class _TorchWork:
+class TorchWork:
     """Adapts a ``torch.distributed`` work handle to :class:`eagerloco.comm.base.Work`, with a timeout that
-    names the operation and the group."""
+    names the operation and the group. A failure that :meth:`is_failure` accepts (a timeout, a dead peer) becomes
+    :class:`CollectiveTimeout`; anything else propagates as it is."""
 
     def __init__(self, work: Any, what: str, default_timeout: float | None) -> None:
         self._work = work
         self._what = what
         self._default_timeout = default_timeout
         self._done = False
+
+    @staticmethod
+    def is_failure(exc: Exception) -> bool:
+        """gloo and NCCL report timeouts and dead peers as RuntimeError with recognizable messages."""
+        return isinstance(exc, RuntimeError) and is_peer_failure(exc)
 
     def wait(self, timeout: float | None = None) -> None:
         if self._done:
@@ -133,12 +139,12 @@ class _TorchWork:
                 self._work.wait()
             else:
                 self._work.wait(timeout=timedelta(seconds=timeout))
-        except RuntimeError as exc:  # gloo and NCCL report timeouts and dead peers as RuntimeError
-            if is_peer_failure(exc):
-                waited = time.monotonic() - start
-                message = f"{self._what} failed after {waited:.1f} s (limit {timeout} s): {_first_line(exc)}"
-                raise CollectiveTimeout(message) from exc
-            raise
+        except Exception as exc:
+            if not self.is_failure(exc):
+                raise
+            waited = time.monotonic() - start
+            message = f"{self._what} failed after {waited:.1f} s (limit {timeout} s): {first_line(exc)}"
+            raise CollectiveTimeout(message) from exc
         self._done = True
 
     def is_completed(self) -> bool:
@@ -186,7 +192,7 @@ class TorchDistributedCommunicator(Communicator):
         return self._backend
 
     def _wrap(self, work: Any, what: str) -> Work:
-        return _TorchWork(work, f"{what} on {self._backend} rank {self.rank}/{self.world_size}", self.default_timeout)
+        return TorchWork(work, f"{what} on {self._backend} rank {self.rank}/{self.world_size}", self.default_timeout)
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> Work:
         self.stats.record("all_reduce", tensor.numel() * tensor.element_size(), self.world_size)
@@ -213,7 +219,7 @@ class TorchDistributedCommunicator(Communicator):
         except RuntimeError as exc:
             if is_peer_failure(exc):
                 raise CollectiveTimeout(
-                    f"all_gather_object on {self.describe()} did not complete: {_first_line(exc)}; "
+                    f"all_gather_object on {self.describe()} did not complete: {first_line(exc)}; "
                     f"{self.diagnose_peers()}"
                 ) from exc
             raise
@@ -235,7 +241,7 @@ class TorchDistributedCommunicator(Communicator):
             stopped = [r for r in others if store.check([_Heartbeat.failed_key(self._global_ranks[r])])]
         except Exception as exc:
             return (
-                f"the process group's store is unreachable ({_first_line(exc)}): the process hosting it died "
+                f"the process group's store is unreachable ({first_line(exc)}): the process hosting it died "
                 "(under an env:// launch that is global rank 0)"
             )
         silent = [r for r in others if after[r] == before[r] and r not in stopped]

@@ -13,10 +13,10 @@ Semantics: ALGORITHMS.md section 11. How it maps onto torchft:
 * **Drops.** When the quorum id changed, every average still in flight from the previous quorum is marked dropped
   (every member sees the change at the same sync point). An average waited for within its quorum is decided by one
   record in the coordination store (apply iff all M_Q members reported success; drop on a failure or when the votes
-  are not complete within the timeout; written once by compare-and-set). A dropped average has ``dropped = True``;
-  the engine's ``check_average`` then takes the path of a skipped non-finite average on every member: nothing
-  applied, outer optimizer untouched, θ ← φ, eager keeps its own contribution (``RunStats.dropped_averages``).
-  Its value is NaN, so that no path can apply it by mistake.
+  are not complete within what the collective left of the timeout; written once by compare-and-set). A dropped
+  average has ``dropped = True``; the engine's ``check_average`` then takes the path of a skipped non-finite
+  average on every member: nothing applied, outer optimizer untouched, θ ← φ, eager keeps its own contribution
+  (``RunStats.dropped_averages``). Its value is NaN, so that no path can apply it by mistake.
 
 Collective order: the quorum and the votes are not collectives of the process group (lighthouse RPC, store
 requests), so the order of the outer collectives is the engine's, unchanged. The quorum is a barrier at every sync
@@ -36,7 +36,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from eagerloco.comm.base import CollectiveTimeout, CommStats, Communicator, Work
+from eagerloco.comm.base import CommStats, Communicator, Work
+from eagerloco.comm.torch_dist import TorchWork
 from eagerloco.engine.config import ConfigError
 from eagerloco.ft._deps import require_torchft
 
@@ -100,34 +101,13 @@ class FaultToleranceStats:
         return asdict(self)
 
 
-class _FTWork:
-    """A torchft process-group work with a bounded wait that raises :class:`CollectiveTimeout` on failure."""
+class _FTWork(TorchWork):
+    """A torchft process-group work with a bounded wait: any failure (a dead peer, a timeout, or a process group
+    aborted by a reconfiguration) raises :class:`CollectiveTimeout`, which the average's decision then reports."""
 
-    def __init__(self, work: Any, what: str, default_timeout: float | None) -> None:
-        self._work = work
-        self._what = what
-        self._default_timeout = default_timeout
-        self._done = False
-
-    def wait(self, timeout: float | None = None) -> None:
-        if self._done:
-            return
-        timeout = self._default_timeout if timeout is None else timeout
-        start = time.monotonic()
-        try:
-            if timeout is None:
-                self._work.wait()
-            else:
-                self._work.wait(timedelta(seconds=timeout))
-        except Exception as exc:  # a dead peer, a timeout, or an aborted (reconfigured) process group
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise CollectiveTimeout(
-                f"{self._what} failed after {time.monotonic() - start:.1f} s (limit {timeout} s): {first}"
-            ) from exc
-        self._done = True
-
-    def is_completed(self) -> bool:
-        return self._done or bool(self._work.is_completed())
+    @staticmethod
+    def is_failure(exc: Exception) -> bool:
+        return True
 
 
 class FaultTolerantCommunicator(Communicator):
@@ -223,7 +203,11 @@ class _FTPending:
         if self._result is not None:
             return self._result
         if not self.dropped:
+            # One bound for the whole wait: the collective and the votes share `timeout` (ALGORITHMS.md 11: no
+            # survivor blocks longer than the configured timeout). The collective's own bound is the same, so a
+            # dead peer leaves no time for votes: this member writes 'drop' at once, which every member then reads.
             ok, error = True, ""
+            timeout = self._ft.timeout_s if timeout is None else timeout
             start = time.perf_counter()
             try:
                 mean = self._inner.wait(timeout)
@@ -231,7 +215,8 @@ class _FTPending:
                 ok, error = False, str(exc).splitlines()[0] if str(exc) else type(exc).__name__
                 self._ft.stats.failed_waits += 1
                 self._ft.stats.failed_wait_s += time.perf_counter() - start
-            decision = self._ft._decide(self.quorum_id, self.seq, self.world_size, ok, timeout)
+            remaining = max(0.0, timeout - (time.perf_counter() - start))
+            decision = self._ft._decide(self.quorum_id, self.seq, self.world_size, ok, remaining)
             if decision == "apply" and ok:
                 self._result = mean
                 self._ft._forget(self)
@@ -285,7 +270,7 @@ class FaultTolerance:
         store: ``HOST:PORT`` of the coordination store (the same host).
         replica_id: this worker's name (a restarted worker may reuse it; torchft appends a fresh id).
         min_replicas: smallest quorum this worker accepts to train in.
-        timeout_s: bound of every collective wait, vote, state transfer and RPC.
+        timeout_s: bound of every average's wait (its collective and its votes together), state transfer and RPC.
         quorum_timeout_s: bound of one quorum (default 4 × ``timeout_s``): a worker waits this long for the others
             at a sync point before failing.
         host: the address other workers use to reach this one (its store, its state-transfer server).
@@ -553,17 +538,24 @@ class FaultTolerance:
             if item in self._in_flight:
                 self._in_flight.remove(item)
 
-    def _decide(self, quorum_id: int, seq: int, members: int, ok: bool, timeout: float | None) -> str:
-        """The decision record of one average: 'apply' iff every member reported success (ALGORITHMS.md 11)."""
+    def _decide(self, quorum_id: int, seq: int, members: int, ok: bool, wait_s: float) -> str:
+        """The decision record of one average: 'apply' iff every member reported success (ALGORITHMS.md 11).
+        Waits at most ``wait_s`` for the others' votes; then writes 'drop' unless a decision is already there. The
+        record is written once (compare-and-set), so every member reads the same decision, whoever timed out."""
         key = f"{self.prefix}/decision/{quorum_id}/{seq}"
         if ok:
             if int(self.coord.add(f"{self.prefix}/ok/{quorum_id}/{seq}", 1)) == members:
                 self.coord.compare_set(key, "", "apply")
         else:
             self.coord.compare_set(key, "", "drop")
-        try:
-            self.coord.wait([key], timedelta(seconds=timeout if timeout is not None else self.timeout_s))
-        except Exception:  # a member's vote did not arrive in time: it is dead or stuck
+        decided = self.coord.check([key])
+        if not decided and wait_s > 0:
+            try:
+                self.coord.wait([key], timedelta(seconds=wait_s))
+                decided = True
+            except Exception:  # a member's vote did not arrive in time: it is dead or stuck
+                pass
+        if not decided:
             self.coord.compare_set(key, "", "drop")
         return self.coord.get(key).decode()
 
