@@ -19,7 +19,7 @@ Reported per (rate, method), medians over repeats:
 * time blocked per outer step (drain excluded) and in all, wall clock of the loop for the same tokens;
 * bytes each site sent (``/proc/net/dev`` of ``lab0`` over the whole job, start-up included);
 * the simulator's steady-state CU for the same model (parameters, layers, measured seconds per inner step),
-  method and nominal rate (``eagerloco.simulator``, bits 32; 4 for fp4).
+  method and nominal rate (``eagerloco.simulator``, bits 32; fp4: ``CODEC_BITS['fp4']`` = 4.25, scales included).
 
 Writes ``benchmarks/results/<name>.json`` / ``.md`` and the plot ``<name>.png``. Needs root (network
 namespaces); exits with status 2 and the reason where a lab can't be built.
@@ -51,7 +51,7 @@ def dp_steps(rate_mbit: float, steps: int, budget_s: float, step_s: float = 0.2)
 
 def simulated_cu(method: str, rate_mbit: float, step_s: float, layers: int, params: int, sync_every: int) -> float:
     """The simulator's steady-state CU for this method at ``rate_mbit`` (M = 2, no latency)."""
-    from eagerloco.simulator.config import LinkSpec, MethodSpec, ModelSpec
+    from eagerloco.simulator.config import CODEC_BITS, LinkSpec, MethodSpec, ModelSpec
     from eagerloco.simulator.events import simulate
 
     model = ModelSpec(name="default-gpt", params=float(params), layers=layers, step_time_s=step_s)
@@ -63,7 +63,10 @@ def simulated_cu(method: str, rate_mbit: float, step_s: float, layers: int, para
         "delayed": MethodSpec(name="delayed", sync_every=sync_every, fragments=1, slack_outer_steps=1, bits=32),
         "eager": MethodSpec(name="eager", sync_every=sync_every, fragments=1, slack_outer_steps=1, bits=32),
         "eager2": MethodSpec(name="eager2", sync_every=sync_every, fragments=1, slack_outer_steps=2, bits=32),
-        "eager_fp4": MethodSpec(name="eager_fp4", sync_every=sync_every, fragments=1, slack_outer_steps=1, bits=4),
+        # fp4: 4 bits per value plus one fp32 scale per block, what the engine sends
+        "eager_fp4": MethodSpec(
+            name="eager_fp4", sync_every=sync_every, fragments=1, slack_outer_steps=1, bits=CODEC_BITS["fp4"]
+        ),
     }
     return simulate(model, specs[method], LinkSpec(bandwidth_gbps=rate_mbit / 1e3)).cu
 
