@@ -24,6 +24,11 @@ The plans (``--plan``) order their points so that the most informative arrive fi
 * ``variant``: eager k = 1 with own-contribution weight w = 1 (``--eager-own-weight 1``) at M = 2 (900 steps)
   on the same grid, then sync, eager w = 1 and the paper's eager at M = 4 (600 steps); needs a checkout that has
   the variant (``--src``).
+* ``trends``: the paper's trends, each method (sync, the paper's eager k = 1, eager w = 1) at its best seed-0
+  recipe of the default job, one axis changed at a time (``TREND_POINTS``): tokens (300 / 2,700 steps), H (10 /
+  100), M = 4, non-iid shards, model size (115k and 2.7M parameters around the default 820k), M = 8 on the 115k
+  model, and the 115k model overtrained (2,850 steps: 101 tokens per parameter); then seeds 1 and 2 of every
+  point. A method's points are scheduled once its recipe grid (main stages 1-3, or V1 for w = 1) has finished.
 * ``custom``: the grid given by ``--methods --lrs --momenta --seeds --workers --steps --own-weight``.
 
 ``--src DIR`` trains with the eagerloco of another checkout (``PYTHONPATH=DIR/src``, for a pinned commit while
@@ -45,6 +50,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -67,6 +73,24 @@ GRID_ORDER: tuple[tuple[float, float], ...] = (
 )  # fmt: skip
 DILOCO_RECIPE = (0.7, 0.9, True)  # the CLI's default outer optimizer: lr 0.7, Nesterov momentum 0.9
 FINISHED = ("ok", "diverged")
+SMALL_MODEL = ("--n-layer", "2", "--d-model", "64", "--n-head", "2")  # 115,008 parameters (byte vocabulary)
+LARGE_MODEL = ("--n-layer", "6", "--d-model", "192", "--n-head", "6")  # 2,705,856 (the default: 820,352)
+# The trends plan: (axis, what changes, the point's fields; the reference it is read against). Tokens per
+# parameter: 16 sequences x 128 tokens x M per inner step, so 2,850 steps at M = 2 give the 115k model 101.
+TREND_POINTS: tuple[tuple[str, str, dict[str, Any]], ...] = (
+    ("tokens", "300 steps", {"steps": 300}),
+    ("H", "H = 10", {"extra": ("--sync-every", "10")}),
+    ("size", "115k parameters", {"extra": SMALL_MODEL}),
+    ("data", "non-iid shards", {"extra": ("--sharding", "noniid")}),
+    ("H", "H = 100", {"extra": ("--sync-every", "100")}),
+    ("M", "M = 4", {"workers": 4}),
+    ("M, 115k", "M = 8, 115k parameters", {"workers": 8, "extra": SMALL_MODEL}),
+    ("overtrained", "115k parameters, 2,850 steps (101 tokens/parameter)", {"steps": 2850, "extra": SMALL_MODEL}),
+    ("tokens", "2,700 steps", {"steps": 2700}),
+    ("size", "2.7M parameters", {"extra": LARGE_MODEL}),
+)
+# (method, own weight) of the trends: DiLoCo, the paper's eager, the own-weight variant w = 1.
+TREND_METHODS: tuple[tuple[str, float | None], ...] = (("sync", None), ("eager", None), ("eager", 1.0))
 # --smoke: configs/smoke.toml's tiny model, H = 3, no mid-run evaluation (seconds per run)
 SMOKE_EXTRA: tuple[str, ...] = (*bl.SMOKE_ARGS, "--sync-every", "3", "--eval-every", "0")
 
@@ -208,6 +232,8 @@ def plan_points(
             if best is not None:
                 out += [("4: seeds at the best", dataclasses.replace(best, seed=s)) for s in (1, 2)]
         return out
+    if plan == "trends":
+        return trend_points(results, extra)
     if plan == "variant":
         m4 = {"workers": 4, "steps": 600, "extra": extra}
         sync4 = grid(["sync"], GRID_ORDER, **m4)
@@ -218,7 +244,34 @@ def plan_points(
             ("V3: eager (paper), M=4", grid(["eager"], GRID_ORDER, **m4)),
         ]
         return [(name, p) for name, pts in stages for p in pts]
-    raise ValueError(f"plan={plan!r}: must be 'main', 'variant' or 'custom'")
+    raise ValueError(f"plan={plan!r}: must be 'main', 'variant', 'trends' or 'custom'")
+
+
+def trend_recipe(results: dict[str, dict[str, Any]], method: str, own_weight: float | None,
+                 extra: tuple[str, ...] = ()) -> Point | None:  # fmt: skip
+    """The best seed-0 point of the default job for ``method`` (and ``own_weight``) once its recipe grid has
+    finished (main stages 1-3; V1 for an own weight), else None."""
+    plan = "variant" if own_weight is not None else "main"
+    group = Point(method, 0.7, 0.9, True, own_weight=own_weight).group
+    grid_points = [dataclasses.replace(p, extra=extra) for s, p in plan_points(plan, results)
+                   if p.group == group and not s.startswith("4")]  # fmt: skip
+    if not grid_points or not all(_finished(results.get(p.key)) for p in grid_points):
+        return None
+    return best_point(results, grid_points[0].group)
+
+
+def trend_points(results: dict[str, dict[str, Any]], extra: tuple[str, ...] = ()) -> list[tuple[str, Point]]:
+    """The trends plan: every TREND_POINTS entry for every method whose recipe is known (methods innermost),
+    seed 0 first, then seeds 1 and 2 of every point (the default job's own seeds are main's stage 4)."""
+    recipes = [r for m, w in TREND_METHODS if (r := trend_recipe(results, m, w, extra)) is not None]
+    out: list[tuple[str, Point]] = []
+    for seeds, stage in (((0,), "T1: trends, seed 0"), ((1, 2), "T2: trends, seeds 1 and 2")):
+        for seed in seeds:
+            for axis, what, fields in TREND_POINTS:
+                for best in recipes:
+                    change = {**fields, "extra": (*fields.get("extra", ()), *extra), "seed": seed}
+                    out.append((f"{stage}: {axis}: {what}", dataclasses.replace(best, **change)))
+    return out
 
 
 def _finished(rec: dict[str, Any] | None) -> bool:
@@ -416,7 +469,8 @@ def report(out: Path) -> str:
     finished = {k: r for k, r in results.items() if _finished(r)}
     groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
     for rec in finished.values():
-        groups.setdefault(Point.from_dict(rec["point"]).group, []).append(rec)
+        if rec.get("plan") != "trends":  # the trends have their own section
+            groups.setdefault(Point.from_dict(rec["point"]).group, []).append(rec)
     order = {m: i for i, m in enumerate(SWEEP_METHODS)}
     keys = sorted(groups, key=lambda g: (g[2], g[3], order.get(g[0], 99), g[0], g[1] or 0.0, g[4]))
     commits = sorted({r.get("source", {}).get("commit", "")[:10] for r in finished.values()} - {""})
@@ -432,9 +486,10 @@ def report(out: Path) -> str:
         "Plans: "
         + "; ".join(
             f"{plan} {sum(_finished(results.get(p.key)) for _, p in pts)} of {len(pts)} points finished"
-            for plan, pts in ((plan, plan_points(plan, results)) for plan in ("main", "variant"))
+            for plan, pts in ((plan, plan_points(plan, results)) for plan in ("main", "variant", "trends"))
         )
-        + " (main's count grows by 2 per method when its seeds at the best are scheduled).",
+        + " (main's count grows by 2 per method when its seeds at the best are scheduled; trends' by 60 per"
+        " method once its recipe grid has finished).",
         "",
     ]
     if not keys:
@@ -487,7 +542,63 @@ def report(out: Path) -> str:
                 row.append(_cell([r for r in groups[g] if Point.from_dict(r["point"]).recipe == (lr, mom, nest)]))
             rows.append(row)
         lines += [f"### {label(g)}", "", bl.md_table(header, rows), ""]
+    lines += trends_report(results)
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _mean_loss(results: dict[str, dict[str, Any]], point: Point, seeds: Sequence[int] = (0, 1, 2)) -> tuple[
+        float | None, int, str]:  # fmt: skip
+    """(mean eval loss over the finished seeds, how many, a cell text) of ``point`` at ``seeds``."""
+    recs = [results.get(dataclasses.replace(point, seed=seed).key) for seed in seeds]
+    recs = [r for r in recs if _finished(r)]
+    if not recs:
+        return None, 0, "·"
+    if any(r["status"] != "ok" for r in recs):
+        return None, len(recs), "diverged"
+    mean = sum(r["eval_loss"] for r in recs) / len(recs)
+    spread = max(r["eval_loss"] for r in recs) - min(r["eval_loss"] for r in recs)
+    return mean, len(recs), f"{mean:.3f}" + (f" ±{spread / 2:.3f} ({len(recs)} seeds)" if len(recs) > 1 else "")
+
+
+def trend_rows(results: dict[str, dict[str, Any]]) -> list[tuple[str, str, list[tuple[float | None, str]]]]:
+    """(axis, what, per TREND_METHODS (mean loss, cell)) for the default job and every TREND_POINTS entry; cells
+    of a method whose recipe is not known yet are '-'."""
+    recipes = [trend_recipe(results, m, w) for m, w in TREND_METHODS]
+    rows = []
+    for axis, what, fields in (("default", "900 steps, H = 30, M = 2, 820k parameters, iid", {}), *TREND_POINTS):
+        cells: list[tuple[float | None, str]] = []
+        for best in recipes:
+            if best is None:
+                cells.append((None, "-"))
+                continue
+            mean, _, text = _mean_loss(results, dataclasses.replace(best, **fields))
+            cells.append((mean, text))
+        rows.append((axis, what, cells))
+    return rows
+
+
+def trends_report(results: dict[str, dict[str, Any]]) -> list[str]:
+    """The trends section: each method at its best recipe, one axis changed at a time; gaps vs DiLoCo."""
+    if not any(r.get("plan") == "trends" for r in results.values()):
+        return []
+    names = [bl.LABELS.get(m, m) + (f", w={w:g}" if w is not None else "") for m, w in TREND_METHODS]
+    recipes = [trend_recipe(results, m, w) for m, w in TREND_METHODS]
+    header = ["axis", "point", *(f"{n} ({recipe_label(r.recipe) if r else 'recipe not known yet'})"
+                                 for n, r in zip(names, recipes))]  # fmt: skip
+    header += [f"{n} vs DiLoCo" for n in names[1:]]
+    rows = []
+    for axis, what, cells in trend_rows(results):
+        ref = cells[0][0]
+        gaps = [f"{(c[0] / ref - 1) * 100:+.1f} %" if ref and c[0] else "-" for c in cells[1:]]
+        rows.append([axis, what, *(c[1] for c in cells), *gaps])
+    return [
+        "## Trends: each method at its best recipe of the default job, one axis changed at a time",
+        "",
+        "Mean eval loss over the seeds finished (± half the range); `vs DiLoCo`: over sync's mean at the same point.",
+        "",
+        bl.md_table(header, rows),
+        "",
+    ]
 
 
 def plot(out: Path, path: Path) -> Path | None:
@@ -542,6 +653,76 @@ def plot(out: Path, path: Path) -> Path | None:
     return path
 
 
+# The trends plot's line panels: axis -> (x label, {point: x}); "default" is the default job's row.
+TREND_LINES: dict[str, tuple[str, dict[str, float]]] = {
+    "tokens": ("inner steps (M = 2)", {"300 steps": 300, "default": 900, "2,700 steps": 2700}),
+    "H": ("H (inner steps per outer step)", {"H = 10": 10, "default": 30, "H = 100": 100}),
+    "M": ("M (820k model)", {"default": 2, "M = 4": 4}),
+    "size": ("parameters", {"115k parameters": 115_008, "default": 820_352, "2.7M parameters": 2_705_856}),
+}
+TICK_LABELS = {115_008: "115k", 820_352: "820k", 2_705_856: "2.7M"}
+
+
+def plot_trends(results: dict[str, dict[str, Any]], path: Path) -> Path | None:
+    """The gap of each eager method to DiLoCo (%, mean over finished seeds) along each trend axis; None when
+    matplotlib is missing or no trend has both methods finished."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = trend_rows(results)
+    gaps = {}  # (axis, what) -> [gap % of each eager method or None]
+    for axis, what, cells in rows:
+        ref = cells[0][0]
+        gaps[(axis, what)] = [(c[0] / ref - 1) * 100 if ref and c[0] else None for c in cells[1:]]
+    if not any(g is not None for v in gaps.values() for g in v):
+        return None
+    default = next(v for (axis, _), v in gaps.items() if axis == "default")
+    names = [bl.LABELS.get(m, m) + (f", w={w:g}" if w is not None else "") for m, w in TREND_METHODS[1:]]
+    from matplotlib.ticker import NullFormatter
+
+    fig, grid_axes = plt.subplots(2, 3, figsize=(13, 7.5))
+    axes = list(grid_axes.flat)
+    axes[-1].axis("off")
+    for ax, (axis, (xlabel, xs)) in zip(axes, TREND_LINES.items()):
+        for i, name in enumerate(names):
+            pts = sorted((x, (default if what == "default" else gaps.get((axis, what), [None] * len(names)))[i])
+                         for what, x in xs.items())  # fmt: skip
+            pts = [(x, y) for x, y in pts if y is not None]
+            if pts:
+                ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=name, color=f"C{i + 1}")
+        ax.set_xscale("log")
+        ax.set_xticks(list(xs.values()), [TICK_LABELS.get(int(x), f"{x:g}") for x in xs.values()])
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.axhline(0, color="C0", lw=1, label="DiLoCo")
+        ax.set_title(axis, fontsize=9)
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+    others = [(what, v) for (axis, what), v in gaps.items() if axis not in (*TREND_LINES, "default")]
+    ax = axes[len(TREND_LINES)]
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        ys = [v[i] if v[i] is not None else float("nan") for _, v in others]
+        ax.barh([k + i * width for k in range(len(others))], ys, height=width, label=name, color=f"C{i + 1}")
+    ticks = [textwrap.fill(what, 24) for what, _ in others]
+    ax.set_yticks([k + width * (len(names) - 1) / 2 for k in range(len(others))], ticks, fontsize=7)
+    ax.axvline(0, color="C0", lw=1)
+    ax.set_title("other points", fontsize=9)
+    ax.set_xlabel("eval loss vs DiLoCo (%)")
+    for ax in (axes[0], axes[3]):
+        ax.set_ylabel("eval loss vs DiLoCo (%)")
+    axes[0].legend(fontsize=7)
+    fig.suptitle("Recipe study (issue 11): the eager gap along each trend, each method at its best recipe",
+                 fontsize=10)  # fmt: skip
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def write_report(out: Path, with_plot: bool = True) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -551,13 +732,14 @@ def write_report(out: Path, with_plot: bool = True) -> Path:
     os.replace(tmp, md)
     if with_plot:
         plot(out, out / "recipe_sweep.png")
+        plot_trends(load_results(out), out / "recipe_trends.png")
     return md
 
 
 # ------------------------------------------------------------------------------------------------ main
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--plan", default="main", choices=["main", "variant", "custom"])
+    ap.add_argument("--plan", default="main", choices=["main", "variant", "trends", "custom"])
     ap.add_argument("--out", type=Path, default=OUT, help="results folder (runs/<key>.json, recipe_sweep.md/.png)")
     ap.add_argument("--runs-dir", type=Path, default=None, help="training run folders (default ROOT/runs/recipe_sweep)")
     ap.add_argument("--src", type=Path, default=None, help="checkout to train with (PYTHONPATH=SRC/src)")
