@@ -29,6 +29,15 @@ wrapper's start-up collectives, so that start-up skew is not counted as blocked 
 identical seeds make identical models (checked: the driver compares the parameter hashes), and torchft's
 checkpoint transport advertises an address that does not resolve across namespaces (``shared/PEERS.md``).
 
+Fault tolerance (``ft_lab.py``): with ``--min-replicas`` below ``--replicas`` the survivors of a killed replica go
+on in smaller quorums; a replica restarted with ``--rejoin`` skips the start barrier and heals through torchft's
+own recovery: at its first quorum (after its first H local steps, where torchft's DiLoCo takes a quorum) it loads
+a live peer's state over torchft's HTTP checkpoint transport (advertising ``--store-addr``, not the host name):
+the peer's model and AdamW state and loop step (registered here) and its fragments' global parameters and outer
+optimizer state (registered by torchft's DiLoCo), then continues at the peer's step. ``--steps-log`` writes one
+JSON line per inner step (``inner``: step, loop time), per quorum (``membership``: inner step, participants,
+quorum id, seconds) and per sync (``sync``: committed or not), the records ``ft_lab.py`` reads.
+
 Writes a JSON report to ``--result``. Needs ``torchft`` (``pip install torchft==0.2.0``).
 """
 
@@ -153,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--result", required=True, help="write the JSON report here")
     w.add_argument("--bucketize", action="store_true", help="torchft's use_bucketization (one flat all-reduce)")
     w.add_argument("--timeout-s", type=float, default=120.0, help="torchft's collective and quorum timeouts")
+    w.add_argument("--min-replicas", type=int, default=None, help="torchft's min_replica_size (default: --replicas)")
+    w.add_argument("--rejoin", action="store_true", help="a restarted replica: no start barrier, heal from a peer")
+    w.add_argument("--steps-log", default=None, help="JSON lines per inner step, quorum and sync (ft_lab.py)")
     add_arguments(p)
     return p
 
@@ -204,6 +216,19 @@ def main(argv: list[str] | None = None) -> int:
     delay = out.overlap_steps if out.mode == "overlap" else 0
     alpha = out.alpha if out.mode == "overlap" else 0.0
 
+    # Live recovery (ft_lab.py): the model, AdamW and the loop step of this replica, served to a joiner by torchft's
+    # checkpoint transport; torchft's DiLoCo adds its fragments' global parameters and outer optimizers.
+    progress: dict[str, Any] = {"step": 0, "resume_at": None, "heals": 0, "state_bytes": 0}
+
+    def user_state() -> dict[str, Any]:
+        return {"model": model.state_dict(), "inner": inner.state_dict(), "step": progress["step"]}
+
+    def load_user_state(state: dict[str, Any]) -> None:
+        model.load_state_dict(state["model"])
+        inner.load_state_dict(state["inner"])
+        progress["resume_at"] = int(state["step"])
+        progress["heals"] += 1
+
     # Stores: this replica's manager store, and replica 0's barrier store (the same store on replica 0).
     timeout = timedelta(seconds=args.timeout_s)
     if rank == 0:
@@ -214,9 +239,9 @@ def main(argv: list[str] | None = None) -> int:
         barrier_store = TCPStore(args.barrier_addr, args.barrier_port, is_master=False, timeout=timeout)
     manager = Manager(
         pg=ProcessGroupGloo(timeout=timeout),
-        load_state_dict=None,
-        state_dict=None,
-        min_replica_size=world,
+        load_state_dict=load_user_state,
+        state_dict=user_state,
+        min_replica_size=args.min_replicas or world,
         use_async_quorum=False,  # DiLoCo requires it
         timeout=timeout,
         quorum_timeout=timeout,
@@ -229,9 +254,45 @@ def main(argv: list[str] | None = None) -> int:
         lighthouse_addr=args.lighthouse,
         hostname=f"[{args.store_addr}]" if ":" in args.store_addr else args.store_addr,
         init_sync=False,
+        checkpoint_transport=advertised_transport(args.store_addr, timeout),
     )
+    attach_t = time.perf_counter()
     timers = Timers()
     instrument(manager, timers)
+    steps_log = Path(args.steps_log).open("a") if args.steps_log else None  # noqa: SIM115
+
+    def log(record: dict[str, Any]) -> None:
+        if steps_log is not None:
+            steps_log.write(json.dumps(record) + "\n")
+            steps_log.flush()
+
+    quorum, commit = manager.start_quorum, manager.should_commit
+    last_members: dict[str, Any] = {"members": None, "committed": 0, "catch_up_s": None, "failed": 0}
+
+    def logged_quorum(*a: Any, **kw: Any) -> Any:
+        start = time.perf_counter()
+        result = quorum(*a, **kw)
+        members = manager.num_participants()
+        prev = last_members["members"]
+        healed = progress["heals"] > 0 and prev is None
+        at = progress["resume_at"] if progress["resume_at"] is not None else progress["step"]  # a heal: the peer's
+        log({"type": "membership", "inner_step": at + 1, "members": members,
+             "quorum_id": manager._quorum_id, "quorum_s": time.perf_counter() - start,
+             "changed": prev is not None and members != prev, "healed": healed})  # fmt: skip
+        last_members["members"] = members
+        return result
+
+    def logged_commit(*a: Any, **kw: Any) -> Any:
+        ok = commit(*a, **kw)
+        log({"type": "sync", "step": progress["step"] + 1, "committed": bool(ok),
+             "manager_step": manager.current_step()})  # fmt: skip
+        if ok and last_members["catch_up_s"] is None:
+            last_members["catch_up_s"] = time.perf_counter() - attach_t
+        last_members["failed"] += 0 if ok else 1
+        return ok
+
+    manager.start_quorum = logged_quorum
+    manager.should_commit = logged_commit
 
     # Timing hooks around torchft's: registered before DiLoCo's (runs first) and after it (runs last).
     clock: dict[str, float] = {"outer_s": 0.0, "mark": 0.0}
@@ -254,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     steps = config.run.steps
     step = 0
     loss_value = float("nan")
-    barrier(barrier_store, "start", world)
+    if not args.rejoin:
+        barrier(barrier_store, "start", world)
     with DiLoCo(
         manager,
         modules,
@@ -266,8 +328,12 @@ def main(argv: list[str] | None = None) -> int:
         use_bucketization=args.bucketize,
     ) as diloco:
         h_after = inner.register_step_post_hook(after_torchft)
+        count_state_bytes(manager, progress)
         loop_start = time.perf_counter()
-        for step in range(steps):
+        trained = 0
+        step = 0
+        while step < steps:
+            progress["step"] = step
             lr = lr_at(step, config)
             for group in inner.param_groups:
                 group["lr"] = lr
@@ -279,6 +345,11 @@ def main(argv: list[str] | None = None) -> int:
             inner.step()  # torchft's post-hook: prepare (quorum, launch) and perform (wait, commit, outer step)
             inner.zero_grad(set_to_none=True)
             loss_value = loss.item()
+            trained += 1
+            if progress["resume_at"] is not None:  # healed: continue at the peer's step (its sync point)
+                step, progress["resume_at"] = progress["resume_at"], None
+            step += 1
+            log({"type": "inner", "step": step, "time_s": time.perf_counter() - loop_start, "loss": loss_value})
         wall = time.perf_counter() - loop_start
         h_after.remove()
     h_before.remove()
@@ -295,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
         barrier_store.add("left", 1)
 
     outer_steps = sum(1 for s in syncs if s["wait_s"] > 0 or s["commit_s"] > 0)
-    tokens = steps * config.data.batch_size * model_cfg.seq_len
+    tokens = trained * config.data.batch_size * model_cfg.seq_len
     report = {
         "replica": rank,
         "replicas": world,
@@ -322,7 +393,13 @@ def main(argv: list[str] | None = None) -> int:
         "manager_step": manager.current_step(),
         "allreduces": timers.allreduces,
         "payload_bytes": timers.payload_bytes,
-        "inner_step_time_s": (wall - clock["outer_s"]) / steps,
+        "inner_step_time_s": (wall - clock["outer_s"]) / max(1, trained),
+        "trained_steps": trained,
+        "rejoin": args.rejoin,
+        "heals": progress["heals"],
+        "state_bytes_received": progress["state_bytes"],
+        "catch_up_s": last_members["catch_up_s"] if args.rejoin else None,
+        "failed_commits": last_members["failed"],
         "final_train_loss": loss_value,
         "eval_loss": eval_loss,
         "init_params_hash": init_hash,
@@ -333,8 +410,48 @@ def main(argv: list[str] | None = None) -> int:
         "gloo_socket_ifname": os.environ.get("GLOO_SOCKET_IFNAME"),
     }
     Path(args.result).write_text(json.dumps(report, indent=2))
+    if steps_log is not None:
+        steps_log.close()
     manager.shutdown(wait=False)
     return 0
+
+
+def advertised_transport(addr: str, timeout: timedelta) -> Any:
+    """torchft's HTTP checkpoint transport, advertising ``addr`` (it advertises ``gethostname()``, which does not
+    resolve across network namespaces: shared/PEERS.md)."""
+    from torchft.checkpointing.http_transport import HTTPTransport
+
+    host = f"[{addr}]" if ":" in addr else addr
+
+    class Advertised(HTTPTransport):
+        def address(self) -> str:
+            return f"http://{host}:{self._server.socket.getsockname()[1]}/checkpoint/"
+
+    return Advertised(timeout=timeout, num_chunks=0)
+
+
+def count_state_bytes(manager: Any, progress: dict[str, Any]) -> None:
+    """Count the tensor bytes every registered load function of the manager receives (a joiner's heal)."""
+
+    def nbytes(obj: Any) -> int:
+        if isinstance(obj, torch.Tensor):
+            return obj.numel() * obj.element_size()
+        if isinstance(obj, dict):
+            return sum(nbytes(v) for v in obj.values())
+        if isinstance(obj, (list, tuple)):
+            return sum(nbytes(v) for v in obj)
+        return 0
+
+    def wrap(fn: Any) -> Any:
+        def counted(state: Any) -> None:
+            progress["state_bytes"] += nbytes(state)
+            fn(state)
+
+        return counted
+
+    fns = manager._load_state_dict_fns
+    for key in list(fns):
+        fns[key] = wrap(fns[key])
 
 
 def _version(name: str) -> str | None:
