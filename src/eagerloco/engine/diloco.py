@@ -443,11 +443,12 @@ class DiLoCo:
         continue training after loading a finalized state."""
         if state_dict.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"unknown DiLoCo checkpoint format {state_dict.get('format')!r}")
-        saved = state_dict["config"]
+        saved = {"eager_lookahead": False} | state_dict["config"]  # checkpoints from before the variant: off
         drained = bool(state_dict.get("finalized")) and not any(f["in_flight"] for f in state_dict["fragments"])
-        switchable = ("mode", "overlap_steps", "delay", "compression", "error_feedback")
+        switchable = ("mode", "overlap_steps", "delay", "compression", "error_feedback", "eager_lookahead")
         switched = False
-        for key in ("mode", "sync_every", "num_fragments", "fragment_layout", "overlap_steps", "delay", "compression"):
+        for key in ("mode", "sync_every", "num_fragments", "fragment_layout", "overlap_steps", "delay", "compression",
+                    "eager_lookahead"):  # fmt: skip
             if saved.get(key) != getattr(self.config, key):
                 if drained and key in switchable:
                     switched = True
@@ -490,6 +491,7 @@ class DiLoCo:
             )
             for t in saved_fragment["arrivals"]:
                 state.schedule_arrival(t)
+            self.strategy.restore(state)  # derived state (eager lookahead: ψ from φ, its state and the own terms)
         self._context.inner_step = state_dict["inner_step"]
         self.finalized = state_dict["finalized"]
         self.reset_clock()
