@@ -24,6 +24,9 @@ The plans (``--plan``) order their points so that the most informative arrive fi
 * ``variant``: eager k = 1 with own-contribution weight w = 1 (``--eager-own-weight 1``) at M = 2 (900 steps)
   on the same grid, then sync, eager w = 1 and the paper's eager at M = 4 (600 steps); needs a checkout that has
   the variant (``--src``).
+* ``lookahead``: eager k = 1 with ``--eager-lookahead`` (ALGORITHMS.md 4.2) at every grid point with momentum
+  (without momentum it is the paper's rule), at M = 2 with w = 1/M, then with w = 1, then at M = 4 (600 steps);
+  needs a checkout that has the variant (``--src``).
 * ``trends``: the paper's trends, each method (sync, the paper's eager k = 1, eager w = 1) at its best seed-0
   recipe of the default job, one axis changed at a time (``TREND_POINTS``): tokens (300 / 2,700 steps), H (10 /
   100), M = 4, non-iid shards, model size (115k and 2.7M parameters around the default 820k), M = 8 on the 115k
@@ -73,6 +76,7 @@ GRID_ORDER: tuple[tuple[float, float], ...] = (
 )  # fmt: skip
 DILOCO_RECIPE = (0.7, 0.9, True)  # the CLI's default outer optimizer: lr 0.7, Nesterov momentum 0.9
 FINISHED = ("ok", "diverged")
+LOOKAHEAD = ("--eager-lookahead",)  # ALGORITHMS.md 4.2
 SMALL_MODEL = ("--n-layer", "2", "--d-model", "64", "--n-head", "2")  # 115,008 parameters (byte vocabulary)
 LARGE_MODEL = ("--n-layer", "6", "--d-model", "192", "--n-head", "6")  # 2,705,856 (the default: 820,352)
 # The trends plan: (axis, what changes, the point's fields; the reference it is read against). Tokens per
@@ -234,6 +238,15 @@ def plan_points(
         return out
     if plan == "trends":
         return trend_points(results, extra)
+    if plan == "lookahead":
+        look = (*LOOKAHEAD, *extra)
+        with_momentum = [(lr, mom) for lr, mom in GRID_ORDER if mom > 0]  # without momentum: the paper's rule
+        stages = [
+            ("L1: eager lookahead, M=2", grid(["eager"], with_momentum, extra=look)),
+            ("L2: eager lookahead w=1, M=2", grid(["eager"], with_momentum, own_weight=1.0, extra=look)),
+            ("L3: eager lookahead, M=4", grid(["eager"], with_momentum, workers=4, steps=600, extra=look)),
+        ]
+        return [(name, p) for name, pts in stages for p in pts]
     if plan == "variant":
         m4 = {"workers": 4, "steps": 600, "extra": extra}
         sync4 = grid(["sync"], GRID_ORDER, **m4)
@@ -244,7 +257,7 @@ def plan_points(
             ("V3: eager (paper), M=4", grid(["eager"], GRID_ORDER, **m4)),
         ]
         return [(name, p) for name, pts in stages for p in pts]
-    raise ValueError(f"plan={plan!r}: must be 'main', 'variant', 'trends' or 'custom'")
+    raise ValueError(f"plan={plan!r}: must be 'main', 'variant', 'lookahead', 'trends' or 'custom'")
 
 
 def trend_recipe(results: dict[str, dict[str, Any]], method: str, own_weight: float | None,
@@ -486,7 +499,7 @@ def report(out: Path) -> str:
         "Plans: "
         + "; ".join(
             f"{plan} {sum(_finished(results.get(p.key)) for _, p in pts)} of {len(pts)} points finished"
-            for plan, pts in ((plan, plan_points(plan, results)) for plan in ("main", "variant", "trends"))
+            for plan, pts in ((plan, plan_points(plan, results)) for plan in ("main", "variant", "lookahead", "trends"))
         )
         + " (main's count grows by 2 per method when its seeds at the best are scheduled; trends' by 60 per"
         " method once its recipe grid has finished).",
@@ -739,7 +752,7 @@ def write_report(out: Path, with_plot: bool = True) -> Path:
 # ------------------------------------------------------------------------------------------------ main
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--plan", default="main", choices=["main", "variant", "trends", "custom"])
+    ap.add_argument("--plan", default="main", choices=["main", "variant", "lookahead", "trends", "custom"])
     ap.add_argument("--out", type=Path, default=OUT, help="results folder (runs/<key>.json, recipe_sweep.md/.png)")
     ap.add_argument("--runs-dir", type=Path, default=None, help="training run folders (default ROOT/runs/recipe_sweep)")
     ap.add_argument("--src", type=Path, default=None, help="checkout to train with (PYTHONPATH=SRC/src)")

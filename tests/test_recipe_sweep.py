@@ -226,3 +226,10 @@ def test_trends_plan_waits_for_each_recipe_then_reports(tmp_path):
     assert "| tokens | 300 steps | 2.000 | 2.300 ±0.100 (2 seeds) | - | +15.0 % | - |" in text
     assert "| H | H = 10 | · | · | - | - | - |" in text
     assert rs.plot_trends(rs.load_results(tmp_path), tmp_path / "t.png") == tmp_path / "t.png"
+
+
+def test_lookahead_plan_only_where_momentum_makes_it_differ():
+    points = [p for _, p in rs.plan_points("lookahead", {})]
+    assert len(points) == 3 * 8 and all(p.outer_momentum > 0 and p.extra == rs.LOOKAHEAD for p in points)
+    assert points[0].train_args()[-1] == "--eager-lookahead" and points[0].key.startswith("eager_M2_T900_lr0.7_m0.9n")
+    assert {p.own_weight for p in points[8:16]} == {1.0} and {(p.workers, p.steps) for p in points[16:]} == {(4, 600)}
