@@ -145,3 +145,48 @@ def init_gloo(rank: int, world_size: int, port: int) -> None:
     torch.distributed.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
     )
+
+
+def run_tinynet_trace(world_size: int, steps: int, config: DiLoCoConfig, restart_at: int | None = None) -> list[dict]:
+    """TinyNet on worker-specific data (inner SGD lr 0.05, momentum 0.5), in process; per worker and inner step:
+    φ of fragment 0 (``phis``), its outer momentum buffer or None (``bufs``) and θ flat (``thetas``); after
+    finalize and consolidate: φ flat (``final``) and θ flat (``theta``). With ``restart_at``, the engine, model and
+    inner optimizer are rebuilt from their state_dicts at that step (a checkpoint round trip)."""
+
+    def worker(comm: Communicator) -> dict:
+        def build() -> tuple[nn.Module, torch.optim.Optimizer, DiLoCo]:
+            model = TinyNet()
+            inner = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.5)
+            return model, inner, DiLoCo(model, inner, config, comm=comm)
+
+        def flat(tensors) -> torch.Tensor:
+            return torch.cat([p.detach().flatten() for p in tensors]).clone()
+
+        model, inner, loco = build()
+        generator = torch.Generator().manual_seed(1000 + comm.rank)
+        w = torch.randn(4, 1, generator=generator)
+        batches = [torch.randn(16, 4, generator=generator) for _ in range(steps)]
+        phis, bufs, thetas = [], [], []
+        for t in range(steps):
+            if t == restart_at:
+                saved = {"model": model.state_dict(), "inner": inner.state_dict(), "outer": loco.state_dict()}
+                model, inner, loco = build()
+                model.load_state_dict(saved["model"])
+                inner.load_state_dict(saved["inner"])
+                loco.load_state_dict(saved["outer"])
+            x = batches[t]
+            (model(x) - (x @ w + 0.1 * comm.rank)).pow(2).mean().backward()
+            inner.step()
+            inner.zero_grad()
+            loco.step()
+            core = loco.states[0]
+            phis.append(flat(loco.outer_parameters().values()))
+            buf = core.outer_optimizer.state.get(core.phi, {}).get("momentum_buffer")
+            bufs.append(None if buf is None else buf.clone())
+            thetas.append(flat(model.parameters()))
+        loco.finalize()
+        loco.consolidate()
+        return {"phis": phis, "bufs": bufs, "thetas": thetas, "final": flat(loco.outer_parameters().values()),
+                "theta": flat(model.parameters())}  # fmt: skip
+
+    return run_inprocess(world_size, worker)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _toy import Quadratic, TinyNet, run_inprocess
+from _toy import Quadratic, run_inprocess, run_tinynet_trace
 from eagerloco import DiLoCo, DiLoCoConfig
 from eagerloco.engine.config import ConfigError
 from eagerloco.engine.strategies import EagerLookaheadStrategy, make_strategy
@@ -94,46 +94,10 @@ def test_without_momentum_it_is_the_papers_rule(world_size, weight, delay):
 
 
 def run_tinynet(world_size: int, steps: int, restart_at: int | None = None, **overrides) -> list[dict]:
-    """TinyNet, Nesterov momentum 0.9, compared bitwise across configurations. With ``restart_at``, the engine,
-    model and inner optimizer are rebuilt from their state_dicts at that step."""
+    """TinyNet, Nesterov momentum 0.9, compared bitwise across configurations (tests/_toy.run_tinynet_trace)."""
     values = {"mode": "eager", "eager_lookahead": True, "sync_every": 3, "outer_lr": 0.7, "outer_momentum": 0.9,
               **overrides}  # fmt: skip
-    config = DiLoCoConfig(**values)
-
-    def worker(comm):
-        def build():
-            model = TinyNet()
-            inner = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.5)
-            return model, inner, DiLoCo(model, inner, config, comm=comm)
-
-        model, inner, loco = build()
-        generator = torch.Generator().manual_seed(1000 + comm.rank)
-        w = torch.randn(4, 1, generator=generator)
-        batches = [torch.randn(16, 4, generator=generator) for _ in range(steps)]
-        phis, bufs, thetas = [], [], []
-        for t in range(steps):
-            if t == restart_at:
-                saved = {"model": model.state_dict(), "inner": inner.state_dict(), "outer": loco.state_dict()}
-                model, inner, loco = build()
-                model.load_state_dict(saved["model"])
-                inner.load_state_dict(saved["inner"])
-                loco.load_state_dict(saved["outer"])
-            x = batches[t]
-            (model(x) - (x @ w + 0.1 * comm.rank)).pow(2).mean().backward()
-            inner.step()
-            inner.zero_grad()
-            loco.step()
-            core = loco.states[0]
-            phis.append(core.phi.clone())
-            state = core.outer_optimizer.state.get(core.phi, {})
-            bufs.append(state["momentum_buffer"].clone() if "momentum_buffer" in state else None)
-            thetas.append(torch.cat([p.detach().flatten() for p in model.parameters()]).clone())
-        loco.finalize()
-        loco.consolidate()
-        final = torch.cat([p.flatten() for p in loco.outer_parameters().values()]).clone()
-        return {"phis": phis, "bufs": bufs, "thetas": thetas, "final": final}
-
-    return run_inprocess(world_size, worker)
+    return run_tinynet_trace(world_size, steps, DiLoCoConfig(**values), restart_at)
 
 
 def _equal(a, b) -> bool:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _toy import Quadratic, TinyNet, run_inprocess
+from _toy import Quadratic, run_inprocess, run_tinynet_trace
 from eagerloco import DiLoCo, DiLoCoConfig
 from eagerloco.engine.config import ConfigError
 from eagerloco.engine.strategies import make_strategy
@@ -86,42 +86,9 @@ def test_rule_mean_and_telescoping(world_size, weight, delay):
 
 
 def run_tinynet(world_size: int, steps: int, restart_at: int | None = None, **overrides) -> list[dict]:
-    """TinyNet with Nesterov momentum 0.9 (not exact by hand: compared bitwise across configurations). With
-    ``restart_at``, the engine, model and inner optimizer are rebuilt from their state_dicts at that step."""
+    """TinyNet with Nesterov momentum 0.9 (not exact by hand: compared bitwise across configurations)."""
     values = {"mode": "eager", "sync_every": 3, "outer_lr": 0.7, "outer_momentum": 0.9, **overrides}
-    config = DiLoCoConfig(**values)
-
-    def worker(comm):
-        def build():
-            model = TinyNet()
-            inner = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.5)
-            return model, inner, DiLoCo(model, inner, config, comm=comm)
-
-        model, inner, loco = build()
-        generator = torch.Generator().manual_seed(1000 + comm.rank)
-        w = torch.randn(4, 1, generator=generator)
-        batches = [torch.randn(16, 4, generator=generator) for _ in range(steps)]
-        phis = []
-        for t in range(steps):
-            if t == restart_at:
-                saved = {"model": model.state_dict(), "inner": inner.state_dict(), "outer": loco.state_dict()}
-                model, inner, loco = build()
-                model.load_state_dict(saved["model"])
-                inner.load_state_dict(saved["inner"])
-                loco.load_state_dict(saved["outer"])
-            x = batches[t]
-            loss = (model(x) - (x @ w + 0.1 * comm.rank)).pow(2).mean()
-            loss.backward()
-            inner.step()
-            inner.zero_grad()
-            loco.step()
-            phis.append(torch.cat([p.flatten() for p in loco.outer_parameters().values()]).clone())
-        loco.finalize()
-        final = torch.cat([p.flatten() for p in loco.outer_parameters().values()]).clone()
-        theta = torch.cat([p.detach().flatten() for p in model.parameters()]).clone()
-        return {"phis": phis, "final": final, "theta": theta}
-
-    return run_inprocess(world_size, worker)
+    return run_tinynet_trace(world_size, steps, DiLoCoConfig(**values), restart_at)
 
 
 def assert_bitwise(a: list[dict], b: list[dict]) -> None:
