@@ -56,8 +56,7 @@ def main() -> None:
             record = ft.stats.records[-1]
             print(f"{args.replica_id}: step {loco.inner_step} loss {loss.item():.4f} workers {record.members} "
                   f"dropped {loco.stats.dropped_averages}", flush=True)  # fmt: skip
-    loco.finalize()
-    loco.consolidate()
+    ft.finish(loco)  # finalize, then (eager) the average of φ over the workers still alive
     print(f"{args.replica_id}: done; {ft.stats.to_dict() | {'records': len(ft.stats.records)}}", flush=True)
     ft.shutdown()
 

@@ -95,7 +95,12 @@ def main() -> None:
                             "members": rec.members})  # fmt: skip
             if spec.get("steps") is None and ft.coord.check(["test/stop_at"]):
                 stop_at = int(ft.coord.get("test/stop_at"))
+    if spec.get("die_before_finish"):  # dies between its last sync point and the final average of φ
+        os.kill(os.getpid(), signal.SIGKILL)
     loco.finalize()
+    finalized_phi = {k: v.clone() for k, v in loco.outer_parameters().items()}
+    if spec.get("finish"):
+        ft.finish(loco)  # (finalize again is a no-op) then, in eager, the average of φ over the survivors
     final_digest = outer_digest(loco)
     torch.save(
         {
@@ -105,6 +110,8 @@ def main() -> None:
             "attach_s": attach_s,
             "final_digest": final_digest,
             "phi": {k: v.clone() for k, v in loco.outer_parameters().items()},
+            "finalized_phi": finalized_phi,
+            "theta": {k: v.detach().clone() for k, v in model.named_parameters()},
             "ft": ft.stats.to_dict(),
             "engine": loco.stats.to_dict(),
             "inner_step": loco.inner_step,

@@ -84,6 +84,34 @@ def run_chaos(tmp_path: Path, config: dict, seed: int) -> tuple[list[dict], int]
     return [torch.load(tmp_path / f"w{i}.pt", weights_only=False) for i in range(3)], kill_at
 
 
+def run_three(tmp_path: Path, config: dict, steps: int, dying: dict[int, dict], **common: object) -> list[dict]:
+    """Start 3 workers for ``steps`` inner steps, the ones in ``dying`` with their kill option; every survivor
+    must exit 0 and every dying one by SIGKILL, within the timeout; return the survivors' results."""
+    host = LighthouseHost(min_replicas=2, join_timeout_ms=2000, heartbeat_timeout_ms=1000)
+    try:
+        specs = [{"lighthouse": host.lighthouse_addr, "store": host.store_addr, "replica_id": f"w{i}",
+                  "config": config, "data_seed": i, "out": str(tmp_path / f"w{i}.pt"), "min_replicas": 2,
+                  "timeout_s": 30.0, "start_together": 3, "steps": steps, **common, **dying.get(i, {})}
+                 for i in range(3)]  # fmt: skip
+        logs = [tmp_path / f"w{i}.log" for i in range(3)]
+        procs = [_spawn(spec, log) for spec, log in zip(specs, logs)]
+        try:
+            for i, (proc, log) in enumerate(zip(procs, logs)):
+                try:
+                    rc = proc.wait(timeout=PROCESS_TIMEOUT_S)
+                except subprocess.TimeoutExpired:
+                    pytest.fail(f"a worker hung past {PROCESS_TIMEOUT_S} s:\n{_tail(log)}")
+                assert rc == (-9 if i in dying else 0), _tail(log)
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+    finally:
+        host.shutdown()
+    return [torch.load(tmp_path / f"w{i}.pt", weights_only=False) for i in range(3) if i not in dying]
+
+
 def check_chaos(results: list[dict], kill_at: int, config: dict) -> None:
     survivors, rejoined = results[:2], results[2]
     sync_every = config["sync_every"] // config.get("num_fragments", 1)  # one sync point per fragment offset
@@ -165,30 +193,8 @@ def test_a_worker_dies_inside_a_sync_point_and_every_survivor_drops_that_average
     config = {"mode": mode, "sync_every": H, "collective_timeout_s": 30.0, **STABLE}
     if mode == "overlap":
         config.update(overlap_steps=2, alpha=0.5)
-    host = LighthouseHost(min_replicas=2, join_timeout_ms=2000, heartbeat_timeout_ms=1000)
     steps = 6 * H
-    try:
-        specs = [{"lighthouse": host.lighthouse_addr, "store": host.store_addr, "replica_id": f"w{i}",
-                  "config": config, "data_seed": i, "out": str(tmp_path / f"w{i}.pt"), "min_replicas": 2,
-                  "timeout_s": 30.0, "start_together": 3, "steps": steps,
-                  "kill_in_launch_at": 2 * H if i == 2 else None} for i in range(3)]  # fmt: skip
-        logs = [tmp_path / f"w{i}.log" for i in range(3)]
-        procs = [_spawn(spec, log) for spec, log in zip(specs, logs)]
-        try:
-            for i, (proc, log) in enumerate(zip(procs, logs)):
-                try:
-                    rc = proc.wait(timeout=PROCESS_TIMEOUT_S)
-                except subprocess.TimeoutExpired:
-                    pytest.fail(f"a worker hung past {PROCESS_TIMEOUT_S} s:\n{_tail(log)}")
-                assert rc == (-9 if i == 2 else 0), _tail(log)
-        finally:
-            for proc in procs:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
-    finally:
-        host.shutdown()
-    survivors = [torch.load(tmp_path / f"w{i}.pt", weights_only=False) for i in range(2)]
+    survivors = run_three(tmp_path, config, steps, dying={2: {"kill_in_launch_at": 2 * H}})
     for r in survivors:
         assert r["inner_step"] == steps and all(math.isfinite(x) for x in r["losses"])
         assert r["ft"]["dropped_by_vote"] == 1 and r["ft"]["failed_waits"] == 1
@@ -196,3 +202,42 @@ def test_a_worker_dies_inside_a_sync_point_and_every_survivor_drops_that_average
         assert [rec["members"] for rec in r["records"]] == [3, 3, 2, 2, 2, 2]
     assert [rec["digest"] for rec in survivors[0]["records"]] == [rec["digest"] for rec in survivors[1]["records"]]
     assert survivors[0]["final_digest"] == survivors[1]["final_digest"]
+
+
+@pytest.mark.parametrize("lookahead", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_a_worker_dies_before_the_final_average_and_the_survivors_finish_together(tmp_path: Path,
+                                                                                  lookahead: bool) -> None:  # fmt: skip
+    """Eager: worker 2 dies after its last sync point, before the final average of φ (FaultTolerance.finish). The
+    survivors' final quorum leaves it out; they average their own φ (exactly, in rank order) and end with the same
+    φ and θ. With the lookahead variant φ is already shared: finish leaves it as finalize did."""
+    config = {"mode": "eager", "sync_every": H, "collective_timeout_s": 30.0, "eager_lookahead": lookahead, **STABLE}
+    steps = 4 * H
+    survivors = run_three(tmp_path, config, steps, dying={2: {"die_before_finish": True}}, finish=True)
+    a, b = survivors
+    for r in survivors:
+        assert r["inner_step"] == steps and [rec["members"] for rec in r["records"]] == [3, 3, 3, 3]
+    for name in a["phi"]:
+        expected = a["finalized_phi"][name] if lookahead else (a["finalized_phi"][name] + b["finalized_phi"][name]) / 2
+        assert torch.equal(a["phi"][name], expected) and torch.equal(b["phi"][name], expected), name
+        assert torch.equal(a["theta"][name], expected) and torch.equal(b["theta"][name], expected), name
+    if not lookahead:
+        assert not torch.equal(a["finalized_phi"][name], b["finalized_phi"][name])  # there was something to average
+        assert a["ft"]["membership_changes"] == b["ft"]["membership_changes"] == 2  # the start, the final quorum
+
+
+def test_the_divergence_measurement_is_refused_under_fault_tolerance() -> None:
+    from _toy import TinyNet
+    from eagerloco import DiLoCoConfig
+    from eagerloco.engine.config import ConfigError
+    from eagerloco.ft import FaultTolerance
+
+    host = LighthouseHost()
+    try:
+        ft = FaultTolerance(host.lighthouse_addr, host.store_addr, "w0", timeout_s=10.0)
+        model = TinyNet()
+        with pytest.raises(ConfigError, match=r"^divergence_every=3: .*not fault tolerant; set it to 0") as info:
+            ft.diloco(model, torch.optim.SGD(model.parameters(), lr=0.1), DiLoCoConfig(divergence_every=3))
+        assert "\n" not in str(info.value) and ft.stats.quorums == 0  # refused before the first quorum
+        ft.shutdown()
+    finally:
+        host.shutdown()

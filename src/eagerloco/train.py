@@ -222,10 +222,15 @@ def train_worker(
         progress.close()
 
     # Drain what is still in flight, then (eager) average the workers' φ into one model: the model to keep.
+    # Fault tolerance: the same, over the workers still alive (a quorum; a failure there retries).
     if loco is not None:
-        loco.finalize()
-        with loco.paused():
-            loco.consolidate()
+        if ft is not None:
+            with loco.paused():
+                ft.finish(loco)
+        else:
+            loco.finalize()
+            with loco.paused():
+                loco.consolidate()
     stats = timer.stats
     final_eval = evaluate(config.run.steps)
     evals.append({"step": config.run.steps, "eval_loss": final_eval})

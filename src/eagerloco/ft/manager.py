@@ -263,7 +263,7 @@ class FaultTolerance:
         loco = ft.diloco(model, inner, DiLoCoConfig(mode="eager"))   # builds and attaches
         for batch in data:
             ...; inner.step(); loco.step()
-        loco.finalize(); loco.consolidate(); ft.shutdown()
+        ft.finish(loco); ft.shutdown()          # finalize, then (eager) the average of φ over the survivors
 
     Args:
         lighthouse: ``http://HOST:PORT`` of the lighthouse (:class:`eagerloco.ft.LighthouseHost`).
@@ -407,6 +407,11 @@ class FaultTolerance:
         Also checks that every worker runs the same model and configuration."""
         if engine.comm is not self.comm:
             raise ConfigError("attach(engine): the engine must be built with comm=ft.comm")
+        if engine.config.divergence_every:
+            raise ConfigError(
+                f"divergence_every={engine.config.divergence_every}: the divergence measurement is a collective "
+                "outside the quorum and is not fault tolerant; set it to 0 under fault tolerance"
+            )
         if any(not isinstance(state.reducer, FaultTolerantReducer) for state in engine.states):
             raise ConfigError("attach(engine): build the engine with reducer_factory=ft.reducer_factory(config)")
         self.engine = engine
@@ -424,6 +429,35 @@ class FaultTolerance:
             self._skip_next_quorum = False
         if received is not None:
             self.stats.catch_up_s = time.perf_counter() - start
+
+    def finish(self, engine: DiLoCo, attempts: int = 3) -> None:
+        """The end of a fault-tolerant run, in place of ``finalize(); consolidate()``: :meth:`~DiLoCo.finalize`
+        (an average whose collective fails there is dropped, as at any sync point), then, in eager mode, the average
+        of φ over the workers still alive: one quorum at the final inner step, one fp32 average per fragment,
+        decided like an outer average (applied iff every member's collective succeeded). A member that died since
+        the last sync point is left out by the quorum; a failure there retries with the next quorum, at most
+        ``attempts`` times (then :class:`FaultToleranceError`). Every survivor ends with the same φ."""
+        from eagerloco.comm.reducer import MeanReducer
+
+        engine.finalize()
+        if engine.strategy.uniform_outer_state:
+            return
+        for _ in range(attempts):
+            self._quorum(engine.inner_step)  # the workers still alive, at the same (final) inner step
+            if self.comm.world_size == 1:
+                return  # alone: its φ is the average
+            reducer = MeanReducer(self.comm)
+            # the reducer averages a copy of φ; fragment order: the same collectives on every member
+            pending = [self._track(reducer.launch(c.phi), c.phi.numel(), c.phi.device) for c in engine.states]
+            means = [item.wait() for item in pending]
+            if not any(item.dropped for item in pending):
+                for core, mean in zip(engine.states, means):
+                    core.phi.copy_(mean)
+                    core.write_theta(core.phi)  # θ ← φ
+                return
+        raise FaultToleranceError(
+            f"replica {self.replica_id!r}: the final average of φ failed {attempts} times (workers kept failing)"
+        )
 
     def shutdown(self) -> None:
         """Leave the run (the others see a membership change at their next sync point)."""
