@@ -15,15 +15,21 @@ as a TCPStore host: an IPv6 address cannot be both) and runs, per method and rep
   lands inside an inner phase), and restarted with the same command (a fresh run directory) ``--outage-s``
   seconds after the kill. It rejoins from a live peer's state and all sites finish at step ``--steps``.
 
-Methods: ``sync`` and ``eager`` are ``eagerloco train --config sync|eager --fault-tolerance ...`` (site 0 hosts the
-lighthouse and the coordination store with ``--ft-lighthouse --ft-min-replicas 2``; every site ``--workers 3
---ft-shard <site>``, one torch thread, ``--collective-timeout-s 60``, no evaluation until the end), the CLI's
-default recipe for that config except ``--steps`` and ``--sync-every``. ``torchft`` is torchft's own ``DiLoCo``
-(one fragment, ``fragment_sync_delay=0``: the sync method) through ``torchft_worker.py`` with the same model, data
-shards, optimizers and H (as ``torchft_compare.py``), ``min_replica_size=2``, torchft's lighthouse
-(``torchft_lighthouse``, join timeout 1 s, heartbeat timeout 2 s: the same as eagerloco's lighthouse) in site 0,
-and live recovery (torchft's HTTP checkpoint transport, model + inner optimizer + its fragments' state). torchft
-has no eager mode.
+Methods: ``sync`` and ``eager`` are ``eagerloco train --config sync|eager --fault-tolerance ...`` (every site
+``--workers 3 --ft-shard <site>``, one torch thread, ``--collective-timeout-s 60``, no evaluation until the end),
+the CLI's default recipe for that config except ``--steps`` and ``--sync-every``. ``torchft`` is torchft's own
+``DiLoCo`` (one fragment, ``fragment_sync_delay=0``: the sync method) through ``torchft_worker.py`` with the same
+model, data shards, optimizers and H (as ``torchft_compare.py``), ``min_replica_size=2`` and live recovery
+(torchft's HTTP checkpoint transport: the peer's model, AdamW state and its fragments' global parameters and outer
+optimizer). torchft has no eager mode. Each run has its own lighthouse in site 0's namespace, with the same
+timeouts for both libraries (``--join-timeout-ms``, default 8000, ``--heartbeat-timeout-ms``, default 2000):
+``python -m eagerloco.ft.lighthouse`` (with the coordination store) for eagerloco, ``torchft_lighthouse`` for
+torchft. Not ``eagerloco train --ft-lighthouse``: it has the lighthouse's default 1 s join window, and at start-up
+on a shaped link the sites begin their loops seconds apart (all but one load the first site's state over the
+link), so the first sync point leaves a live site out ("fell behind") even without a failure.
+
+Each site runs in a cgroup with a CPU quota (``--cpu-quota``, default 0.6 CPU): three sites on 2 cores would
+otherwise share them, and the survivors would speed up when a site dies, which a site on its own machine does not.
 
 What is derived (``derive``; from each site's per-step log and membership records, so that ``--report-only``
 recomputes everything from the raw JSON):
@@ -38,9 +44,12 @@ recomputes everything from the raw JSON):
 * **detection**: the survivors' quorum time at c (``quorum_s`` of the changed record: the lighthouse's join /
   heartbeat timeouts) and ``failed_wait_s`` (time inside collectives that failed).
 * **recovery**: *start-up* = restart -> the joiner's metrics file appears (Python, torch, data, before contacting
-  the lighthouse); ``catch_up_s`` (the joiner's counter: attach -> end of its first outer step with the others,
-  including the wait until the others reach a sync point); *total* = restart -> the joiner's first ``outer``
-  record (polled by the driver every 50 ms); state transfer bytes; averages dropped on every site.
+  the lighthouse); ``catch_up_s`` (eagerloco's joiner counter: attach -> end of the outer step of its join sync
+  point, taken with the others, including the wait until the others reach a sync point; torchft's worker: manager
+  created -> its first committed sync); *back* = restart -> the joiner has taken an outer step with the others
+  (eagerloco: its first ``membership`` record, written when ``attach`` returns; torchft: its first committed
+  ``sync``, which comes after H local steps of its own from the initial model, where torchft's DiLoCo takes its
+  first quorum and heals), polled by the driver every 50 ms; state transfer bytes; averages dropped on every site.
 * **final eval loss** of site 0 (the lighthouse host, which trains all N steps in both runs) against the
   fault-free run: equal inner steps for the survivors (N each, the same batches of their shards); the killed site
   trains fewer (it misses the outage, and restarts its shard's stream from the beginning).
@@ -563,7 +572,7 @@ def report(payload: dict[str, Any]) -> str:
         ]
     hdr = ["method", "rep", "drop / rejoin step", "outer steps at M=2", "tok/s before (ref)",
            "tok/s outage (ref)", "tok/s rejoin step (ref)", "tok/s after (ref)", "detect: quorum s",
-           "failed wait s", "start-up s", "catch-up s", "restart to first outer s", "state MB", "dropped (0/1/2 -> 2r)",
+           "failed wait s", "start-up s", "catch-up s", "restart to back s", "state MB", "dropped (0/1/2 -> 2r)",
            "eval loss site 0", "fault-free", "delta"]  # fmt: skip
     trs = []
     for d in rows:
@@ -626,6 +635,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="CPUs per site (a cgroup CFS quota; default 0.6: 3 sites fit in 2 cores; 0: none)",
     )
     ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--first-repeat", type=int, default=0, help="index of the first repeat (with --append: more)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--timeout", type=float, default=480.0, help="seconds a run may take before it is killed")
@@ -675,13 +685,14 @@ def main(argv: list[str] | None = None) -> int:
     }  # fmt: skip
     if args.append:
         payload.setdefault("commands", []).append(bl.command_line())
+        payload["repeats"] = max(payload["repeats"], args.first_repeat + args.repeats)
     counter = 0
     global QUOTA
     QUOTA = CpuQuota(args.cpu_quota)
     with Pause(args.pause_pattern), QUOTA, nl.Lab(num_sites=SITES, rate_mbit=args.rate) as lab:
         add_ipv4(lab)
         print(f"lab {lab.prefix} up: {SITES} sites at {args.rate:g} Mbit/s", flush=True)
-        for rep in range(args.repeats):
+        for rep in range(args.first_repeat, args.first_repeat + args.repeats):
             for method in bl.rotate(args.methods, rep):
                 for variant in args.variants:
                     port = args.port + 10 * (counter % 40)
