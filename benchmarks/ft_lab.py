@@ -224,13 +224,15 @@ def derive(run: Mapping[str, Any], reference: Mapping[str, Any] | None = None) -
     out["joiner_first_step"] = int(jinner[0][0]) - 1 if jinner else None
     victim_steps = int(k.get("victim_step") or 0)
     out["victim_steps_trained"] = victim_steps + (len(jinner) if jinner else 0)
-    out["eval_loss"] = sites["0"]["eval_loss"]
+    out["eval_loss"] = sites["0"].get("eval_loss")
     out["eval_loss_sites"] = {s: sites[s].get("eval_loss") for s in sites}
-    out["wall_s_survivors"] = [sites[str(s)]["wall_s"] for s in SURVIVORS]
+    out["wall_s_survivors"] = [sites[str(s)].get("wall_s") for s in SURVIVORS]
     if reference is not None:
-        out["ref_eval_loss"] = reference["sites"]["0"]["eval_loss"]
-        out["eval_loss_delta"] = out["eval_loss"] - out["ref_eval_loss"]
-        out["ref_wall_s_survivors"] = [reference["sites"][str(s)]["wall_s"] for s in SURVIVORS]
+        out["ref_repeat"] = reference["repeat"]
+        out["ref_eval_loss"] = reference["sites"]["0"].get("eval_loss")
+        if out["eval_loss"] is not None and out["ref_eval_loss"] is not None:
+            out["eval_loss_delta"] = out["eval_loss"] - out["ref_eval_loss"]
+        out["ref_wall_s_survivors"] = [reference["sites"][str(s)].get("wall_s") for s in SURVIVORS]
     return out
 
 
@@ -479,9 +481,10 @@ def run_one(lab: Any, method: str, variant: str, rep: int, args: argparse.Namesp
             lighthouse.wait()
     wall = time.time() - t0
     failed = {k: p.returncode for k, p in procs.items() if p.returncode not in (0, -9) and k != str(VICTIM)}
-    if failed:
-        tails = "\n".join(f"--- {k}:\n{(dirs[k] / 'stdout.log').read_text()[-2500:]}" for k in failed)
-        raise RuntimeError(f"{method} {variant}: exit codes {failed}\n{tails}")
+    error = None
+    if failed:  # kept with its records (what happened is in the membership logs), reported as failed
+        error = f"exit codes {failed}: " + "; ".join(f"site {k}: {last_error(dirs[k] / 'stdout.log')}" for k in failed)
+        print(f"  failed: {error}", flush=True)
     deltas = [lab.counters(s) - b for s, b in zip(lab.site_ids, before)]
     sites = {k: collect_site(method, d) for k, d in dirs.items() if k in procs}
     return {
@@ -499,7 +502,18 @@ def run_one(lab: Any, method: str, variant: str, rep: int, args: argparse.Namesp
         "ns_rx_bytes": [d.rx_bytes for d in deltas],
         "driver_wall_s": wall,
         "commit": bl_commit(),
+        "join_timeout_ms": args.join_timeout_ms,
+        "heartbeat_timeout_ms": args.heartbeat_timeout_ms,
+        "cpu_quota": args.cpu_quota,
+        "error": error,
     }
+
+
+def last_error(log: Path) -> str:
+    """The last line of a site's output that names an exception (or its last line)."""
+    lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip() and "frame #" not in ln]
+    errs = [ln for ln in lines if "Error" in ln or "error" in ln]
+    return (errs or lines or [""])[-1].strip()[:300]
 
 
 def joiner_back(method: str, path: Path) -> bool:
@@ -532,8 +546,9 @@ def table(payload: Mapping[str, Any]) -> list[dict[str, Any]]:
     for r in runs:
         if r["variant"] != "fault":
             continue
-        ref = next((x for x in runs if x["variant"] == "fault_free" and x["method"] == r["method"]
-                    and x["repeat"] == r["repeat"]), None)  # fmt: skip
+        refs = [x for x in runs if x["variant"] == "fault_free" and x["method"] == r["method"] and not x.get("error")]
+        # the fault-free run of the same repeat, else the one of the nearest repeat
+        ref = min(refs, key=lambda x: abs(x["repeat"] - r["repeat"]), default=None)
         rows.append(derive(r, ref))
     return rows
 
@@ -602,6 +617,16 @@ def report(payload: dict[str, Any]) -> str:
     errs = [d for d in rows if "error" in d]
     if errs:
         lines += ["", *[f"- {LABELS[d['method']]} rep {d['repeat']}: {d['error']}" for d in errs]]
+    lines += ["", "Members of every quorum, per site (the killed site's second life as 2r), and the lighthouse's join "
+              "window of each fault run:", ""]  # fmt: skip
+    for r in payload["runs"]:
+        if r["variant"] != "fault":
+            continue
+        seqs = ", ".join(f"{k}: {''.join(str(m['members']) for m in site['membership'])}"
+                         for k, site in r["sites"].items() if site["membership"])  # fmt: skip
+        note = f"; FAILED: {r['error']}" if r.get("error") else ""
+        lines.append(f"- {LABELS[r['method']]} rep {r['repeat']} (join window {r.get('join_timeout_ms', '?')} ms): "
+                     f"{seqs}{note}")  # fmt: skip
     fails = payload.get("failures", [])
     if fails:
         lines += ["", f"Failed runs: {len(fails)}"]

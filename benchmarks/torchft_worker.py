@@ -284,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def logged_commit(*a: Any, **kw: Any) -> Any:
         ok = commit(*a, **kw)
-        log({"type": "sync", "step": progress["step"] + 1, "committed": bool(ok),
+        at = progress["resume_at"] if progress["resume_at"] is not None else progress["step"]
+        log({"type": "sync", "step": at + 1, "committed": bool(ok),
              "manager_step": manager.current_step()})  # fmt: skip
         if ok and last_members["catch_up_s"] is None:
             last_members["catch_up_s"] = time.perf_counter() - attach_t
