@@ -482,3 +482,27 @@ def test_torchrun_with_another_number_of_ranks_is_bad_input(tmp_path, monkeypatc
         == "eagerloco train: error: [rank 1] ConfigError: torchrun started 3 ranks, run.workers=2: pass --workers 3"
     )
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_process_launcher_exits_2_when_every_worker_refused_its_input(tmp_path, monkeypatch):
+    """A value only the workers check (the parent checks config, data and resume first): each worker prints its
+    one-line error and exits 2; the launcher then exits 2 too (bad input), not 1."""
+    from eagerloco import launch
+
+    class Refusing:  # a worker process that refused its input
+        def __init__(self, cmd: list[str], env: dict[str, str]) -> None:
+            assert cmd[-2] == "--resolved-config"
+
+        def wait(self) -> int:
+            return 2
+
+        def poll(self) -> int:
+            return 2
+
+    monkeypatch.setattr(launch.subprocess, "Popen", Refusing)
+    config = TrainConfig()
+    apply_overrides(config, load_toml(SMOKE), SMOKE)
+    apply_overrides(config, {"run": {"workers": 2, "launch": "processes", "out_dir": str(tmp_path / "run")}}, "test")
+    with pytest.raises(SystemExit) as info:
+        launch.run_processes(config.validate())
+    assert info.value.code == 2

@@ -434,6 +434,8 @@ def run_processes(config: TrainConfig) -> list[WorkerResult]:
     if any(codes):
         if len(set(codes)) == 1 and codes[0] > 128:  # interrupted: worker 0 said where it stopped
             raise SystemExit(codes[0])
+        if set(codes) == {2}:  # every worker refused its input before training (one-line errors above): bad input
+            raise SystemExit(2)
         raise SystemExit(
             f"eagerloco train: error: worker processes exited with codes {codes} (negative: killed by that "
             "signal); their messages are above"
