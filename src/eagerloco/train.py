@@ -221,16 +221,12 @@ def train_worker(
     if progress is not None:
         progress.close()
 
-    # Drain what is still in flight, then (eager) average the workers' φ into one model: the model to keep.
-    # Fault tolerance: the same, over the workers still alive (a quorum; a failure there retries).
+    # Drain what is still in flight, then (eager) average the workers' φ into one model: the model to keep
+    # (fault tolerance: over the workers still alive, in a final quorum; FaultTolerance.finish).
     if loco is not None:
-        if ft is not None:
-            with loco.paused():
-                ft.finish(loco)
-        else:
-            loco.finalize()
-            with loco.paused():
-                loco.consolidate()
+        loco.finalize()
+        with loco.paused():
+            ft.finish(loco) if ft is not None else loco.consolidate()
     stats = timer.stats
     final_eval = evaluate(config.run.steps)
     evals.append({"step": config.run.steps, "eval_loss": final_eval})
