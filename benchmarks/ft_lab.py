@@ -200,6 +200,10 @@ def derive(run: Mapping[str, Any], reference: Mapping[str, Any] | None = None) -
         out[f"tps_{name}"] = sum_rates(window_rate(times[s], win, tps) for s in SURVIVORS)
         if ref_times is not None:
             out[f"ref_tps_{name}"] = sum_rates(window_rate(ref_times[s], win, tps) for s in SURVIVORS)
+    for name in ("outage", "rejoin", "after"):  # within one run: robust to the machine's load drifting between runs
+        for key in ("tps", "ref_tps"):
+            a, b = out.get(f"{key}_{name}"), out.get(f"{key}_before")
+            out[f"{key.replace('tps', 'ratio')}_{name}"] = a / b if a is not None and b else None
     members = [r["members"] for r in sites["0"]["membership"]]
     out["outer_steps_at_2"] = sum(1 for m in members if m == SITES - 1)
     change = [r for r in sites["0"]["membership"] if int(r["inner_step"]) == c and r["changed"]]
@@ -586,7 +590,8 @@ def report(payload: dict[str, Any]) -> str:
             "",
         ]
     hdr = ["method", "rep", "drop / rejoin step", "outer steps at M=2", "tok/s before (ref)",
-           "tok/s outage (ref)", "tok/s rejoin step (ref)", "tok/s after (ref)", "detect: quorum s",
+           "tok/s outage (ref)", "tok/s rejoin step (ref)", "tok/s after (ref)", "outage / before (ref)",
+           "after / before (ref)", "detect: quorum s",
            "failed wait s", "start-up s", "catch-up s", "restart to back s", "state MB", "dropped (0/1/2 -> 2r)",
            "eval loss site 0", "fault-free", "delta"]  # fmt: skip
     trs = []
@@ -602,6 +607,8 @@ def report(payload: dict[str, Any]) -> str:
         trs.append([
             LABELS[d["method"]], d["repeat"], f"{d['drop_step']} / {d['rejoin_step']}", d["outer_steps_at_2"],
             tp("before"), tp("outage"), tp("rejoin"), tp("after"),
+            f"{_f(d.get('ratio_outage'), '.2f')} ({_f(d.get('ref_ratio_outage'), '.2f')})",
+            f"{_f(d.get('ratio_after'), '.2f')} ({_f(d.get('ref_ratio_after'), '.2f')})",
             "/".join(f"{x:.2f}" for x in d["detect_quorum_s"]), "/".join(f"{x:.2f}" for x in d["failed_wait_s"]),
             _f(d["startup_s"], ".1f"), _f(d["catch_up_s"], ".1f"), _f(d["total_recovery_s"], ".1f"),
             _f(d["state_bytes"] / 1e6 if d["state_bytes"] else None, ".2f"),

@@ -104,6 +104,8 @@ def test_derive_a_fault_run_against_its_fault_free_run() -> None:
     assert d["ref_tps_before"] == pytest.approx(2 * 2000 / 12.0, rel=1e-12)
     assert d["ref_tps_outage"] == pytest.approx(2 * 2000 / 12.0, rel=1e-12)
     assert d["ref_tps_rejoin"] == pytest.approx(2 * 1000 / 6.0, rel=1e-12)
+    assert d["ratio_outage"] == d["tps_outage"] / d["tps_before"]
+    assert d["ref_ratio_outage"] == pytest.approx(1.0) and d["ref_ratio_after"] == pytest.approx(1.0)
     assert d["outer_steps_at_2"] == 2
     assert d["detect_quorum_s"] == [2.5, pytest.approx(2.6)]
     assert d["failed_wait_s"] == [0.0, 0.5] and d["change_quorum_s"] == [2.8, 3.0]
