@@ -26,6 +26,8 @@ SMOKE = str(configs.path("smoke"))
         (["--fault-tolerance", "127.0.0.1:1", "--ft-shard", "2"], r"run.ft_shard=2: must be in \[0, workers=2\)"),
         (["--fault-tolerance", "127.0.0.1:1", "--checkpoint-every", "1"], r"--resume and --checkpoint-every"),
         (["--fault-tolerance", "127.0.0.1:1", "--launch", "simulated"], r"one process per site"),
+        (["--fault-tolerance", "127.0.0.1:1", "--ft-join-timeout-ms", "0"], r"run.ft_join_timeout_ms=0: must be >= 1"),
+        (["--fault-tolerance", "[::1]:x"], r"run.fault_tolerance='\[::1\]:x': must be HOST:PORT"),
     ],
 )
 def test_fault_tolerance_bad_values_are_clear_errors_before_training(tmp_path, flags, message) -> None:
@@ -40,16 +42,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_sites_train_together(tmp_path: Path) -> None:
+@pytest.mark.parametrize("host", ["127.0.0.1", pytest.param("::1", marks=pytest.mark.slow)])
+def test_two_sites_train_together(tmp_path: Path, host: str) -> None:
+    """Two sites on one machine; also over IPv6 (the lighthouse as [::1]:PORT, each site's own address bare)."""
     pytest.importorskip("torchft")
+    if host == "::1" and not socket.has_ipv6:
+        pytest.skip("no IPv6 on this machine")
     port = _free_port()
     env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
+    lighthouse = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     common = ["--config", SMOKE, "--steps", "20", "--eval-every", "0", "--threads", "1", "--workers", "2",
-              "--fault-tolerance", f"127.0.0.1:{port}", "--collective-timeout-s", "60"]  # fmt: skip
+              "--fault-tolerance", lighthouse, "--collective-timeout-s", "60", "--ft-host", host]  # fmt: skip
     sites = [
-        ["--ft-lighthouse", "--ft-min-replicas", "2", "--ft-replica-id", "a", "--ft-shard", "0"],
+        ["--ft-lighthouse", "--ft-min-replicas", "2", "--ft-replica-id", "a", "--ft-shard", "0",
+         "--ft-join-timeout-ms", "5000"],
         ["--ft-replica-id", "b", "--ft-shard", "1"],
-    ]
+    ]  # fmt: skip
     procs = []
     for i, flags in enumerate(sites):
         argv = [sys.executable, "-m", "eagerloco", "train", *common, *flags, "--out-dir", str(tmp_path / f"s{i}")]

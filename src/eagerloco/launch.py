@@ -250,7 +250,10 @@ def set_threads(config: TrainConfig, workers_here: int) -> None:
 def check_fault_tolerance(config: TrainConfig) -> tuple[str, int]:
     """What ``--fault-tolerance`` needs, checked before anything starts; returns the lighthouse's host and port."""
     r = config.run
-    host, _, port = r.fault_tolerance.rpartition(":")
+    from eagerloco.ft.lighthouse import bare_host
+
+    host, _, port = r.fault_tolerance.rpartition(":")  # an IPv6 host: [fd00::1]:29510 (or fd00::1:29510)
+    host = bare_host(host)
     if not host or not port.isdigit() or not 0 < int(port) < 65535:
         raise ConfigError(f"run.fault_tolerance={r.fault_tolerance!r}: must be HOST:PORT of the lighthouse")
     if config.outer.mode == "dp":
@@ -266,6 +269,8 @@ def check_fault_tolerance(config: TrainConfig) -> tuple[str, int]:
         raise ConfigError(f"run.ft_shard={r.ft_shard}: must be in [0, workers={r.workers})")
     if r.ft_min_replicas < 1:
         raise ConfigError(f"run.ft_min_replicas={r.ft_min_replicas}: must be >= 1")
+    if r.ft_join_timeout_ms < 1:
+        raise ConfigError(f"run.ft_join_timeout_ms={r.ft_join_timeout_ms}: must be >= 1 (milliseconds)")
     return host, int(port)
 
 
@@ -275,6 +280,7 @@ def run_fault_tolerant(config: TrainConfig) -> dict[str, Any]:
     run directory (metrics with one ``membership`` record per quorum, summary.json, model.pt)."""
     from eagerloco.ft import FaultTolerance, LighthouseHost
     from eagerloco.ft._deps import require_torchft
+    from eagerloco.ft.lighthouse import url_host
 
     host, port = check_fault_tolerance(config)
     try:
@@ -287,14 +293,15 @@ def run_fault_tolerant(config: TrainConfig) -> dict[str, Any]:
     check_run_dir(config)
     lighthouse = None
     if config.run.ft_lighthouse:
-        lighthouse = LighthouseHost(host, port, port + 1, min_replicas=config.run.ft_min_replicas)
+        lighthouse = LighthouseHost(host, port, port + 1, min_replicas=config.run.ft_min_replicas,
+                                    join_timeout_ms=config.run.ft_join_timeout_ms)  # fmt: skip
     set_threads(config, 1)
     data = load_data(config)
     run_dir = prepare_run_dir(config)
     log = MetricsLog(run_dir / "metrics.jsonl")
     replica_id = config.run.ft_replica_id or f"{socket.gethostname()}-{os.getpid()}"
     timeout = config.outer.collective_timeout_s or 300.0
-    ft = FaultTolerance(f"http://{host}:{port}", f"{host}:{port + 1}", replica_id,
+    ft = FaultTolerance(f"http://{url_host(host)}:{port}", f"{url_host(host)}:{port + 1}", replica_id,
                         timeout_s=timeout, host=config.run.ft_host)  # fmt: skip
     try:
         result = train_worker(config, ft.comm, data, run_dir, log, ft=ft)

@@ -19,11 +19,23 @@ from datetime import timedelta
 from eagerloco.ft._deps import require_torchft
 
 
+def url_host(host: str) -> str:
+    """``host`` as it goes into a URL or a ``HOST:PORT`` string: an IPv6 address in brackets."""
+    host = bare_host(host)
+    return f"[{host}]" if ":" in host else host
+
+
+def bare_host(host: str) -> str:
+    """``host`` as sockets and ``TCPStore`` take it: an IPv6 address without brackets."""
+    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
+
+
 class LighthouseHost:
     """torchft's lighthouse and the coordination store, in this process.
 
     Args:
-        host: the address workers use to reach this machine (advertised; ``127.0.0.1`` on one machine).
+        host: the address workers use to reach this machine (advertised; ``127.0.0.1`` on one machine; an IPv6
+            address with or without brackets).
         lighthouse_port: port of the lighthouse (0: any free port).
         store_port: port of the coordination store (0: any free port).
         min_replicas: smallest quorum the lighthouse forms (workers wait for at least this many).
@@ -40,7 +52,7 @@ class LighthouseHost:
         store_port: int = 0,
         *,
         min_replicas: int = 1,
-        join_timeout_ms: int = 1000,
+        join_timeout_ms: int = 10000,
         heartbeat_timeout_ms: int = 2000,
         quorum_tick_ms: int = 10,
     ) -> None:
@@ -54,7 +66,7 @@ class LighthouseHost:
         from torch.distributed import TCPStore
         from torchft.coordination import LighthouseServer
 
-        self.host = host
+        self.host = bare_host(host)
         self.server = LighthouseServer(
             bind=f"[::]:{lighthouse_port}",
             min_replicas=min_replicas,
@@ -70,12 +82,12 @@ class LighthouseHost:
     def lighthouse_addr(self) -> str:
         """``http://HOST:PORT`` of the lighthouse, for :class:`eagerloco.ft.FaultTolerance`."""
         port = int(re.sub(r".*:(\d+)/?$", r"\1", self.server.address()))
-        return f"http://{self.host}:{port}"
+        return f"http://{url_host(self.host)}:{port}"
 
     @property
     def store_addr(self) -> str:
         """``HOST:PORT`` of the coordination store, for :class:`eagerloco.ft.FaultTolerance`."""
-        return f"{self.host}:{self.store.port}"
+        return f"{url_host(self.host)}:{self.store.port}"
 
     def shutdown(self) -> None:
         """Stop the lighthouse (the store stops with this process)."""
@@ -97,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=29510, help="lighthouse port (0: any free port)")
     parser.add_argument("--store-port", type=int, default=29511, help="coordination store port (0: any)")
     parser.add_argument("--min-replicas", type=int, default=1, help="smallest quorum (workers) to train in")
-    parser.add_argument("--join-timeout-ms", type=int, default=1000)
+    parser.add_argument("--join-timeout-ms", type=int, default=10000,
+                        help="how long to wait at a sync point for a live member of the previous quorum")  # fmt: skip
     parser.add_argument("--heartbeat-timeout-ms", type=int, default=2000)
     args = parser.parse_args(argv)
     try:

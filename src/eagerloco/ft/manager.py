@@ -273,7 +273,8 @@ class FaultTolerance:
         timeout_s: bound of every average's wait (its collective and its votes together), state transfer and RPC.
         quorum_timeout_s: bound of one quorum (default 4 × ``timeout_s``): a worker waits this long for the others
             at a sync point before failing.
-        host: the address other workers use to reach this one (its store, its state-transfer server).
+        host: the address other workers use to reach this one (its store, its state-transfer server); an IPv6
+            address with or without brackets.
     """
 
     def __init__(
@@ -336,12 +337,16 @@ class FaultTolerance:
                 super().disallow_checkpoint()
 
             def address(self) -> str:
-                return f"http://{host}:{self._server.socket.getsockname()[1]}/checkpoint/"
+                return f"http://{url_host(host)}:{self._server.socket.getsockname()[1]}/checkpoint/"
 
+        from eagerloco.ft.lighthouse import bare_host, url_host
+
+        host = bare_host(host)  # an IPv6 address: bare for sockets and stores, in brackets in URLs
         self.replica_id = replica_id
         self.timeout_s = float(timeout_s)
         self.prefix = "eagerloco/ft"
         store_host, store_port = store.rsplit(":", 1)
+        store_host = bare_host(store_host)
         self.coord = TCPStore(store_host, int(store_port), is_master=False, timeout=timedelta(seconds=timeout_s))
         self._own_store = TCPStore(host, 0, is_master=True, wait_for_workers=False)
         timeout = timedelta(seconds=timeout_s)
@@ -362,7 +367,7 @@ class FaultTolerance:
             store_port=self._own_store.port,
             lighthouse_addr=lighthouse,
             replica_id=replica_id,
-            hostname=host,
+            hostname=url_host(host),  # torchft advertises http://HOSTNAME:PORT to the lighthouse
             checkpoint_transport=self._transport,
             init_sync=True,
         )

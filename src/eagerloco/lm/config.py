@@ -167,6 +167,11 @@ class RunConfig:
     """With fault_tolerance: this site's data shard, 0 <= ft_shard < workers (workers = the number of shards)."""
     ft_min_replicas: int = 1
     """With fault_tolerance and ft_lighthouse: the smallest quorum (sites) the lighthouse forms."""
+    ft_join_timeout_ms: int = 10000
+    """With fault_tolerance and ft_lighthouse: how long the lighthouse waits at a sync point for a live site of the
+    previous quorum before forming one without it (a dead site is left out after its heartbeats stop, 2 s,
+    whatever this is). Above the sites' skew at a sync point: seconds on real links (state transfers at the
+    start, uneven steps)."""
 
 
 @dataclass
