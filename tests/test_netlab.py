@@ -254,7 +254,7 @@ def test_teardown_on_signal(need_netns: None, sig: signal.Signals) -> None:
     prefix = _prefix()
     proc = _hold_lab(prefix, "time.sleep(60)")
     proc.send_signal(sig)
-    _, err = proc.communicate(timeout=20)
+    _, err = proc.communicate(timeout=60)  # seconds when idle; margin for a loaded machine
     assert netlab.list_labs(prefix) == {}
     assert "tearing down" in err
     if sig == signal.SIGTERM:
@@ -267,7 +267,7 @@ def test_teardown_on_signal(need_netns: None, sig: signal.Signals) -> None:
 def test_cleanup_removes_a_crashed_run(need_netns: None) -> None:
     prefix = _prefix()
     proc = _hold_lab(prefix, "import os; os._exit(3)")  # no teardown at all
-    proc.communicate(timeout=20)
+    proc.communicate(timeout=60)
     assert proc.returncode == 3
     left = netlab.list_labs(prefix)
     assert sorted(left.get(prefix, [])) == [f"{prefix}-br", f"{prefix}-s0", f"{prefix}-s1"]
