@@ -524,7 +524,8 @@ def report(out: Path) -> str:
         ok = [r["eval_loss"] for r in same if r["status"] == "ok"]
         mean = f"{sum(ok) / len(ok):.3f}" if len(ok) == len(same) else "-"
         s0 = results[best.key]["eval_loss"]
-        ref = best_point(results, ("sync", None, g[2], g[3], g[4]))
+        sync_extra = tuple(x for x in g[4] if x not in LOOKAHEAD)  # the variant's flag: compared with plain sync
+        ref = best_point(results, ("sync", None, g[2], g[3], sync_extra))
         vs = f"{(s0 / results[ref.key]['eval_loss'] - 1) * 100:+.1f} %" if ref is not None else "-"
         seed_list = ", ".join(map(str, seeds))
         rows.append([label(g), recipe_label(best.recipe), f"{s0:.3f}", vs, mean, seed_list, len(groups[g])])
