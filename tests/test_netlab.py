@@ -223,8 +223,11 @@ def test_teardown_when_the_body_raises(need_netns: None) -> None:
     assert holder[0].poll() is not None, "close() must end the processes it started"
 
 
+# The child's SIGINT is Python's KeyboardInterrupt whatever this process inherited: a shell without job control
+# starts background commands with SIGINT ignored, and Python then keeps it ignored in its children.
 _HOLD = """
-import subprocess, sys, time
+import signal, subprocess, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)
 sys.path.insert(0, {bench!r})
 from netlab import Lab
 with Lab(2, 10, prefix={prefix!r}) as lab:
