@@ -48,6 +48,23 @@ def _tail(log: Path) -> str:
     return "\n".join(lines[-25:])
 
 
+def _wait_all(procs: list[subprocess.Popen], logs: list[Path], codes: list[int]) -> None:
+    """Every process ends within the timeout with its expected exit code (-9: killed by SIGKILL)."""
+    for proc, log, code in zip(procs, logs, codes, strict=True):
+        try:
+            rc = proc.wait(timeout=PROCESS_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"a worker hung past {PROCESS_TIMEOUT_S} s:\n{_tail(log)}")
+        assert rc == code, _tail(log)
+
+
+def _kill_left(procs: list[subprocess.Popen]) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def run_chaos(tmp_path: Path, config: dict, seed: int) -> tuple[list[dict], int]:
     """Start 3 workers, kill worker 2 at a random inner step, restart it; return the three results."""
     kill_at = random.Random(seed).randrange(H + 1, 5 * H)
@@ -68,17 +85,9 @@ def run_chaos(tmp_path: Path, config: dict, seed: int) -> tuple[list[dict], int]
             assert procs[2].wait(timeout=PROCESS_TIMEOUT_S) == -9, _tail(logs[2])
             logs[2] = tmp_path / "w2-restarted.log"
             procs[2] = _spawn(spec(2, data_seed=12, start_together=None), logs[2])
-            for proc, log in zip(procs, logs):
-                try:
-                    rc = proc.wait(timeout=PROCESS_TIMEOUT_S)
-                except subprocess.TimeoutExpired:
-                    pytest.fail(f"a worker hung past {PROCESS_TIMEOUT_S} s:\n{_tail(log)}")
-                assert rc == 0, _tail(log)
+            _wait_all(procs, logs, [0, 0, 0])
         finally:
-            for proc in procs:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
+            _kill_left(procs)
     finally:
         host.shutdown()
     return [torch.load(tmp_path / f"w{i}.pt", weights_only=False) for i in range(3)], kill_at
@@ -96,17 +105,9 @@ def run_three(tmp_path: Path, config: dict, steps: int, dying: dict[int, dict], 
         logs = [tmp_path / f"w{i}.log" for i in range(3)]
         procs = [_spawn(spec, log) for spec, log in zip(specs, logs)]
         try:
-            for i, (proc, log) in enumerate(zip(procs, logs)):
-                try:
-                    rc = proc.wait(timeout=PROCESS_TIMEOUT_S)
-                except subprocess.TimeoutExpired:
-                    pytest.fail(f"a worker hung past {PROCESS_TIMEOUT_S} s:\n{_tail(log)}")
-                assert rc == (-9 if i in dying else 0), _tail(log)
+            _wait_all(procs, logs, [-9 if i in dying else 0 for i in range(3)])
         finally:
-            for proc in procs:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
+            _kill_left(procs)
     finally:
         host.shutdown()
     return [torch.load(tmp_path / f"w{i}.pt", weights_only=False) for i in range(3) if i not in dying]
