@@ -26,7 +26,8 @@ The plans (``--plan``) order their points so that the most informative arrive fi
   the variant (``--src``).
 * ``lookahead``: eager k = 1 with ``--eager-lookahead`` (ALGORITHMS.md 4.2) at every grid point with momentum
   (without momentum it is the paper's rule), at M = 2 with w = 1/M, then with w = 1, then at M = 4 (600 steps);
-  needs a checkout that has the variant (``--src``).
+  the variant was removed from the library after this measurement, so the plan runs only with ``--src`` of a
+  checkout at c512a86 (e.g. ``git worktree add --detach /work/pinned-lookahead c512a86``).
 * ``trends``: the paper's trends, each method (sync, the paper's eager k = 1, eager w = 1) at its best seed-0
   recipe of the default job, one axis changed at a time (``TREND_POINTS``): tokens (300 / 2,700 steps), H (10 /
   100), M = 4, non-iid shards, model size (115k and 2.7M parameters around the default 820k), M = 8 on the 115k
@@ -76,7 +77,8 @@ GRID_ORDER: tuple[tuple[float, float], ...] = (
 )  # fmt: skip
 DILOCO_RECIPE = (0.7, 0.9, True)  # the CLI's default outer optimizer: lr 0.7, Nesterov momentum 0.9
 FINISHED = ("ok", "diverged")
-LOOKAHEAD = ("--eager-lookahead",)  # ALGORITHMS.md 4.2
+LOOKAHEAD = ("--eager-lookahead",)  # ALGORITHMS.md 4.2: removed from the library; plan 'lookahead' needs --src
+LOOKAHEAD_COMMIT = "c512a86"  # the last commit with eager_lookahead
 SMALL_MODEL = ("--n-layer", "2", "--d-model", "64", "--n-head", "2")  # 115,008 parameters (byte vocabulary)
 LARGE_MODEL = ("--n-layer", "6", "--d-model", "192", "--n-head", "6")  # 2,705,856 (the default: 820,352)
 # The trends plan: (axis, what changes, the point's fields; the reference it is read against). Tokens per
@@ -798,6 +800,13 @@ def main(argv: list[str] | None = None) -> int:
             loss = f" {rec['eval_loss']:.4f}" if rec and _finite(rec.get("eval_loss")) else ""
             print(f"{stage:<36} {p.key:<48} {status}{loss}")
         return 0
+    if args.plan == "lookahead" and args.src is None:
+        print(
+            f"recipe_sweep: plan 'lookahead' needs --src of a checkout at {LOOKAHEAD_COMMIT}: eager_lookahead was "
+            "removed from the library after this measurement (ALGORITHMS.md 4.2)",
+            file=sys.stderr,
+        )
+        return 2
     src = args.src.resolve() if args.src else None
     runs_dir = (args.runs_dir or (src or bl.ROOT) / "runs" / "recipe_sweep").resolve()
     with SweepLock(args.lock, args.wait_lock):

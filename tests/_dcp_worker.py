@@ -28,7 +28,6 @@ CASES = {
     "delayed_k2": DiLoCoConfig(mode="delayed", sync_every=4, delay=2),
     "eager_k2_p2": DiLoCoConfig(mode="eager", sync_every=4, delay=2, num_fragments=2),
     "eager_async_save": DiLoCoConfig(mode="eager", sync_every=4, delay=1),
-    "eager_lookahead_k2": DiLoCoConfig(mode="eager", sync_every=4, delay=2, eager_lookahead=True),
 }
 STEPS, STOP, BATCH = 14, 10, 16  # at STOP = 10 (H = 4): 2 averages in flight for delayed/eager k = 2, 1 for overlap
 

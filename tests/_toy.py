@@ -148,10 +148,10 @@ def init_gloo(rank: int, world_size: int, port: int) -> None:
 
 
 def run_tinynet_trace(world_size: int, steps: int, config: DiLoCoConfig, restart_at: int | None = None) -> list[dict]:
-    """TinyNet on worker-specific data (inner SGD lr 0.05, momentum 0.5), in process; per worker and inner step:
-    φ of fragment 0 (``phis``), its outer momentum buffer or None (``bufs``) and θ flat (``thetas``); after
-    finalize and consolidate: φ flat (``final``) and θ flat (``theta``). With ``restart_at``, the engine, model and
-    inner optimizer are rebuilt from their state_dicts at that step (a checkpoint round trip)."""
+    """TinyNet on worker-specific data (inner SGD lr 0.05, momentum 0.5), in process; per worker: φ flat after
+    every inner step (``phis``); after finalize and consolidate: φ flat (``final``) and θ flat (``theta``). With
+    ``restart_at``, the engine, model and inner optimizer are rebuilt from their state_dicts at that step (a
+    checkpoint round trip)."""
 
     def worker(comm: Communicator) -> dict:
         def build() -> tuple[nn.Module, torch.optim.Optimizer, DiLoCo]:
@@ -166,7 +166,7 @@ def run_tinynet_trace(world_size: int, steps: int, config: DiLoCoConfig, restart
         generator = torch.Generator().manual_seed(1000 + comm.rank)
         w = torch.randn(4, 1, generator=generator)
         batches = [torch.randn(16, 4, generator=generator) for _ in range(steps)]
-        phis, bufs, thetas = [], [], []
+        phis = []
         for t in range(steps):
             if t == restart_at:
                 saved = {"model": model.state_dict(), "inner": inner.state_dict(), "outer": loco.state_dict()}
@@ -179,14 +179,9 @@ def run_tinynet_trace(world_size: int, steps: int, config: DiLoCoConfig, restart
             inner.step()
             inner.zero_grad()
             loco.step()
-            core = loco.states[0]
             phis.append(flat(loco.outer_parameters().values()))
-            buf = core.outer_optimizer.state.get(core.phi, {}).get("momentum_buffer")
-            bufs.append(None if buf is None else buf.clone())
-            thetas.append(flat(model.parameters()))
         loco.finalize()
         loco.consolidate()
-        return {"phis": phis, "bufs": bufs, "thetas": thetas, "final": flat(loco.outer_parameters().values()),
-                "theta": flat(model.parameters())}  # fmt: skip
+        return {"phis": phis, "final": flat(loco.outer_parameters().values()), "theta": flat(model.parameters())}
 
     return run_inprocess(world_size, worker)

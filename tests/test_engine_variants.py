@@ -11,10 +11,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _toy import Quadratic, run_inprocess, run_tinynet_trace
+from _toy import Quadratic, TinyNet, run_inprocess, run_tinynet_trace
 from eagerloco import DiLoCo, DiLoCoConfig
 from eagerloco.engine.config import ConfigError
 from eagerloco.engine.strategies import make_strategy
+from eagerloco.ft.resize import resize_outer_states
 
 
 def run_quadratic(world_size: int, steps: int, **overrides) -> list[dict]:
@@ -119,6 +120,59 @@ def test_checkpoint_round_trip_is_bitwise(weight, delay):
     for restart in (6, 7):
         resumed = run_tinynet(2, 12, restart_at=restart, eager_own_weight=weight, delay=delay)
         assert_bitwise(resumed, run_tinynet(2, 12, eager_own_weight=weight, delay=delay))
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def test_a_checkpoint_of_the_removed_lookahead_variant_is_refused_and_one_without_it_loads():
+    """``eager_lookahead`` (ALGORITHMS.md 4.2) was removed: a state saved with it True is refused, by the engine and
+    by the resize, in one line; one saved with it False (checkpoints written while it existed) loads as it is."""
+    config = DiLoCoConfig(mode="eager", sync_every=3, outer_lr=0.7, outer_momentum=0.9)
+
+    def worker(comm):
+        def build():
+            model = TinyNet()
+            inner = torch.optim.SGD(model.parameters(), lr=0.05)
+            return inner, DiLoCo(model, inner, config, comm=comm)
+
+        inner, loco = build()
+        x = torch.randn(16, 4, generator=torch.Generator().manual_seed(comm.rank))
+        for _ in range(4):  # one sync point: an average in flight with this worker's own term
+            loco.model(x).pow(2).mean().backward()
+            inner.step()
+            inner.zero_grad()
+            loco.step()
+        saved = loco.state_dict()
+        assert len(saved["fragments"][0]["in_flight"]) == 1 and "eager_lookahead" not in saved["config"]
+        with_variant = {**saved, "config": {**saved["config"], "eager_lookahead": True}}
+        with pytest.raises(ValueError) as info:
+            build()[1].load_state_dict(with_variant)
+        fresh = build()[1]
+        fresh.load_state_dict({**saved, "config": {**saved["config"], "eager_lookahead": False}})
+        return str(info.value), _same(fresh.state_dict(), saved), saved, with_variant
+
+    results = run_inprocess(2, worker)
+    message = (
+        "checkpoint was written with eager_lookahead=True: that variant of eager was removed after its measurement "
+        "(ALGORITHMS.md 4.2); continue this run with a checkout at commit c512a86"
+    )
+    assert [r[:2] for r in results] == [(message, True)] * 2
+    with pytest.raises(ValueError) as info:
+        resize_outer_states([r[3] for r in results], 3)
+    assert str(info.value) == message
+    without = [{**r[2], "config": {**r[2]["config"], "eager_lookahead": False}} for r in results]
+    resized = resize_outer_states(without, 3)
+    assert _same(
+        [r["fragments"] for r in resized], [r["fragments"] for r in resize_outer_states([r[2] for r in results], 3)]
+    )
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,6 @@ MODES: dict[str, dict[str, Any]] = {
     "overlap": {"overlap_steps": 2, "alpha": 0.5},
     "delayed": {},
     "eager": {},
-    "eager_lookahead": {"mode": "eager", "eager_lookahead": True},  # ALGORITHMS.md 4.2: a drop applies nothing
 }
 DROP = 2  # the third average each worker launches is the one dropped (or made NaN)
 
@@ -80,7 +79,7 @@ def _train(comm: Communicator, config: DiLoCoConfig, reducer_factory: Callable, 
 
 
 def _run(mode: str, how: str) -> list[dict]:
-    config = DiLoCoConfig(**{"mode": mode, **MODES[mode]}, sync_every=4, nonfinite="skip", collective_timeout_s=60.0)
+    config = DiLoCoConfig(mode=mode, sync_every=4, nonfinite="skip", collective_timeout_s=60.0, **MODES[mode])
     return run_workers(
         InProcessGroup(2, timeout=60), lambda comm: _train(comm, config, lambda i, c: _MarkingReducer(c, how))
     )

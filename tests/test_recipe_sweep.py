@@ -233,3 +233,16 @@ def test_lookahead_plan_only_where_momentum_makes_it_differ():
     assert len(points) == 3 * 8 and all(p.outer_momentum > 0 and p.extra == rs.LOOKAHEAD for p in points)
     assert points[0].train_args()[-1] == "--eager-lookahead" and points[0].key.startswith("eager_M2_T900_lr0.7_m0.9n")
     assert {p.own_weight for p in points[8:16]} == {1.0} and {(p.workers, p.steps) for p in points[16:]} == {(4, 600)}
+
+
+def test_lookahead_plan_runs_only_with_src(tmp_path, capsys):
+    """The variant was removed from the library (ALGORITHMS.md 4.2): the plan trains only a checkout that has it."""
+    lock = tmp_path / "lock"
+    assert rs.main(["--plan", "lookahead", "--out", str(tmp_path / "out"), "--lock", str(lock)]) == 2
+    assert capsys.readouterr().err == (
+        "recipe_sweep: plan 'lookahead' needs --src of a checkout at c512a86: eager_lookahead was removed from the "
+        "library after this measurement (ALGORITHMS.md 4.2)\n"
+    )
+    assert not lock.exists() and not (tmp_path / "out").exists()  # refused before the lock and any run
+    assert rs.main(["--plan", "lookahead", "--out", str(tmp_path / "out"), "--list"]) == 0  # listing needs no --src
+    assert capsys.readouterr().out.count("pending") == 3 * 8

@@ -58,12 +58,6 @@ class DiLoCoConfig:
     average on arrival, so the mean over workers of what they apply is DiLoCo's fresh Δ(t) at any M
     (ALGORITHMS.md section 4.1). A w below 1/M is refused when the engine learns M."""
 
-    eager_lookahead: bool = False
-    """Mode 'eager' only, opt-in (ALGORITHMS.md section 4.2): the outer optimizer steps on arrived averages only,
-    as in mode 'delayed', so φ and its momentum are identical on every worker and hold no stale mix; each worker
-    starts its next inner phase from the lookahead ψ_m: the outer optimizer replayed from that state over its own
-    terms w·Δ_m of the averages in flight. Without momentum it equals the paper's rule (up to rounding)."""
-
     outer_lr: float = 0.7
     """Learning rate of the default outer optimizer (0.7 in DiLoCo; the streaming and eager papers use 0.4)."""
 
@@ -139,10 +133,6 @@ class DiLoCoConfig:
                 )
             if self.mode != "eager":
                 raise bad("eager_own_weight", f"applies to mode 'eager' only (mode={self.mode!r}): leave it None")
-        if not isinstance(self.eager_lookahead, bool):
-            raise bad("eager_lookahead", "must be True or False")
-        if self.eager_lookahead and self.mode != "eager":
-            raise bad("eager_lookahead", f"applies to mode 'eager' only (mode={self.mode!r}): leave it False")
         for name in ("outer_lr", "outer_momentum"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:

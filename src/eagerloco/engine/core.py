@@ -12,11 +12,9 @@ It offers the primitives the spec's formulas are written with, and does no arith
 ``read_theta()``          θ's elements this rank owns, flat fp32
 ``write_theta(values)``   θ ← values (owned elements; the worker's replicas are restored inside)
 ``schedule_arrival(t)``   have the strategy's ``on_arrival`` called for this fragment at inner step t
-``lookahead(gs)``         ψ = φ after OuterOpt steps with gs in turn, φ and the outer optimizer state untouched
 ========================  ==========================================================================================
 
-plus ``phi``, ``start`` (ψ: where the current inner phase started, when not φ), ``outer_lr``, ``world_size`` (M),
-``index`` and ``check_finite``. It reports to the engine's
+plus ``phi``, ``outer_lr``, ``world_size`` (M), ``index`` and ``check_finite``. It reports to the engine's
 :class:`eagerloco.engine.recorder.Recorder` at the named points (blocked, launched, applied, skipped); it knows
 nothing of ``DiLoCo``: the state it shares with the other fragments (the communicator, the configuration, the
 inner step, the arrival schedule) is one :class:`EngineContext`.
@@ -24,7 +22,6 @@ inner step, the arrival schedule) is one :class:`EngineContext`.
 
 from __future__ import annotations
 
-import copy
 import time
 import warnings
 from collections import deque
@@ -77,9 +74,6 @@ class FragmentCore:
         reducer: averages this fragment's outer gradients across workers (the codec).
         view: this rank's share of the fragment (reads θ, writes θ back; see :mod:`eagerloco.engine.sharding`).
         in_flight: the averages launched and not yet applied, oldest first.
-        start: ψ, where this worker's current inner phase started when that is not φ (eager's lookahead variant,
-            ALGORITHMS.md 4.2), flat like φ; ``None``: φ. Δ_m(t) is measured from it. Derived state (a strategy
-            recomputes it after a checkpoint is loaded: :meth:`OuterStrategy.restore`).
     """
 
     def __init__(
@@ -97,7 +91,6 @@ class FragmentCore:
         self.reducer = reducer
         self.view = view
         self.in_flight: deque[InFlight] = deque()
-        self.start: torch.Tensor | None = None
         self._context = context
         self.world_size = context.comm.world_size
 
@@ -126,12 +119,12 @@ class FragmentCore:
     # ------------------------------------------------------------------ the average
 
     def launch(self, t: int) -> tuple[InFlight, torch.Tensor]:
-        """Δ_m(t) = φ − θ(t) (ψ − θ(t) when :attr:`start` is set), handed to the reducer (asynchronous) and queued
-        in :attr:`in_flight`. Returns the queued item and Δ_m(t) as the reducer left it (error-feedback residual
-        included): the strategy may keep or scale it (eager does, in place); the reducer no longer reads it."""
+        """Δ_m(t) = φ − θ(t), handed to the reducer (asynchronous) and queued in :attr:`in_flight`. Returns the
+        queued item and Δ_m(t) as the reducer left it (error-feedback residual included): the strategy may keep
+        or scale it (eager does, in place); the reducer no longer reads it."""
         theta = self.read_theta()  # this rank's owned elements of θ (all of them with one rank per worker)
         theta = theta if theta.device == self.phi.device else theta.to(self.phi.device)
-        delta = torch.sub(self.phi if self.start is None else self.start, theta)
+        delta = torch.sub(self.phi, theta)
         own_finite = bool(torch.isfinite(delta).all())
         # A non-finite Δ_m is NOT raised here: the other workers would then block on a collective this worker
         # never joins. It is launched like any other: NaN/Inf in one contribution makes the average non-finite
@@ -220,39 +213,6 @@ class FragmentCore:
         self.phi.grad = None
         ctx = self._context
         ctx.recorder.applied(self.index, g, ctx.inner_step - launched_at)
-
-    def lookahead(self, grads: list[torch.Tensor]) -> torch.Tensor:
-        """ψ: a copy of φ after one outer-optimizer step per gradient of ``grads``, in order, from the optimizer's
-        current state; φ and that state are left exactly as they were (snapshot, steps, restore), so the same
-        call on the same φ, state and gradients gives the same bits. Nothing is recorded."""
-        if not grads:
-            return self.phi.detach().clone()
-        optimizer = self.outer_optimizer
-        saved_phi = self.phi.detach().clone()
-        had_state = self.phi in optimizer.state
-        saved_state = {k: v.clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v)
-                       for k, v in optimizer.state[self.phi].items()} if had_state else {}  # fmt: skip
-        try:
-            for g in grads:
-                self.phi.grad = g
-                optimizer.step()
-            psi = self.phi.detach().clone()
-        finally:
-            self.phi.grad = None
-            with torch.no_grad():
-                self.phi.copy_(saved_phi)
-            if had_state:  # back in place: the state tensors keep their identity (others may hold them)
-                live = optimizer.state[self.phi]
-                for key in [k for k in live if k not in saved_state]:
-                    del live[key]
-                for key, value in saved_state.items():
-                    if isinstance(value, torch.Tensor) and isinstance(live.get(key), torch.Tensor):
-                        live[key].copy_(value)
-                    else:
-                        live[key] = value
-            else:
-                optimizer.state.pop(self.phi, None)
-        return psi
 
     def record_plain_step(self) -> None:
         """Tell the recorder that φ was moved by a plain step outside the outer optimizer (the final drain)."""

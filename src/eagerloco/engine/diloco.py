@@ -76,6 +76,18 @@ FragmentState = FragmentCore
 """The per-fragment state's former name (``DiLoCo.states`` holds :class:`FragmentCore` objects)."""
 
 
+def check_saved_config(saved: dict[str, Any]) -> None:
+    """Refuse a saved configuration (``state_dict()["config"]``) written with a setting this eagerloco no longer
+    has: ``eager_lookahead=True`` (ALGORITHMS.md 4.2). ``eager_lookahead=False``, in the checkpoints written while
+    the setting existed, is the paper's rule and loads."""
+    value = saved.get("eager_lookahead", False)
+    if value is not False:
+        raise ValueError(
+            f"checkpoint was written with eager_lookahead={value!r}: that variant of eager was removed after its "
+            "measurement (ALGORITHMS.md 4.2); continue this run with a checkout at commit c512a86"
+        )
+
+
 def default_outer_optimizer(config: DiLoCoConfig) -> OuterOptimizerFactory:
     """SGD with (Nesterov) momentum, as in the papers."""
 
@@ -443,12 +455,12 @@ class DiLoCo:
         continue training after loading a finalized state."""
         if state_dict.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"unknown DiLoCo checkpoint format {state_dict.get('format')!r}")
-        saved = {"eager_lookahead": False} | state_dict["config"]  # checkpoints from before the variant: off
+        saved = state_dict["config"]
+        check_saved_config(saved)
         drained = bool(state_dict.get("finalized")) and not any(f["in_flight"] for f in state_dict["fragments"])
-        switchable = ("mode", "overlap_steps", "delay", "compression", "error_feedback", "eager_lookahead")
+        switchable = ("mode", "overlap_steps", "delay", "compression", "error_feedback")
         switched = False
-        for key in ("mode", "sync_every", "num_fragments", "fragment_layout", "overlap_steps", "delay", "compression",
-                    "eager_lookahead"):  # fmt: skip
+        for key in ("mode", "sync_every", "num_fragments", "fragment_layout", "overlap_steps", "delay", "compression"):
             if saved.get(key) != getattr(self.config, key):
                 if drained and key in switchable:
                     switched = True
@@ -491,7 +503,6 @@ class DiLoCo:
             )
             for t in saved_fragment["arrivals"]:
                 state.schedule_arrival(t)
-            self.strategy.restore(state)  # derived state (eager lookahead: ψ from φ, its state and the own terms)
         self._context.inner_step = state_dict["inner_step"]
         self.finalized = state_dict["finalized"]
         self.reset_clock()

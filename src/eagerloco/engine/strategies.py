@@ -43,8 +43,6 @@ class OuterStrategy:
     uniform_outer_state: ClassVar[bool] = True
     """True when φ and the outer optimizer state stay bit-identical on all workers (``consolidate`` is then a
     no-op, and a checkpoint may switch to another mode after ``finalize``)."""
-    own_terms: ClassVar[bool] = False
-    """True when each average in flight carries this worker's own term (``InFlight.own``, per worker)."""
 
     @classmethod
     def from_config(cls, config: DiLoCoConfig) -> OuterStrategy:
@@ -57,10 +55,6 @@ class OuterStrategy:
 
     def on_sync(self, core: FragmentCore, t: int) -> None:
         raise NotImplementedError
-
-    def restore(self, core: FragmentCore) -> None:
-        """Recompute derived per-fragment state after a checkpoint was loaded into ``core`` (φ, the outer
-        optimizer state and the averages in flight are restored)."""
 
     def on_arrival(self, core: FragmentCore, t: int) -> None:
         raise RuntimeError(f"mode {self.name!r} schedules no arrivals")
@@ -82,7 +76,6 @@ class OuterStrategy:
             core.check_finite(g, item.launch_step)
             core.phi.add_(g, alpha=-core.outer_lr)  # φ ← φ − lr·g
             core.record_plain_step()
-        core.start = None  # the next inner phase (after reopen) starts from φ
         core.write_theta(core.phi)  # θ ← φ
 
 
@@ -181,7 +174,6 @@ class EagerStrategy(OuterStrategy):
 
     name = "eager"
     uniform_outer_state = False
-    own_terms = True
 
     def __init__(self, delay: int, own_weight: float | None = None) -> None:
         self.delay = delay
@@ -190,8 +182,6 @@ class EagerStrategy(OuterStrategy):
 
     @classmethod
     def from_config(cls, config: DiLoCoConfig) -> EagerStrategy:
-        if config.eager_lookahead:
-            return EagerLookaheadStrategy(config.delay, config.eager_own_weight)
         return cls(config.delay, config.eager_own_weight)
 
     def check_world_size(self, world_size: int) -> None:
@@ -206,7 +196,17 @@ class EagerStrategy(OuterStrategy):
             )
 
     def on_sync(self, core: FragmentCore, t: int) -> None:
-        fresh = self._launch_with_own_term(core, t)
+        if not self._checked_world_size:  # a strategy built without M: refuse before the first collective
+            self.check_world_size(core.world_size)
+        fresh, delta = core.launch(t)  # Δ_m(t) = φ − θ(t) (error-feedback residual included); the average starts
+        # own(t) = w·Δ_m(t) (w = 1/M: the paper's rule), applied at once and kept as applied; a non-finite Δ_m(t)
+        # contributes nothing here (it still travels, so that every worker sees the bad average): φ stays finite.
+        if not fresh.own_finite:
+            fresh.own = torch.zeros_like(delta)
+        elif self.own_weight is None:
+            fresh.own = delta.div_(core.world_size)  # (1/M)·Δ_m(t)
+        else:
+            fresh.own = delta.mul_(self.own_weight)  # w·Δ_m(t)
         if len(core.in_flight) > self.delay:  # Δ(t − kH), launched k sync points ago, is due
             item = core.in_flight.popleft()
             assert item.own is not None
@@ -221,67 +221,11 @@ class EagerStrategy(OuterStrategy):
             core.outer_step(fresh.own.clone(), launched_at=t)  # Δ̃_m(t) = own(t): nothing has arrived yet
         core.write_theta(core.phi)  # θ ← φ_m
 
-    def _launch_with_own_term(self, core: FragmentCore, t: int) -> InFlight:
-        if not self._checked_world_size:  # a strategy built without M: refuse before the first collective
-            self.check_world_size(core.world_size)
-        fresh, delta = core.launch(t)  # Δ_m(t) = φ − θ(t) (error-feedback residual included); the average starts
-        # own(t) = w·Δ_m(t) (w = 1/M: the paper's rule), applied at once and kept as applied; a non-finite Δ_m(t)
-        # contributes nothing here (it still travels, so that every worker sees the bad average): φ stays finite.
-        if not fresh.own_finite:
-            fresh.own = torch.zeros_like(delta)
-        elif self.own_weight is None:
-            fresh.own = delta.div_(core.world_size)  # (1/M)·Δ_m(t)
-        else:
-            fresh.own = delta.mul_(self.own_weight)  # w·Δ_m(t)
-        return fresh
-
     def final_gradient(self, item: InFlight, mean: torch.Tensor) -> torch.Tensor:
         """ALGORITHMS.md section 6: g = Δ(t) − own(t), own(t) = (1/M)·Δ_m(t) or w·Δ_m(t) as it was applied: the
         rest of the average, the own part went in at t."""
         assert item.own is not None
         return torch.sub(mean, item.own)
-
-
-class EagerLookaheadStrategy(EagerStrategy):
-    """Eager variant (section 4.2, opt-in ``eager_lookahead``): the outer optimizer steps on arrived averages
-    only, exactly as in delayed mode, so φ and its state are DiLoCo's k outer steps late and bit-identical on
-    every worker; each worker starts its next inner phase from the lookahead
-
-        ψ_m = OuterOpt replayed from (φ, state) over own(s) = w·Δ_m(s) of every average in flight, oldest first
-
-    (the state untouched), and measures Δ_m(t) = ψ_m − θ(t). Without momentum ψ_m is the paper's φ_m (up to
-    rounding); with momentum, only true averages enter the momentum. A skipped average applies nothing (its own
-    term leaves the lookahead with it), as in delayed mode."""
-
-    uniform_outer_state = True
-
-    def on_sync(self, core: FragmentCore, t: int) -> None:
-        self._launch_with_own_term(core, t)  # Δ_m(t) = ψ_m − θ(t); own(t) = w·Δ_m(t) kept with the average
-        if len(core.in_flight) > self.delay:  # Δ(t − kH), launched k sync points ago, is due
-            item = core.in_flight.popleft()
-            mean = core.wait(item)
-            if core.check_average(item, mean):
-                core.outer_step(mean, launched_at=item.launch_step)  # φ ← OuterOpt(φ, Δ(t − kH)), as delayed
-        self.restore(core)  # ψ_m over the own terms still in flight, own(t) included
-        assert core.start is not None
-        core.write_theta(core.start)  # θ ← ψ_m
-
-    def restore(self, core: FragmentCore) -> None:
-        owns = [item.own for item in core.in_flight]
-        assert all(own is not None for own in owns)
-        core.start = core.lookahead(owns) if owns else None  # type: ignore[arg-type]
-
-    def finalize(self, core: FragmentCore) -> None:
-        """ALGORITHMS.md section 4.2: every average still in flight, oldest first, through the outer optimizer, as
-        the next sync points would have applied it (the exact trajectory completed: with M = 1 the result is
-        sync's, bit for bit); then θ ← φ."""
-        while core.in_flight:
-            item = core.in_flight.popleft()
-            mean = core.wait(item)
-            if core.check_average(item, mean):  # nonfinite='skip': nothing of it is applied
-                core.outer_step(mean, launched_at=item.launch_step)  # φ ← OuterOpt(φ, Δ(t))
-        core.start = None
-        core.write_theta(core.phi)  # θ ← φ
 
 
 STRATEGIES: dict[str, type[OuterStrategy]] = {

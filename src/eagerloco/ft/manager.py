@@ -633,7 +633,6 @@ class FaultTolerance:
             state.phi.copy_(saved["phi"])
             state.outer_optimizer.load_state_dict(saved["outer_optimizer"])
             state.in_flight.clear()  # nothing of its own in flight
-            state.start = None  # its next inner phase starts from φ (no lookahead: nothing of its own in flight)
             nbytes += saved["phi"].numel() * saved["phi"].element_size()
             nbytes += sum(t.numel() * t.element_size() for t in _tensors(saved["outer_optimizer"]))
             state.write_theta(state.phi)  # θ ← φ

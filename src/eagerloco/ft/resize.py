@@ -6,9 +6,7 @@ have brought them, and handed to M' new workers with nothing in flight:
 
 1. on every saved worker, its saved in-flight averages are applied first, oldest first, as finalize applies them:
    the plain step φ ← φ − lr·g with g = Δ(t) (sync, overlap, delayed) or g = Δ(t) − own_m(t) (eager), the outer
-   optimizer's momentum untouched; eager with ``eager_lookahead``: one outer-optimizer step per average (SGD, the
-   default outer optimizer, rebuilt from its state); a non-finite average is skipped (``nonfinite='skip'``) or
-   refused (``'raise'``);
+   optimizer's momentum untouched; a non-finite average is skipped (``nonfinite='skip'``) or refused (``'raise'``);
 2. sync, overlap, delayed: φ and the outer optimizer state of saved worker 0 (bit-identical on all of them);
    eager: φ = (1/M) Σ_m φ_m and every state tensor of the outer optimizer averaged the same way, summed in rank
    order like the in-process group's all-reduce (the consolidation);
@@ -27,6 +25,8 @@ import copy
 from typing import Any
 
 import torch
+
+from eagerloco.engine.diloco import check_saved_config
 
 
 def resize_outer_states(saved: list[dict[str, Any]], world_size: int) -> list[dict[str, Any]]:
@@ -56,26 +56,21 @@ def resize_outer_states(saved: list[dict[str, Any]], world_size: int) -> list[di
         if len(state["fragments"]) != len(first["fragments"]):
             raise ValueError(f"saved state #{rank} has another number of fragments than state #0")
     config = first["config"]
-    # The paper's eager (and its own-weight variant) applied the own terms at launch and keeps a per-worker φ; the
-    # lookahead variant (ALGORITHMS.md 4.2) applied nothing of an average in flight, keeps φ identical, and its
-    # finalize steps the outer optimizer with each average in flight.
-    lookahead = config["mode"] == "eager" and bool(config.get("eager_lookahead", False))
-    eager = config["mode"] == "eager" and not lookahead
+    check_saved_config(config)
+    eager = config["mode"] == "eager"
     skip_nonfinite = config.get("nonfinite", "raise") == "skip"
 
     fragments_out: list[list[dict[str, Any]]] = [[] for _ in range(world_size)]
     for p, ref in enumerate(first["fragments"]):
-        if lookahead:  # identical on every saved worker: drain worker 0's through the outer optimizer
-            phi, outer = _drain_through_sgd(ref, skip_nonfinite, p)
-        elif eager:
-            drained = [_drain(state["fragments"][p], True, skip_nonfinite, rank, p) for rank, state in enumerate(saved)]
+        drained = [_drain(state["fragments"][p], eager, skip_nonfinite, rank, p) for rank, state in enumerate(saved)]
+        if eager:
             phi = drained[0].clone()
             for other in drained[1:]:  # rank order, then / M: the in-process all-reduce's arithmetic
                 phi.add_(other)
             phi.div_(m)
             outer = _mean_state([state["fragments"][p]["outer_optimizer"] for state in saved])
         else:
-            phi = _drain(ref, False, skip_nonfinite, 0, p)
+            phi = drained[0]
             outer = copy.deepcopy(ref["outer_optimizer"])
         for i in range(world_size):
             reducer = copy.deepcopy(saved[i]["fragments"][p]["reducer"]) if i < m else _fresh_reducer(ref["reducer"])
@@ -104,51 +99,22 @@ def resize_outer_states(saved: list[dict[str, Any]], world_size: int) -> list[di
     ]
 
 
-def _arrived(fragment: dict[str, Any], skip_nonfinite: bool, where: str) -> list[dict[str, Any]]:
-    """The fragment's in-flight items to apply, oldest first: a non-finite average is left out
-    (``nonfinite='skip'``) or refused (``'raise'``)."""
-    out = []
-    for item in fragment["in_flight"]:
-        if bool(torch.isfinite(item["mean"]).all()):
-            out.append(item)
-        elif not skip_nonfinite:
-            raise ValueError(
-                f"{where}: the average launched at inner step {item['launch_step']} is not finite and the run has "
-                "nonfinite='raise'"
-            )
-    return out
-
-
 def _drain(fragment: dict[str, Any], eager: bool, skip_nonfinite: bool, rank: int, index: int) -> torch.Tensor:
     """φ of one saved worker's fragment after its in-flight averages, as ``OuterStrategy.finalize`` applies them."""
     phi = fragment["phi"].clone()
     lr = fragment["outer_optimizer"]["param_groups"][0]["lr"]
-    for item in _arrived(fragment, skip_nonfinite, f"saved worker {rank}, fragment {index}"):
+    for item in fragment["in_flight"]:  # oldest first
         mean = item["mean"]
+        if not bool(torch.isfinite(mean).all()):
+            if skip_nonfinite:
+                continue
+            raise ValueError(
+                f"saved worker {rank}, fragment {index}: the average launched at inner step {item['launch_step']} "
+                "is not finite and the run has nonfinite='raise'"
+            )
         g = torch.sub(mean, item["own"]) if eager else mean  # the others' part in eager: the own one was applied
         phi.add_(g, alpha=-lr)  # φ ← φ − lr·g
     return phi
-
-
-def _drain_through_sgd(fragment: dict[str, Any], skip_nonfinite: bool, index: int) -> tuple[torch.Tensor, Any]:
-    """φ and the outer optimizer state of a lookahead-variant fragment after its in-flight averages, each one an
-    outer-optimizer step as its ``finalize`` applies them. The optimizer is rebuilt from its state dict: torch's
-    SGD (the engine's default outer optimizer) only."""
-    state = copy.deepcopy(fragment["outer_optimizer"])
-    group = state["param_groups"][0]
-    if not {"momentum", "dampening", "nesterov"} <= set(group):
-        raise ValueError(
-            f"fragment {index}: resizing a run of eager_lookahead needs its outer optimizer to be torch.optim.SGD "
-            f"(the default); its state has the hyperparameters {sorted(k for k in group if k != 'params')}"
-        )
-    phi = fragment["phi"].clone().requires_grad_(True)
-    optimizer = torch.optim.SGD([phi], lr=group["lr"])
-    optimizer.load_state_dict(state)
-    for item in _arrived(fragment, skip_nonfinite, f"saved worker 0, fragment {index}"):
-        phi.grad = item["mean"].clone()
-        optimizer.step()
-    phi.grad = None
-    return phi.detach(), optimizer.state_dict()
 
 
 def _mean_state(states: list[dict[str, Any]]) -> dict[str, Any]:

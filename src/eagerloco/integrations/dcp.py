@@ -33,8 +33,7 @@ key (under the name given to ``dcp.save``)  value
 ==========================================  ======================================================================
 
 In eager mode φ, the outer optimizer state and the own contributions differ between workers: their keys start
-with ``worker<m>.`` (with ``eager_lookahead``, ALGORITHMS.md 4.2, only the own contributions: φ and its state are
-identical). Every other tensor is bit-identical on all workers, and DCP writes one copy of it.
+with ``worker<m>.``. Every other tensor is bit-identical on all workers, and DCP writes one copy of it.
 
 DCP loads into tensors that exist before the load, so the in-flight slots are always present: as many as the
 mode can have in flight per fragment (sync 0, overlap 1, delayed and eager k), unoccupied ones zero; the meta
@@ -98,12 +97,11 @@ class DiLoCoState(Stateful):
     def __init__(self, loco: DiLoCo) -> None:
         self.loco = loco
         worker = loco.rank
-        self._own = "" if loco.strategy.uniform_outer_state else f"worker{worker}."  # φ, the outer state
-        self._own_terms = f"worker{worker}."  # eager's own terms always differ between workers
+        self._own = "" if loco.strategy.uniform_outer_state else f"worker{worker}."
         inner_rank = loco.layout.inner_rank if loco.layout is not None else 0
         self._meta_key = f"meta.worker{worker}.rank{inner_rank}"
         self._capacity = in_flight_capacity(loco)
-        self._eager_own = loco.strategy.own_terms
+        self._eager_own = not loco.strategy.uniform_outer_state
         self._elementwise = [_elementwise_state_keys(core.outer_optimizer) for core in loco.states]
 
     def state_dict(self) -> dict[str, Any]:
@@ -140,8 +138,9 @@ class DiLoCoState(Stateful):
                 _put(out, f"in_flight.{j}.mean.", names, _per_parameter(view, _or_zeros(mean, saved["phi"])))
                 if self._eager_own:
                     own_value = None if item is None else item["own"]
-                    _put(out, f"{self._own_terms}in_flight.{j}.own.", names,
-                         _per_parameter(view, _or_zeros(own_value, saved["phi"])))  # fmt: skip
+                    _put(
+                        out, f"{own}in_flight.{j}.own.", names, _per_parameter(view, _or_zeros(own_value, saved["phi"]))
+                    )
             skeleton_fragments.append(
                 {
                     "names": names,
@@ -185,9 +184,7 @@ class DiLoCoState(Stateful):
                 restored = {k: v for k, v in item.items() if k != "has_own"}
                 restored["mean"] = _flat(view, _get(state_dict, f"in_flight.{j}.mean.", names))
                 restored["own"] = (
-                    _flat(view, _get(state_dict, f"{self._own_terms}in_flight.{j}.own.", names))
-                    if item["has_own"]
-                    else None
+                    _flat(view, _get(state_dict, f"{own}in_flight.{j}.own.", names)) if item["has_own"] else None
                 )
                 in_flight.append(restored)
             fragments.append(
