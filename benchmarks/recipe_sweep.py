@@ -443,9 +443,12 @@ class SweepLock:
             holder = fh.read().strip() or "?"
             fh.close()
             if exc.errno in (errno.EAGAIN, errno.EACCES):
-                raise SystemExit(
-                    f"recipe_sweep: another sweep holds {self.path} (pid {holder}); pass --wait-lock to queue behind it"
-                ) from None
+                print(
+                    f"recipe_sweep: another sweep holds {self.path} (pid {holder}); pass --wait-lock to queue "
+                    "behind it",
+                    file=sys.stderr,
+                )
+                raise SystemExit(3) from None
             raise
         fh.seek(0)
         fh.truncate()

@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/time_to_target.py            # after loss_parity.py and cu_bandwidth.py
     .venv/bin/python benchmarks/time_to_target.py --rate 8   # another link rate of the cu_bandwidth run
+    .venv/bin/python benchmarks/time_to_target.py --runs R.json ... --cu C.json  # curves of recipe-sweep runs
 
 Combines two measurements of the same model, data and H, taken by the other drivers:
 
@@ -9,6 +10,10 @@ Combines two measurements of the same model, data and H, taken by the other driv
   seeds; the loss does not depend on the link);
 * ``cu_bandwidth.json``: each method's wall seconds per inner step on the real rate-limited link (median over
   repeats, steady state: the one-off final drain excluded, as a long run amortises it).
+
+``--runs`` takes the curves from recipe-sweep runs instead (``recipe_sweep.py``: one JSON per run, each method
+at its own outer recipe and length, e.g. eager trained longer than DiLoCo so that it gets there); the runs of a
+method are its seeds, and they must share their length and evaluation steps.
 
 The target is DiLoCo's (sync's) final eval loss, mean over seeds. A method's curve is the mean over seeds at each
 evaluation; the step where it first reaches the target is interpolated linearly between evaluations. Its wall
@@ -58,15 +63,36 @@ def seconds_per_step(cu: dict[str, Any], method: str, rate: float) -> float | No
     return bl.median(r["wall_steady_s"] / r["steps"] for r in rs) if rs else None
 
 
+def recipe_runs(paths: list[Path]) -> dict[str, Any]:
+    """Recipe-sweep run JSONs in the shape of ``loss_parity.json`` (method, seed, eval_loss, evals per run)."""
+    runs = []
+    for path in paths:
+        r = json.loads(path.read_text())
+        if r.get("status") != "ok":
+            raise SystemExit(f"time_to_target: {path}: status {r.get('status')!r}, only finished runs have a curve")
+        point = r["point"]
+        runs.append({"method": point["method"], "seed": point["seed"], "eval_loss": r["eval_loss"],
+                     "evals": r["evals"], "steps": point["steps"], "recipe": point, "source": path.name})  # fmt: skip
+    methods = list(dict.fromkeys(r["method"] for r in runs))
+    steps = {m: sorted({r["steps"] for r in runs if r["method"] == m}) for m in methods}
+    mixed = {m: s for m, s in steps.items() if len(s) > 1}
+    if mixed:
+        raise SystemExit(f"time_to_target: --runs mixes run lengths within a method: {mixed}; one length each")
+    return {"runs": runs, "methods": methods, "steps": ", ".join(f"{m} {s[0]}" for m, s in steps.items()),
+            "seeds": sorted({r["seed"] for r in runs})}  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--loss", type=Path, default=bl.RESULTS / "loss_parity.json")
     ap.add_argument("--cu", type=Path, default=bl.RESULTS / "cu_bandwidth.json")
+    ap.add_argument("--runs", type=Path, nargs="+", default=None, help="recipe-sweep run JSONs (instead of --loss)")
     ap.add_argument("--rate", type=float, default=None, help="Mbit/s (default: the slowest rate measured)")
     ap.add_argument("--name", default="time_to_target")
     ap.add_argument("--out", type=Path, default=bl.RESULTS)
     args = ap.parse_args(argv)
-    loss, cu = json.loads(args.loss.read_text()), json.loads(args.cu.read_text())
+    cu = json.loads(args.cu.read_text())
+    loss = recipe_runs(args.runs) if args.runs else json.loads(args.loss.read_text())
     rate = args.rate if args.rate is not None else min(r["rate_mbit"] for r in cu["runs"])
     by_method: dict[str, list[dict[str, Any]]] = {}
     for r in loss["runs"]:
@@ -92,12 +118,13 @@ def main(argv: list[str] | None = None) -> int:
             f"{per_step:.3f}" if per_step is not None else "not measured",
             f"{wall:.0f}" if wall is not None else "-",
         ])  # fmt: skip
+    source = f"{len(args.runs)} recipe-sweep runs" if args.runs else args.loss.name
     sync_wall = next((r["wall_s"] for r in rows if r["method"] == "sync"), None)
     for row, cells in zip(rows, table):
         cells.append(f"{row['wall_s'] / sync_wall:.2f}x" if row["wall_s"] and sync_wall else "-")
     text = "\n".join([
         f"Time to DiLoCo's final eval loss ({target:.4f}, mean of {len(by_method['sync'])} seeds) at {rate:g} "
-        f"Mbit/s: loss curves from `{args.loss.name}` ({loss['steps']} steps, seeds {loss['seeds']}), seconds per "
+        f"Mbit/s: loss curves from `{source}` ({loss['steps']} steps, seeds {loss['seeds']}), seconds per "
         f"inner step on the link from `{args.cu.name}` (steady state, median of repeats).",
         "",
         f"Command: `{bl.command_line()}`",
@@ -106,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
                      "wall s to target", "vs DiLoCo"], table),
     ])  # fmt: skip
     payload = {"benchmark": "time_to_target", "target": target, "rate_mbit": rate, "rows": rows,
-               "sources": [str(args.loss), str(args.cu)]}  # fmt: skip
+               "sources": [*map(str, args.runs or [args.loss]), str(args.cu)]}  # fmt: skip
     jpath, mpath = bl.write_results(args.name, args.out, payload, text)
     print(mpath.read_text())
     print(f"wrote {jpath} and {mpath}")

@@ -4,6 +4,7 @@ points skipped, failed ones retried once per invocation), the lock, the exact ta
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -155,10 +156,12 @@ def test_report_tables_exact(tmp_path):
     assert "| 0.7 | · | · | 1.923 | · |" in text
 
 
-def test_lock_is_exclusive(tmp_path):
+def test_lock_is_exclusive(tmp_path, capsys):
     lock = tmp_path / "sweep.lock"
-    with rs.SweepLock(lock, wait=False), pytest.raises(SystemExit, match=r"another sweep holds .*sweep.lock .*--wait"):
+    with rs.SweepLock(lock, wait=False), pytest.raises(SystemExit) as held:
         rs.SweepLock(lock, wait=False).__enter__()
+    assert held.value.code == 3  # as documented: a second sweep on the same lock exits 3
+    assert re.search(r"another sweep holds .*sweep.lock .*--wait", capsys.readouterr().err)
     assert lock.read_text().strip().isdigit()  # the holder's pid
     with rs.SweepLock(lock, wait=False):  # released on exit
         pass

@@ -3,6 +3,7 @@ clear errors. Tiny config: the shipped smoke.toml (2-layer GPT, 20 inner steps, 
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import shutil
@@ -16,7 +17,7 @@ from eagerloco.cli.main import EXIT_USAGE
 from eagerloco.cli.main import main as cli
 from eagerloco.cli.train import TrainError
 from eagerloco.engine.config import ConfigError
-from eagerloco.lm.config import TrainConfig, apply_overrides, load_toml
+from eagerloco.lm.config import OUTER_RECIPES, TrainConfig, add_arguments, apply_overrides, from_args, load_toml
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = str(configs.path("smoke"))  # shipped in the package (src/eagerloco/configs; configs/ links there)
@@ -217,7 +218,48 @@ def test_default_config_is_the_documented_main_job():
     shipped = TrainConfig()
     apply_overrides(shipped, load_toml(configs.path("eager")), "eager.toml")
     shipped.run.out_dir = config.run.out_dir
-    assert shipped.to_dict() == config.to_dict()
+    assert shipped.validate().to_dict() == config.to_dict()
+
+
+@pytest.mark.parametrize("mode", ["sync", "overlap", "delayed", "eager"])
+def test_each_mode_gets_its_outer_recipe_unless_set(mode):
+    """Issue 11: the outer optimizer fields left unset take the mode's recipe; a flag or TOML key sets one field
+    and leaves the others to the recipe; the resolved values are what config.json records."""
+    recipe = OUTER_RECIPES[mode]
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    config = from_args(parser.parse_args(["--mode", mode]))
+    assert (config.outer.outer_lr, config.outer.outer_momentum, config.outer.nesterov) == recipe[:3]
+    assert config.outer.diloco().outer_lr == recipe.lr
+    assert TrainConfig.from_dict(config.to_dict()).to_dict() == config.to_dict()
+    one = from_args(parser.parse_args(["--mode", mode, "--outer-momentum", "0.25"]))
+    assert (one.outer.outer_lr, one.outer.outer_momentum, one.outer.nesterov) == (recipe.lr, 0.25, True)
+    assert one.outer.recipe_note() == f"SGD lr {recipe.lr:g}, Nesterov 0.25 (set by the run)"
+    toml = TrainConfig()
+    apply_overrides(toml, {"outer": {"mode": mode, "outer_lr": 0.4, "nesterov": False}}, "t.toml")
+    toml.validate()
+    assert (toml.outer.outer_lr, toml.outer.outer_momentum, toml.outer.nesterov) == (0.4, recipe.momentum, False)
+
+
+def test_outer_recipes_as_measured():
+    """The table the CLI ships (BENCHMARKS.md 8): sync at lr 1 with Nesterov 0.5, eager at lr 1 without momentum;
+    the modes not tuned here keep DiLoCo's recipe; mode 'dp' has no outer optimizer."""
+    assert {m: r[:3] for m, r in OUTER_RECIPES.items()} == {
+        "sync": (1.0, 0.5, True), "eager": (1.0, 0.0, True), "overlap": (0.7, 0.9, True), "delayed": (0.7, 0.9, True)
+    }  # fmt: skip
+    default = TrainConfig().validate()
+    assert default.outer.recipe_note() == (
+        "SGD lr 1, no momentum (eager's recipe: the best of the recipe study, BENCHMARKS.md 8)"
+    )
+    dp = TrainConfig()
+    dp.outer.mode = "dp"
+    assert dp.validate().outer.outer_lr is None and dp.outer.recipe_note() == "none (mode 'dp')"
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    helps = {a.dest: re.sub(r"\s+", " ", a.help or "") for a in parser._actions}
+    assert all(
+        helps[name].endswith("(default: the mode's recipe)") for name in ("outer_lr", "outer_momentum", "nesterov")
+    )
 
 
 def test_quickstart_example_runs(tmp_path):
@@ -506,3 +548,13 @@ def test_the_process_launcher_exits_2_when_every_worker_refused_its_input(tmp_pa
     with pytest.raises(SystemExit) as info:
         launch.run_processes(config.validate())
     assert info.value.code == 2
+
+
+def test_saved_config_of_a_removed_option_loads_when_it_was_off():
+    """config.json of runs written while eager_lookahead existed (off) still loads (eval, sample); on: refused."""
+    saved = TrainConfig().validate().to_dict()
+    saved["outer"]["eager_lookahead"] = False
+    assert TrainConfig.from_dict(saved).to_dict() == TrainConfig().validate().to_dict()
+    saved["outer"]["eager_lookahead"] = True
+    with pytest.raises(ConfigError, match=r"^outer.eager_lookahead=True: this run used an option that was removed"):
+        TrainConfig.from_dict(saved)

@@ -24,7 +24,7 @@ import types
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin, get_type_hints
+from typing import Any, Literal, NamedTuple, get_args, get_origin, get_type_hints
 
 from eagerloco.engine.config import Codec, ConfigError, DiLoCoConfig, Mode
 from eagerloco.lm.model import GPTConfig
@@ -84,6 +84,31 @@ class OptimConfig:
     """Clip inner gradients at this global norm (0 disables)."""
 
 
+class OuterRecipe(NamedTuple):
+    """An outer optimizer setting for one mode: SGD with this learning rate, momentum and Nesterov flag."""
+
+    lr: float
+    momentum: float
+    nesterov: bool
+    """Nesterov wherever there is momentum (also the value a run that sets only the momentum gets)."""
+    source: str
+    """Where it comes from: a measurement (BENCHMARKS.md section) or a paper."""
+
+
+OUTER_RECIPES: dict[str, OuterRecipe] = {
+    # The best of the recipe study on the default job (BENCHMARKS.md 8: outer lr {0.4, 0.7, 1.0, 1.4} x
+    # momentum {0, 0.5, 0.9}, then 3 seeds at the best point). Tuned per mode, so that `--mode sync` is
+    # DiLoCo at its best, not a straw man, and eager is compared with it on equal terms.
+    "sync": OuterRecipe(1.0, 0.5, True, "the best of the recipe study, BENCHMARKS.md 8"),
+    "eager": OuterRecipe(1.0, 0.0, True, "the best of the recipe study, BENCHMARKS.md 8"),
+    # Not tuned here: the DiLoCo paper's outer optimizer.
+    "overlap": OuterRecipe(0.7, 0.9, True, "the DiLoCo paper's, not tuned here"),
+    "delayed": OuterRecipe(0.7, 0.9, True, "the DiLoCo paper's, not tuned here"),
+}
+"""Each mode's default outer optimizer in ``eagerloco train`` (fields left unset take these values; flags and
+TOML files override them one by one). The library's :class:`DiLoCoConfig` keeps the papers' default."""
+
+
 @dataclass
 class OuterConfig(DiLoCoConfig):
     """The outer loop (see :class:`eagerloco.DiLoCoConfig`); ``mode`` adds 'dp' (data-parallel baseline)."""
@@ -92,8 +117,14 @@ class OuterConfig(DiLoCoConfig):
     """'dp' (gradients averaged every inner step), 'sync', 'overlap', 'delayed' or 'eager'."""
     sync_every: int = 30
     """H: inner steps between two sync points of a fragment (30 in the eager paper)."""
-    outer_lr: float = 0.7
-    """Outer SGD learning rate (0.7 in DiLoCo, 0.4 in the streaming and eager papers at scale)."""
+    outer_lr: float | None = None  # type: ignore[assignment]
+    """Outer SGD learning rate. Unset: the mode's recipe (``OUTER_RECIPES``: sync 1.0, eager 1.0, overlap and
+    delayed 0.7; DiLoCo's paper uses 0.7, the streaming and eager papers 0.4 at scale)."""
+    outer_momentum: float | None = None  # type: ignore[assignment]
+    """Outer SGD momentum. Unset: the mode's recipe (sync 0.5, eager 0: momentum feeds on eager's stale half;
+    overlap and delayed 0.9, the papers' value)."""
+    nesterov: bool | None = None  # type: ignore[assignment]
+    """Nesterov momentum for the outer SGD. Unset: the mode's recipe (on wherever it has momentum)."""
     compression: Codec = "none"  # type: ignore[assignment]
     """Codec of the outer gradients on the wire: 'none' (fp32), 'bf16', 'fp16', 'fp8' (e4m3), 'int8' or 'fp4'
     (e3m0, block scales); see docs/compression.md."""
@@ -106,6 +137,31 @@ class OuterConfig(DiLoCoConfig):
     """Mode 'dp' with process workers (PyTorch DDP): the gradient bucket size in MB (25: DDP's default). A model
     smaller than one bucket is all-reduced in one piece after backward, with nothing to overlap; smaller buckets
     let early buckets travel while backward computes the rest."""
+
+    def fill_recipe(self) -> None:
+        """Set the outer optimizer fields left unset (``None``) to the mode's recipe (``OUTER_RECIPES``); mode
+        'dp' has no outer optimizer and keeps them unset."""
+        recipe = OUTER_RECIPES.get(self.mode)
+        if recipe is None:
+            return
+        if self.outer_lr is None:
+            self.outer_lr = recipe.lr
+        if self.outer_momentum is None:
+            self.outer_momentum = recipe.momentum
+        if self.nesterov is None:
+            self.nesterov = recipe.nesterov
+
+    def recipe_note(self) -> str:
+        """The outer optimizer in words, and whether it is the mode's recipe (for the run's summary)."""
+        if self.mode == "dp":
+            return "none (mode 'dp')"
+        momentum = self.outer_momentum or 0.0
+        kind = (("Nesterov " if self.nesterov else "momentum ") + f"{momentum:g}") if momentum > 0 else "no momentum"
+        recipe = OUTER_RECIPES.get(self.mode)
+        mine = recipe is not None and (self.outer_lr, momentum, bool(self.nesterov) and momentum > 0) == (
+            recipe.lr, recipe.momentum, recipe.nesterov and recipe.momentum > 0)  # fmt: skip
+        where = f"{self.mode}'s recipe: {recipe.source}" if mine and recipe else "set by the run"
+        return f"SGD lr {self.outer_lr:g}, {kind} ({where})"
 
     def diloco(self) -> DiLoCoConfig:
         """The engine's config (mode 'dp' has none)."""
@@ -191,15 +247,25 @@ class TrainConfig:
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
         """Inverse of :meth:`to_dict` (derived fields such as model.vocab_size are recomputed, not read)."""
         config = cls()
+        for name, off in REMOVED.items():  # config.json of runs written before a field was removed
+            section, key = name.split(".")
+            value = values.get(section, {}).get(key, off)
+            if value != off:
+                raise ConfigError(
+                    f"{name}={value!r}: this run used an option that was removed (ALGORITHMS.md 4.2: measured, it did "
+                    "not earn its place); read it with a checkout at commit c512a86"
+                )
         settable = {
-            section: {k: v for k, v in table.items() if f"{section}.{k}" not in DERIVED}
+            section: {k: v for k, v in table.items() if f"{section}.{k}" not in DERIVED | REMOVED.keys()}
             for section, table in values.items()
         }
         apply_overrides(config, settable, source="dict")
         return config
 
     def validate(self) -> TrainConfig:
-        """Check every rule across sections; raise :class:`ConfigError` naming the value and the rule."""
+        """Fill the outer optimizer fields left unset from the mode's recipe, then check every rule across
+        sections; raise :class:`ConfigError` naming the value and the rule."""
+        self.outer.fill_recipe()
         for section in SECTIONS:
             obj = getattr(self, section)
             for f in fields(obj):
@@ -273,6 +339,10 @@ class TrainConfig:
 
 
 SECTIONS: tuple[str, ...] = ("model", "data", "optim", "outer", "run")
+# Outer fields whose default is the mode's recipe (OUTER_RECIPES), filled in by validate().
+RECIPE_FIELDS: frozenset[str] = frozenset({"outer_lr", "outer_momentum", "nesterov"})
+# Fields that were removed, with the value that meant "off": a saved config.json that has it off still loads.
+REMOVED: dict[str, Any] = {"outer.eager_lookahead": False}
 # Fields the user does not set: the tokenizer decides the vocabulary.
 DERIVED: frozenset[str] = frozenset({"model.vocab_size"})
 
@@ -328,7 +398,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             if sec != section:
                 continue
             default = getattr(getattr(template, section), name)
-            help_text = f"{_field_doc(type(getattr(template, section)), name)} (default: {default!r})"
+            shown = "the mode's recipe" if section == "outer" and name in RECIPE_FIELDS else repr(default)
+            help_text = f"{_field_doc(type(getattr(template, section)), name)} (default: {shown})"
             flag = "--" + name.replace("_", "-")
             if _base(hint) is bool:
                 group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
