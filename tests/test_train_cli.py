@@ -558,3 +558,15 @@ def test_saved_config_of_a_removed_option_loads_when_it_was_off():
     saved["outer"]["eager_lookahead"] = True
     with pytest.raises(ConfigError, match=r"^outer.eager_lookahead=True: this run used an option that was removed"):
         TrainConfig.from_dict(saved)
+
+
+@pytest.mark.parametrize("name", configs.names())
+def test_shipped_configs_agree_with_the_recipes(name):
+    """A shipped experiment that spells out its outer optimizer spells out its mode's recipe (one source of truth
+    for the numbers BENCHMARKS.md 8 measured)."""
+    config = TrainConfig()
+    apply_overrides(config, load_toml(configs.path(name)), f"{name}.toml")
+    config.validate()
+    if config.outer.mode != "dp":
+        recipe = OUTER_RECIPES[config.outer.mode]
+        assert (config.outer.outer_lr, config.outer.outer_momentum, config.outer.nesterov) == recipe[:3]
