@@ -14,6 +14,11 @@ Codec = Literal["none", "bf16", "fp16", "fp8", "int8", "fp4"]
 CODEC_NAMES: tuple[str, ...] = get_args(Codec)
 
 
+REMOVED_FIELDS: dict[str, object] = {"eager_lookahead": False}
+"""Fields of :class:`DiLoCoConfig` that were removed, with the value that meant "off" (ALGORITHMS.md 4.2): a saved
+configuration (checkpoint, config.json) that has them off still loads; on, it is refused."""
+
+
 class ConfigError(ValueError):
     """A configuration value breaks a rule. The message names the field, the value and the rule."""
 

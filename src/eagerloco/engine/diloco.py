@@ -44,7 +44,7 @@ from torch import nn
 
 from eagerloco.comm.base import CollectiveAborted, CollectiveTimeout, Communicator
 from eagerloco.comm.reducer import CompletedMean, MeanReducer, Reducer
-from eagerloco.engine.config import ConfigError, DiLoCoConfig
+from eagerloco.engine.config import REMOVED_FIELDS, ConfigError, DiLoCoConfig
 from eagerloco.engine.core import EngineContext, FragmentCore, InFlight
 from eagerloco.engine.errors import ModelMismatch, NonFiniteOuterGradient
 from eagerloco.engine.fragments import build_fragments
@@ -80,12 +80,13 @@ def check_saved_config(saved: dict[str, Any]) -> None:
     """Refuse a saved configuration (``state_dict()["config"]``) written with a setting this eagerloco no longer
     has: ``eager_lookahead=True`` (ALGORITHMS.md 4.2). ``eager_lookahead=False``, in the checkpoints written while
     the setting existed, is the paper's rule and loads."""
-    value = saved.get("eager_lookahead", False)
-    if value is not False:
-        raise ValueError(
-            f"checkpoint was written with eager_lookahead={value!r}: that variant of eager was removed after its "
-            "measurement (ALGORITHMS.md 4.2); continue this run with a checkout at commit c512a86"
-        )
+    for key, off in REMOVED_FIELDS.items():
+        value = saved.get(key, off)
+        if value != off:
+            raise ValueError(
+                f"checkpoint was written with {key}={value!r}: that variant of eager was removed after its "
+                "measurement (ALGORITHMS.md 4.2); continue this run with a checkout at commit c512a86"
+            )
 
 
 def default_outer_optimizer(config: DiLoCoConfig) -> OuterOptimizerFactory:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, get_args, get_origin, get_type_hints
 
-from eagerloco.engine.config import Codec, ConfigError, DiLoCoConfig, Mode
+from eagerloco.engine.config import REMOVED_FIELDS, Codec, ConfigError, DiLoCoConfig, Mode
 from eagerloco.lm.model import GPTConfig
 
 TrainMode = Literal["dp", Mode]
@@ -343,7 +343,7 @@ SECTIONS: tuple[str, ...] = ("model", "data", "optim", "outer", "run")
 # Outer fields whose default is the mode's recipe (OUTER_RECIPES), filled in by validate().
 RECIPE_FIELDS: frozenset[str] = frozenset({"outer_lr", "outer_momentum", "nesterov"})
 # Fields that were removed, with the value that meant "off": a saved config.json that has it off still loads.
-REMOVED: dict[str, Any] = {"outer.eager_lookahead": False}
+REMOVED: dict[str, Any] = {f"outer.{key}": off for key, off in REMOVED_FIELDS.items()}
 # Fields the user does not set: the tokenizer decides the vocabulary.
 DERIVED: frozenset[str] = frozenset({"model.vocab_size"})
 
