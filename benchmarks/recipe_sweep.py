@@ -28,11 +28,12 @@ The plans (``--plan``) order their points so that the most informative arrive fi
   (without momentum it is the paper's rule), at M = 2 with w = 1/M, then with w = 1, then at M = 4 (600 steps);
   the variant was removed from the library after this measurement, so the plan runs only with ``--src`` of a
   checkout at c512a86 (e.g. ``git worktree add --detach /work/pinned-lookahead c512a86``).
-* ``trends``: the paper's trends, each method (sync, the paper's eager k = 1, eager w = 1) at its best seed-0
-  recipe of the default job, one axis changed at a time (``TREND_POINTS``): tokens (300 / 2,700 steps), H (10 /
-  100), M = 4, non-iid shards, model size (115k and 2.7M parameters around the default 820k), M = 8 on the 115k
-  model, and the 115k model overtrained (2,850 steps: 101 tokens per parameter); then seeds 1 and 2 of every
-  point. A method's points are scheduled once its recipe grid (main stages 1-3, or V1 for w = 1) has finished.
+* ``trends``: the paper's trends, each method at its recipe measured best on the default job (``TREND_METHODS``:
+  DiLoCo at lr 1 / Nesterov 0.5, the paper's eager and eager w = 0.75 at lr 1 without momentum; BENCHMARKS.md
+  section 8, 3 seeds each), one axis changed at a time (``TREND_POINTS``): tokens (300 / 2,700 steps), H (10 /
+  100), M = 4 (600 steps), non-iid shards, model size (115k and 2.7M parameters around the default 820k), M = 8
+  on the 115k model, and the 115k model overtrained (2,850 steps: 101 tokens per parameter); seed 0 of every
+  point first, then seeds 1 and 2.
 * ``custom``: the grid given by ``--methods --lrs --momenta --seeds --workers --steps --own-weight``.
 
 ``--src DIR`` trains with the eagerloco of another checkout (``PYTHONPATH=DIR/src``, for a pinned commit while
@@ -89,14 +90,19 @@ TREND_POINTS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("size", "115k parameters", {"extra": SMALL_MODEL}),
     ("data", "non-iid shards", {"extra": ("--sharding", "noniid")}),
     ("H", "H = 100", {"extra": ("--sync-every", "100")}),
-    ("M", "M = 4", {"workers": 4}),
+    ("M", "M = 4, 600 steps", {"workers": 4, "steps": 600}),
     ("M, 115k", "M = 8, 115k parameters", {"workers": 8, "extra": SMALL_MODEL}),
     ("overtrained", "115k parameters, 2,850 steps (101 tokens/parameter)", {"steps": 2850, "extra": SMALL_MODEL}),
     ("tokens", "2,700 steps", {"steps": 2700}),
     ("size", "2.7M parameters", {"extra": LARGE_MODEL}),
 )
-# (method, own weight) of the trends: DiLoCo, the paper's eager, the own-weight variant w = 1.
-TREND_METHODS: tuple[tuple[str, float | None], ...] = (("sync", None), ("eager", None), ("eager", 1.0))
+# The trends' methods, each at its recipe measured best on the default job over 3 seeds (BENCHMARKS.md section 8):
+# (method, own weight, (outer lr, momentum, Nesterov)): DiLoCo, the paper's eager, the own-weight variant w = 0.75.
+TREND_METHODS: tuple[tuple[str, float | None, tuple[float, float, bool]], ...] = (
+    ("sync", None, (1.0, 0.5, True)),
+    ("eager", None, (1.0, 0.0, False)),
+    ("eager", 0.75, (1.0, 0.0, False)),
+)
 # --smoke: configs/smoke.toml's tiny model, H = 3, no mid-run evaluation (seconds per run)
 SMOKE_EXTRA: tuple[str, ...] = (*bl.SMOKE_ARGS, "--sync-every", "3", "--eval-every", "0")
 
@@ -239,7 +245,7 @@ def plan_points(
                 out += [("4: seeds at the best", dataclasses.replace(best, seed=s)) for s in (1, 2)]
         return out
     if plan == "trends":
-        return trend_points(results, extra)
+        return trend_points(extra)
     if plan == "lookahead":
         look = (*LOOKAHEAD, *extra)
         with_momentum = [(lr, mom) for lr, mom in GRID_ORDER if mom > 0]  # without momentum: the paper's rule
@@ -262,31 +268,28 @@ def plan_points(
     raise ValueError(f"plan={plan!r}: must be 'main', 'variant', 'lookahead', 'trends' or 'custom'")
 
 
-def trend_recipe(results: dict[str, dict[str, Any]], method: str, own_weight: float | None,
-                 extra: tuple[str, ...] = ()) -> Point | None:  # fmt: skip
-    """The best seed-0 point of the default job for ``method`` (and ``own_weight``) once its recipe grid has
-    finished (main stages 1-3; V1 for an own weight), else None."""
-    plan = "variant" if own_weight is not None else "main"
-    group = Point(method, 0.7, 0.9, True, own_weight=own_weight).group
-    grid_points = [dataclasses.replace(p, extra=extra) for s, p in plan_points(plan, results)
-                   if p.group == group and not s.startswith("4")]  # fmt: skip
-    if not grid_points or not all(_finished(results.get(p.key)) for p in grid_points):
-        return None
-    return best_point(results, grid_points[0].group)
+def trend_recipes(extra: tuple[str, ...] = ()) -> list[Point]:
+    """The default job's point of each ``TREND_METHODS`` entry at its recipe (seed 0)."""
+    return [Point(m, lr, mom, nest, own_weight=w, extra=extra) for m, w, (lr, mom, nest) in TREND_METHODS]
 
 
-def trend_points(results: dict[str, dict[str, Any]], extra: tuple[str, ...] = ()) -> list[tuple[str, Point]]:
-    """The trends plan: every TREND_POINTS entry for every method whose recipe is known (methods innermost),
-    seed 0 first, then seeds 1 and 2 of every point (the default job's own seeds are main's stage 4)."""
-    recipes = [r for m, w in TREND_METHODS if (r := trend_recipe(results, m, w, extra)) is not None]
+def trend_points(extra: tuple[str, ...] = ()) -> list[tuple[str, Point]]:
+    """The trends plan: every TREND_POINTS entry for every method (methods innermost), seed 0 first, then seeds 1
+    and 2 of every point (the default job's own seeds are in the study's runs)."""
     out: list[tuple[str, Point]] = []
     for seeds, stage in (((0,), "T1: trends, seed 0"), ((1, 2), "T2: trends, seeds 1 and 2")):
         for seed in seeds:
             for axis, what, fields in TREND_POINTS:
-                for best in recipes:
+                for best in trend_recipes():
                     change = {**fields, "extra": (*fields.get("extra", ()), *extra), "seed": seed}
                     out.append((f"{stage}: {axis}: {what}", dataclasses.replace(best, **change)))
     return out
+
+
+def trend_keys() -> set[str]:
+    """Keys of the trend points that change more than the length or M (their own model, H or data): the grid
+    tables leave them to the trends section."""
+    return {p.key for _, p in trend_points() if p.extra}
 
 
 def _finished(rec: dict[str, Any] | None) -> bool:
@@ -485,9 +488,10 @@ def report(out: Path) -> str:
     """The markdown tables of every finished run under ``out``."""
     results = load_results(out)
     finished = {k: r for k, r in results.items() if _finished(r)}
+    own_trends = trend_keys()
     groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
     for rec in finished.values():
-        if rec.get("plan") != "trends":  # the trends have their own section
+        if rec.get("plan") != "trends" and rec["key"] not in own_trends:  # the trends have their own section
             groups.setdefault(Point.from_dict(rec["point"]).group, []).append(rec)
     order = {m: i for i, m in enumerate(SWEEP_METHODS)}
     keys = sorted(groups, key=lambda g: (g[2], g[3], order.get(g[0], 99), g[0], g[1] or 0.0, g[4]))
@@ -506,8 +510,7 @@ def report(out: Path) -> str:
             f"{plan} {sum(_finished(results.get(p.key)) for _, p in pts)} of {len(pts)} points finished"
             for plan, pts in ((plan, plan_points(plan, results)) for plan in ("main", "variant", "lookahead", "trends"))
         )
-        + " (main's count grows by 2 per method when its seeds at the best are scheduled; trends' by 60 per"
-        " method once its recipe grid has finished).",
+        + " (main's count grows by 2 per method when its seeds at the best are scheduled).",
         "",
     ]
     if not keys:
@@ -582,14 +585,11 @@ def _mean_loss(results: dict[str, dict[str, Any]], point: Point, seeds: Sequence
 def trend_rows(results: dict[str, dict[str, Any]]) -> list[tuple[str, str, list[tuple[float | None, str]]]]:
     """(axis, what, per TREND_METHODS (mean loss, cell)) for the default job and every TREND_POINTS entry; cells
     of a method whose recipe is not known yet are '-'."""
-    recipes = [trend_recipe(results, m, w) for m, w in TREND_METHODS]
+    recipes = trend_recipes()
     rows = []
     for axis, what, fields in (("default", "900 steps, H = 30, M = 2, 820k parameters, iid", {}), *TREND_POINTS):
         cells: list[tuple[float | None, str]] = []
         for best in recipes:
-            if best is None:
-                cells.append((None, "-"))
-                continue
             mean, _, text = _mean_loss(results, dataclasses.replace(best, **fields))
             cells.append((mean, text))
         rows.append((axis, what, cells))
@@ -598,12 +598,11 @@ def trend_rows(results: dict[str, dict[str, Any]]) -> list[tuple[str, str, list[
 
 def trends_report(results: dict[str, dict[str, Any]]) -> list[str]:
     """The trends section: each method at its best recipe, one axis changed at a time; gaps vs DiLoCo."""
-    if not any(r.get("plan") == "trends" for r in results.values()):
+    keys = {dataclasses.replace(p, seed=s).key for _, p in trend_points() for s in (0, 1, 2)}
+    if not any(_finished(results.get(k)) for k in keys):
         return []
-    names = [bl.LABELS.get(m, m) + (f", w={w:g}" if w is not None else "") for m, w in TREND_METHODS]
-    recipes = [trend_recipe(results, m, w) for m, w in TREND_METHODS]
-    header = ["axis", "point", *(f"{n} ({recipe_label(r.recipe) if r else 'recipe not known yet'})"
-                                 for n, r in zip(names, recipes))]  # fmt: skip
+    names = [bl.LABELS.get(m, m) + (f", w={w:g}" if w is not None else "") for m, w, _ in TREND_METHODS]
+    header = ["axis", "point", *(f"{n} ({recipe_label(r)})" for n, (_, _, r) in zip(names, TREND_METHODS))]
     header += [f"{n} vs DiLoCo" for n in names[1:]]
     rows = []
     for axis, what, cells in trend_rows(results):
@@ -676,7 +675,7 @@ def plot(out: Path, path: Path) -> Path | None:
 TREND_LINES: dict[str, tuple[str, dict[str, float]]] = {
     "tokens": ("inner steps (M = 2)", {"300 steps": 300, "default": 900, "2,700 steps": 2700}),
     "H": ("H (inner steps per outer step)", {"H = 10": 10, "default": 30, "H = 100": 100}),
-    "M": ("M (820k model)", {"default": 2, "M = 4": 4}),
+    "M": ("M (820k model; M = 4 at 600 steps)", {"default": 2, "M = 4, 600 steps": 4}),
     "size": ("parameters", {"115k parameters": 115_008, "default": 820_352, "2.7M parameters": 2_705_856}),
 }
 TICK_LABELS = {115_008: "115k", 820_352: "820k", 2_705_856: "2.7M"}
@@ -700,7 +699,7 @@ def plot_trends(results: dict[str, dict[str, Any]], path: Path) -> Path | None:
     if not any(g is not None for v in gaps.values() for g in v):
         return None
     default = next(v for (axis, _), v in gaps.items() if axis == "default")
-    names = [bl.LABELS.get(m, m) + (f", w={w:g}" if w is not None else "") for m, w in TREND_METHODS[1:]]
+    names = [bl.LABELS.get(m, m) + (f", w={w:g}" if w is not None else "") for m, w, _ in TREND_METHODS[1:]]
     from matplotlib.ticker import NullFormatter
 
     fig, grid_axes = plt.subplots(2, 3, figsize=(13, 7.5))

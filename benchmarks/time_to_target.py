@@ -91,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--name", default="time_to_target")
     ap.add_argument("--out", type=Path, default=bl.RESULTS)
     args = ap.parse_args(argv)
+    missing = [str(p) for p in (args.cu, *(args.runs or [args.loss])) if not p.is_file()]
+    if missing:  # before any work: one line naming the files
+        raise SystemExit(f"time_to_target: no such file: {', '.join(missing)}")
     cu = json.loads(args.cu.read_text())
     loss = recipe_runs(args.runs) if args.runs else json.loads(args.loss.read_text())
     rate = args.rate if args.rate is not None else min(r["rate_mbit"] for r in cu["runs"])

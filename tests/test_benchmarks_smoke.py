@@ -124,6 +124,10 @@ def test_time_to_target_from_recipe_sweep_runs(tmp_path):
         )
     with pytest.raises(SystemExit, match="status 'failed'"):
         ttt.main(["--runs", run("sync", 2, 30, [2.0], "failed"), "--cu", str(tmp_path / "cu.json")])
+    gone = str(tmp_path / "gone.json")
+    with pytest.raises(SystemExit, match=f"^time_to_target: no such file: {gone}$"):
+        ttt.main(["--runs", paths[0], gone, "--cu", str(tmp_path / "cu.json"), "--out", str(tmp_path / "new")])
+    assert not (tmp_path / "new").exists()
 
 
 @pytest.mark.slow

@@ -28,6 +28,10 @@ SMOKE = str(configs.path("smoke"))
         (["--fault-tolerance", "127.0.0.1:1", "--launch", "simulated"], r"one process per site"),
         (["--fault-tolerance", "127.0.0.1:1", "--ft-join-timeout-ms", "0"], r"run.ft_join_timeout_ms=0: must be >= 1"),
         (["--fault-tolerance", "[::1]:x"], r"run.fault_tolerance='\[::1\]:x': must be HOST:PORT"),
+        (
+            ["--fault-tolerance", "127.0.0.1:1", "--mode", "eager", "--eager-own-weight", "0.75"],
+            r"outer.eager_own_weight=0.75 with run.fault_tolerance: the own weight needs a fixed M",
+        ),
     ],
 )
 def test_fault_tolerance_bad_values_are_clear_errors_before_training(tmp_path, flags, message) -> None:

@@ -190,44 +190,39 @@ def test_smoke_run_then_resume_runs_nothing(tmp_path):
     assert "2 runs finished (0 diverged)" in table
 
 
-def test_trends_plan_waits_for_each_recipe_then_reports(tmp_path):
-    assert rs.plan_points("trends", {}) == []  # no recipe known yet
-    # sync's grid (main stages 1-3) finished, best at lr 1 / Nesterov 0.5; eager's grid not yet
-    sync_grid = [p for s, p in rs.plan_points("main", {}) if p.method == "sync"]
-    assert len(sync_grid) == 16
-    for i, p in enumerate(sync_grid):
-        write(tmp_path, p, "ok", 1.630 if p.recipe == (1.0, 0.5, True) else 1.7 + i / 100)
-    points = rs.plan_points("trends", rs.load_results(tmp_path))
-    assert len(points) == 3 * len(rs.TREND_POINTS)  # seeds 0, 1, 2 of sync's points only
-    first = points[0][1]
+def test_trends_plan_runs_each_method_at_its_measured_recipe_then_reports(tmp_path):
+    points = rs.plan_points("trends", {})
+    assert len(points) == 3 * 3 * len(rs.TREND_POINTS)  # 3 methods x seeds 0, 1, 2
     assert points[0][0] == "T1: trends, seed 0: tokens: 300 steps"
-    assert first.key == "sync_M2_T300_lr1_m0.5n_s0"
-    assert {p.recipe for _, p in points} == {(1.0, 0.5, True)}
+    assert [p.key for _, p in points[:3]] == [
+        "sync_M2_T300_lr1_m0.5n_s0", "eager_M2_T300_lr1_m0_s0", "eager_w0.75_M2_T300_lr1_m0_s0",
+    ]  # fmt: skip
     m8 = next(p for s, p in points if s.endswith("M = 8, 115k parameters"))
     assert (m8.workers, m8.steps, m8.extra) == (8, 900, rs.SMALL_MODEL)
     assert m8.train_args()[-6:] == list(rs.SMALL_MODEL)
+    m4 = next(p for s, p in points if s.endswith("M = 4, 600 steps"))
+    assert m4.key == "sync_M4_T600_lr1_m0.5n_s0"  # the study's M = 4 runs
     over = next(p for s, p in points if "overtrained" in s)
     assert over.steps * 16 * 128 * 2 / 115_008 >= 100  # tokens per parameter
-    assert [s.split(":")[0] for s, _ in points] == ["T1"] * 10 + ["T2"] * 20
-    assert [p.seed for _, p in points[10:]] == [1] * 10 + [2] * 10
-    # eager's grid finished too (best at lr 1 without momentum): its points interleave with sync's
-    for p in (p for s, p in rs.plan_points("main", {}) if p.method == "eager"):
-        write(tmp_path, p, "ok", 1.704 if p.recipe == (1.0, 0.0, False) else 1.8)
-    points = rs.plan_points("trends", rs.load_results(tmp_path))
-    assert [p.key for _, p in points[:2]] == ["sync_M2_T300_lr1_m0.5n_s0", "eager_M2_T300_lr1_m0_s0"]
-    # trend results: 300 steps for both (eager with two seeds), the default job's seeds 1 and 2 for sync
-    for p, loss in [(points[0][1], 2.0), (points[1][1], 2.2), (rs.dataclasses.replace(points[1][1], seed=1), 2.4)]:
-        rec = {"point": p.to_dict(), "key": p.key, "status": "ok", "eval_loss": loss, "plan": "trends"}
-        rs.atomic_write_json(tmp_path / "runs" / f"{p.key}.json", rec)
+    assert [s.split(":")[0] for s, _ in points] == ["T1"] * 30 + ["T2"] * 60
+    assert [p.seed for _, p in points[30:]] == [1] * 30 + [2] * 30
+    # the default job at each recipe, and trend results: 300 steps for sync and eager (eager with two seeds),
+    # H = 10 for sync (a point with its own flags: out of the grid tables)
+    default = rs.trend_recipes()
+    h10 = next(p for s, p in points if s.endswith("H = 10"))
+    runs = [(default[0], 1.630), (default[1], 1.704), (points[0][1], 2.0), (points[1][1], 2.2),
+            (rs.dataclasses.replace(points[1][1], seed=1), 2.4), (h10, 1.9)]  # fmt: skip
+    for p, loss in runs:
+        write(tmp_path, p, "ok", loss)
     text = rs.report(tmp_path)
-    assert "| DiLoCo (sync) (M=2, 300 steps)" not in text  # trends stay out of the grids
+    assert "| DiLoCo (sync) (M=2, 900 steps, --sync-every 10)" not in text  # H = 10 stays out of the grids
     assert (
         "| axis | point | DiLoCo (sync) (lr 1, momentum 0.5 (Nesterov)) | eager k=1 (lr 1, momentum 0) "
-        "| eager k=1, w=1 (recipe not known yet) | eager k=1 vs DiLoCo | eager k=1, w=1 vs DiLoCo |"
+        "| eager k=1, w=0.75 (lr 1, momentum 0) | eager k=1 vs DiLoCo | eager k=1, w=0.75 vs DiLoCo |"
     ) in text
-    assert "| default | 900 steps, H = 30, M = 2, 820k parameters, iid | 1.630 | 1.704 | - | +4.5 % | - |" in text
-    assert "| tokens | 300 steps | 2.000 | 2.300 ±0.100 (2 seeds) | - | +15.0 % | - |" in text
-    assert "| H | H = 10 | · | · | - | - | - |" in text
+    assert "| default | 900 steps, H = 30, M = 2, 820k parameters, iid | 1.630 | 1.704 | · | +4.5 % | - |" in text
+    assert "| tokens | 300 steps | 2.000 | 2.300 ±0.100 (2 seeds) | · | +15.0 % | - |" in text
+    assert "| H | H = 10 | 1.900 | · | · | - | - |" in text
     assert rs.plot_trends(rs.load_results(tmp_path), tmp_path / "t.png") == tmp_path / "t.png"
 
 

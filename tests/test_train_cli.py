@@ -230,11 +230,13 @@ def test_each_mode_gets_its_outer_recipe_unless_set(mode):
     add_arguments(parser)
     config = from_args(parser.parse_args(["--mode", mode]))
     assert (config.outer.outer_lr, config.outer.outer_momentum, config.outer.nesterov) == recipe[:3]
+    assert config.outer.eager_own_weight == (0.75 if mode == "eager" else None)
     assert config.outer.diloco().outer_lr == recipe.lr
     assert TrainConfig.from_dict(config.to_dict()).to_dict() == config.to_dict()
     one = from_args(parser.parse_args(["--mode", mode, "--outer-momentum", "0.25"]))
     assert (one.outer.outer_lr, one.outer.outer_momentum, one.outer.nesterov) == (recipe.lr, 0.25, True)
-    assert one.outer.recipe_note() == f"SGD lr {recipe.lr:g}, Nesterov 0.25 (set by the run)"
+    own = "; own weight w = 0.75" if mode == "eager" else ""
+    assert one.outer.recipe_note() == f"SGD lr {recipe.lr:g}, Nesterov 0.25 (set by the run){own}"
     toml = TrainConfig()
     apply_overrides(toml, {"outer": {"mode": mode, "outer_lr": 0.4, "nesterov": False}}, "t.toml")
     toml.validate()
@@ -249,7 +251,7 @@ def test_outer_recipes_as_measured():
     }  # fmt: skip
     default = TrainConfig().validate()
     assert default.outer.recipe_note() == (
-        "SGD lr 1, no momentum (eager's recipe: the best of the recipe study, BENCHMARKS.md 8)"
+        "SGD lr 1, no momentum (eager's recipe: the best of the recipe study, BENCHMARKS.md 8); own weight w = 0.75"
     )
     dp = TrainConfig()
     dp.outer.mode = "dp"
@@ -258,8 +260,40 @@ def test_outer_recipes_as_measured():
     add_arguments(parser)
     helps = {a.dest: re.sub(r"\s+", " ", a.help or "") for a in parser._actions}
     assert all(
-        helps[name].endswith("(default: the mode's recipe)") for name in ("outer_lr", "outer_momentum", "nesterov")
+        helps[name].endswith("(default: the mode's recipe)")
+        for name in ("outer_lr", "outer_momentum", "nesterov", "eager_own_weight")
     )
+
+
+@pytest.mark.parametrize(
+    ("flags", "weight", "own"),
+    [
+        ([], 0.75, "0.75"),  # eager's recipe at M = 2
+        (["--workers", "4"], 0.75, "0.75"),  # and at M = 4: measured better than 1/M at both (BENCHMARKS.md 8)
+        (["--workers", "1"], None, "1/M (the eager paper's rule)"),  # M = 1: eager is sync, w = 1/M = 1
+        (["--eager-own-weight", "0.5"], 0.5, "0.5"),  # the paper's rule at M = 2, one flag away
+        (["--workers", "4", "--eager-own-weight", "1"], 1.0, "1"),
+        (["--fault-tolerance", "127.0.0.1:1"], None, "1/M (the eager paper's rule)"),  # M changes per quorum
+    ],
+)
+def test_eager_own_weight_recipe(flags, weight, own):
+    """Issue 11: eager's CLI default weighs a worker's own fresh outer gradient w = 0.75 (ALGORITHMS.md 4.1) where M
+    is fixed and >= 2; elsewhere, and for every other mode, the field stays unset and the engine uses 1/M."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    config = from_args(parser.parse_args(flags))
+    assert config.outer.eager_own_weight == weight and config.outer.diloco().eager_own_weight == weight
+    assert config.outer.recipe_note().endswith(f"; own weight w = {own}")
+    assert TrainConfig.from_dict(config.to_dict()).validate().to_dict() == config.to_dict()
+
+
+def test_eager_own_weight_bad_values_name_the_rule():
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    with pytest.raises(ConfigError, match=r"^outer.eager_own_weight=0.25: below 1/M = 0.5 for run.workers=2; "):
+        from_args(parser.parse_args(["--eager-own-weight", "0.25"]))
+    with pytest.raises(ConfigError, match=r"^eager_own_weight=0.75: applies to mode 'eager' only"):
+        from_args(parser.parse_args(["--mode", "sync", "--eager-own-weight", "0.75"]))
 
 
 def test_quickstart_example_runs(tmp_path):

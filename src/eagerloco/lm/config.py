@@ -93,6 +93,10 @@ class OuterRecipe(NamedTuple):
     """Nesterov wherever there is momentum (also the value a run that sets only the momentum gets)."""
     source: str
     """Where it comes from: a measurement (BENCHMARKS.md section) or a paper."""
+    own_weight: float | None = None
+    """Mode 'eager' only: the own-contribution weight w (ALGORITHMS.md 4.1) a run with M >= 2 workers gets when it
+    leaves ``eager_own_weight`` unset; None: the eager paper's rule w = 1/M. M = 1 (eager is sync) and
+    fault-tolerant runs (M changes per quorum) keep the paper's rule."""
 
 
 OUTER_RECIPES: dict[str, OuterRecipe] = {
@@ -100,7 +104,10 @@ OUTER_RECIPES: dict[str, OuterRecipe] = {
     # momentum {0, 0.5, 0.9}, then 3 seeds at the best point). Tuned per mode, so that `--mode sync` is
     # DiLoCo at its best, not a straw man, and eager is compared with it on equal terms.
     "sync": OuterRecipe(1.0, 0.5, True, "the best of the recipe study, BENCHMARKS.md 8"),
-    "eager": OuterRecipe(1.0, 0.0, True, "the best of the recipe study, BENCHMARKS.md 8"),
+    # Eager also weighs its own fresh outer gradient w = 0.75 in place of the paper's 1/M: better than the paper's
+    # rule at each one's best on every seed at M = 2 and M = 4 (BENCHMARKS.md 8); `--eager-own-weight 0.5` at
+    # M = 2 (1/M) is the paper's rule.
+    "eager": OuterRecipe(1.0, 0.0, True, "the best of the recipe study, BENCHMARKS.md 8", own_weight=0.75),
     # Not tuned here: the DiLoCo paper's outer optimizer (for overlap it beat lr 1 / Nesterov 0.5, sync's best: 1.629
     # vs 1.636, the only other point measured).
     "overlap": OuterRecipe(0.7, 0.9, True, "the DiLoCo paper's, not tuned here (BENCHMARKS.md 8: 2 points)"),
@@ -126,6 +133,10 @@ class OuterConfig(DiLoCoConfig):
     overlap and delayed 0.9, the papers' value)."""
     nesterov: bool | None = None  # type: ignore[assignment]
     """Nesterov momentum for the outer SGD. Unset: the mode's recipe (on wherever it has momentum)."""
+    eager_own_weight: float | None = None
+    """Mode 'eager': the weight w in [1/M, 1] of a worker's own fresh outer gradient (ALGORITHMS.md 4.1; 1/M is the
+    eager paper's rule). Unset: eager's recipe, w = 0.75 with M >= 2 workers (measured better than 1/M at M = 2 and
+    4, BENCHMARKS.md 8), the paper's 1/M with one worker or fault tolerance. Other modes: leave it unset."""
     compression: Codec = "none"  # type: ignore[assignment]
     """Codec of the outer gradients on the wire: 'none' (fp32), 'bf16', 'fp16', 'fp8' (e4m3), 'int8' or 'fp4'
     (e3m0, block scales); see docs/compression.md."""
@@ -139,12 +150,16 @@ class OuterConfig(DiLoCoConfig):
     smaller than one bucket is all-reduced in one piece after backward, with nothing to overlap; smaller buckets
     let early buckets travel while backward computes the rest."""
 
-    def fill_recipe(self) -> None:
-        """Set the outer optimizer fields left unset (``None``) to the mode's recipe (``OUTER_RECIPES``); mode
-        'dp' has no outer optimizer and keeps them unset."""
+    def fill_recipe(self, workers: int, fixed_membership: bool = True) -> None:
+        """Set the outer optimizer fields left unset (``None``) to the mode's recipe (``OUTER_RECIPES``) for
+        ``workers`` = M; mode 'dp' has no outer optimizer and keeps them unset. Eager's own weight is filled only
+        where M is fixed (``fixed_membership``: not a fault-tolerant run) and at least 2; elsewhere it stays unset,
+        the paper's rule."""
         recipe = OUTER_RECIPES.get(self.mode)
         if recipe is None:
             return
+        if self.eager_own_weight is None and recipe.own_weight is not None and workers >= 2 and fixed_membership:
+            self.eager_own_weight = recipe.own_weight
         if self.outer_lr is None:
             self.outer_lr = recipe.lr
         if self.outer_momentum is None:
@@ -162,7 +177,12 @@ class OuterConfig(DiLoCoConfig):
         mine = recipe is not None and (self.outer_lr, momentum, bool(self.nesterov) and momentum > 0) == (
             recipe.lr, recipe.momentum, recipe.nesterov and recipe.momentum > 0)  # fmt: skip
         where = f"{self.mode}'s recipe: {recipe.source}" if mine and recipe else "set by the run"
-        return f"SGD lr {self.outer_lr:g}, {kind} ({where})"
+        text = f"SGD lr {self.outer_lr:g}, {kind} ({where})"
+        if self.mode == "eager":
+            w = self.eager_own_weight
+            own = "1/M (the eager paper's rule)" if w is None else f"{w:g}"
+            return text + f"; own weight w = {own}"
+        return text
 
     def diloco(self) -> DiLoCoConfig:
         """The engine's config (mode 'dp' has none)."""
@@ -266,7 +286,7 @@ class TrainConfig:
     def validate(self) -> TrainConfig:
         """Fill the outer optimizer fields left unset from the mode's recipe, then check every rule across
         sections; raise :class:`ConfigError` naming the value and the rule."""
-        self.outer.fill_recipe()
+        self.outer.fill_recipe(self.run.workers, fixed_membership=not self.run.fault_tolerance)
         for section in SECTIONS:
             obj = getattr(self, section)
             for f in fields(obj):
@@ -293,6 +313,12 @@ class TrainConfig:
         if not (math.isfinite(self.outer.ddp_bucket_mb) and self.outer.ddp_bucket_mb > 0):
             raise ConfigError(f"outer.ddp_bucket_mb={self.outer.ddp_bucket_mb!r}: must be a finite number of MB > 0")
         weight = self.outer.eager_own_weight  # range and mode checked by diloco() above; here against M
+        if weight is not None and self.run.fault_tolerance:
+            raise ConfigError(
+                f"outer.eager_own_weight={weight!r} with run.fault_tolerance: the own weight needs a fixed M "
+                "(w >= 1/M) and a fault-tolerant run's M changes with every quorum; leave it unset (the paper's "
+                "rule, 1/M)"
+            )
         if self.outer.mode == "eager" and weight is not None and weight < 1 / self.run.workers:
             raise ConfigError(
                 f"outer.eager_own_weight={weight!r}: below 1/M = {1 / self.run.workers:g} for run.workers="
@@ -341,7 +367,7 @@ class TrainConfig:
 
 SECTIONS: tuple[str, ...] = ("model", "data", "optim", "outer", "run")
 # Outer fields whose default is the mode's recipe (OUTER_RECIPES), filled in by validate().
-RECIPE_FIELDS: frozenset[str] = frozenset({"outer_lr", "outer_momentum", "nesterov"})
+RECIPE_FIELDS: frozenset[str] = frozenset({"outer_lr", "outer_momentum", "nesterov", "eager_own_weight"})
 # Fields that were removed, with the value that meant "off": a saved config.json that has it off still loads.
 REMOVED: dict[str, Any] = {f"outer.{key}": off for key, off in REMOVED_FIELDS.items()}
 # Fields the user does not set: the tokenizer decides the vocabulary.
