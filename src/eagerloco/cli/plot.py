@@ -20,7 +20,7 @@ jpg, tif, webp, ...). Eight panels, in two columns:
 8. the inner learning rate against tokens.
 
 Data-parallel runs have no outer steps: they appear in panels 1-3 and 8, and in the text of panel 4. Runs are
-labelled by their method and key settings from config.json (eager k=1 H=30, sync H=30, dp); the directory name is
+labelled by their method and key settings from config.json (eager k=1 w=0.75 H=30, sync H=30, dp); the directory name is
 appended when two runs share a label. matplotlib is imported only here, with the Agg canvas (no display needed).
 """
 

@@ -78,8 +78,9 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
 
 def run_label(config: dict[str, Any]) -> str:
     """A short label of the method of a run from its ``config.json`` dict: ``dp``, ``sync H=30``,
-    ``overlap τ=1 H=30``, ``delayed k=1 H=30``, ``eager k=1 H=30``; `` P=4`` is appended for streaming
-    (several fragments) and the codec for compressed outer gradients (e.g. `` int8``)."""
+    ``overlap τ=1 H=30``, ``delayed k=1 H=30``, ``eager k=1 H=30`` (the paper's rule) or ``eager k=1 w=0.75 H=30``
+    (an own weight, ALGORITHMS.md 4.1); `` P=4`` is appended for streaming (several fragments) and the codec for
+    compressed outer gradients (e.g. `` int8``)."""
     outer = config.get("outer", {})
     mode = str(outer.get("mode", "?"))
     if mode == "dp":
@@ -90,6 +91,8 @@ def run_label(config: dict[str, Any]) -> str:
         parts.append(f"τ={outer.get('overlap_steps', '?')}")
     elif mode in ("delayed", "eager"):
         parts.append(f"k={outer.get('delay', '?')}")
+    if mode == "eager" and outer.get("eager_own_weight") is not None:
+        parts.append(f"w={outer['eager_own_weight']:g}")
     parts.append(f"H={H}")
     if (outer.get("num_fragments") or 1) > 1:
         parts.append(f"P={outer['num_fragments']}")
