@@ -29,8 +29,8 @@ The plans (``--plan``) order their points so that the most informative arrive fi
   the variant was removed from the library after this measurement, so the plan runs only with ``--src`` of a
   checkout at c512a86 (e.g. ``git worktree add --detach /work/pinned-lookahead c512a86``).
 * ``trends``: the paper's trends, each method at its recipe measured best on the default job (``TREND_METHODS``:
-  DiLoCo at lr 1 / Nesterov 0.5, the paper's eager and eager w = 0.75 at lr 1 without momentum; BENCHMARKS.md
-  section 8, 3 seeds each), one axis changed at a time (``TREND_POINTS``): tokens (300 / 2,700 steps), H (10 /
+  DiLoCo at lr 1 / Nesterov 0.5, the paper's eager at lr 1 without momentum, eager w = 0.75 at lr 0.7 / Nesterov
+  0.5; BENCHMARKS.md section 8), one axis changed at a time (``TREND_POINTS``): tokens (300 / 2,700 steps), H (10 /
   100), M = 4 (600 steps), non-iid shards, model size (115k and 2.7M parameters around the default 820k), M = 8
   on the 115k model, and the 115k model overtrained (2,850 steps: 101 tokens per parameter); seed 0 of every
   point first, then seeds 1 and 2.
@@ -101,7 +101,7 @@ TREND_POINTS: tuple[tuple[str, str, dict[str, Any]], ...] = (
 TREND_METHODS: tuple[tuple[str, float | None, tuple[float, float, bool]], ...] = (
     ("sync", None, (1.0, 0.5, True)),
     ("eager", None, (1.0, 0.0, False)),
-    ("eager", 0.75, (1.0, 0.0, False)),
+    ("eager", 0.75, (0.7, 0.5, True)),
 )
 # --smoke: configs/smoke.toml's tiny model, H = 3, no mid-run evaluation (seconds per run)
 SMOKE_EXTRA: tuple[str, ...] = (*bl.SMOKE_ARGS, "--sync-every", "3", "--eval-every", "0")

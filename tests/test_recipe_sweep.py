@@ -195,7 +195,7 @@ def test_trends_plan_runs_each_method_at_its_measured_recipe_then_reports(tmp_pa
     assert len(points) == 3 * 3 * len(rs.TREND_POINTS)  # 3 methods x seeds 0, 1, 2
     assert points[0][0] == "T1: trends, seed 0: tokens: 300 steps"
     assert [p.key for _, p in points[:3]] == [
-        "sync_M2_T300_lr1_m0.5n_s0", "eager_M2_T300_lr1_m0_s0", "eager_w0.75_M2_T300_lr1_m0_s0",
+        "sync_M2_T300_lr1_m0.5n_s0", "eager_M2_T300_lr1_m0_s0", "eager_w0.75_M2_T300_lr0.7_m0.5n_s0",
     ]  # fmt: skip
     m8 = next(p for s, p in points if s.endswith("M = 8, 115k parameters"))
     assert (m8.workers, m8.steps, m8.extra) == (8, 900, rs.SMALL_MODEL)
@@ -218,7 +218,7 @@ def test_trends_plan_runs_each_method_at_its_measured_recipe_then_reports(tmp_pa
     assert "| DiLoCo (sync) (M=2, 900 steps, --sync-every 10)" not in text  # H = 10 stays out of the grids
     assert (
         "| axis | point | DiLoCo (sync) (lr 1, momentum 0.5 (Nesterov)) | eager k=1 (lr 1, momentum 0) "
-        "| eager k=1, w=0.75 (lr 1, momentum 0) | eager k=1 vs DiLoCo | eager k=1, w=0.75 vs DiLoCo |"
+        "| eager k=1, w=0.75 (lr 0.7, momentum 0.5 (Nesterov)) | eager k=1 vs DiLoCo | eager k=1, w=0.75 vs DiLoCo |"
     ) in text
     assert "| default | 900 steps, H = 30, M = 2, 820k parameters, iid | 1.630 | 1.704 | · | +4.5 % | - |" in text
     assert "| tokens | 300 steps | 2.000 | 2.300 ±0.100 (2 seeds) | · | +15.0 % | - |" in text

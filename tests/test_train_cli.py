@@ -17,7 +17,15 @@ from eagerloco.cli.main import EXIT_USAGE
 from eagerloco.cli.main import main as cli
 from eagerloco.cli.train import TrainError
 from eagerloco.engine.config import ConfigError
-from eagerloco.lm.config import OUTER_RECIPES, TrainConfig, add_arguments, apply_overrides, from_args, load_toml
+from eagerloco.lm.config import (
+    EAGER_PAPER_RECIPE,
+    OUTER_RECIPES,
+    TrainConfig,
+    add_arguments,
+    apply_overrides,
+    from_args,
+    load_toml,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = str(configs.path("smoke"))  # shipped in the package (src/eagerloco/configs; configs/ links there)
@@ -230,13 +238,13 @@ def test_each_mode_gets_its_outer_recipe_unless_set(mode):
     add_arguments(parser)
     config = from_args(parser.parse_args(["--mode", mode]))
     assert (config.outer.outer_lr, config.outer.outer_momentum, config.outer.nesterov) == recipe[:3]
-    assert config.outer.eager_own_weight == (0.75 if mode == "eager" else None)
+    assert config.outer.eager_own_weight == recipe.own_weight == (0.75 if mode == "eager" else None)
     assert config.outer.diloco().outer_lr == recipe.lr
     assert TrainConfig.from_dict(config.to_dict()).to_dict() == config.to_dict()
     one = from_args(parser.parse_args(["--mode", mode, "--outer-momentum", "0.25"]))
     assert (one.outer.outer_lr, one.outer.outer_momentum, one.outer.nesterov) == (recipe.lr, 0.25, True)
-    own = "; own weight w = 0.75" if mode == "eager" else ""
-    assert one.outer.recipe_note() == f"SGD lr {recipe.lr:g}, Nesterov 0.25 (set by the run){own}"
+    own = ", own weight w = 0.75" if mode == "eager" else ""
+    assert one.outer.recipe_note(2) == f"SGD lr {recipe.lr:g}, Nesterov 0.25{own} (set by the run)"
     toml = TrainConfig()
     apply_overrides(toml, {"outer": {"mode": mode, "outer_lr": 0.4, "nesterov": False}}, "t.toml")
     toml.validate()
@@ -244,18 +252,21 @@ def test_each_mode_gets_its_outer_recipe_unless_set(mode):
 
 
 def test_outer_recipes_as_measured():
-    """The table the CLI ships (BENCHMARKS.md 8): sync at lr 1 with Nesterov 0.5, eager at lr 1 without momentum;
-    the modes not tuned here keep DiLoCo's recipe; mode 'dp' has no outer optimizer."""
-    assert {m: r[:3] for m, r in OUTER_RECIPES.items()} == {
-        "sync": (1.0, 0.5, True), "eager": (1.0, 0.0, True), "overlap": (0.7, 0.9, True), "delayed": (0.7, 0.9, True)
+    """The table the CLI ships (BENCHMARKS.md 8): sync at lr 1 with Nesterov 0.5; eager with own weight 0.75 at
+    lr 0.7 with Nesterov 0.5, and at lr 1 without momentum where it runs the paper's rule; the modes not tuned here
+    keep DiLoCo's recipe; mode 'dp' has no outer optimizer."""
+    assert {m: (*r[:3], r.own_weight) for m, r in OUTER_RECIPES.items()} == {
+        "sync": (1.0, 0.5, True, None), "eager": (0.7, 0.5, True, 0.75), "overlap": (0.7, 0.9, True, None),
+        "delayed": (0.7, 0.9, True, None),
     }  # fmt: skip
+    assert (*EAGER_PAPER_RECIPE[:3], EAGER_PAPER_RECIPE.own_weight) == (1.0, 0.0, True, None)
     default = TrainConfig().validate()
-    assert default.outer.recipe_note() == (
-        "SGD lr 1, no momentum (eager's recipe: the best of the recipe study, BENCHMARKS.md 8); own weight w = 0.75"
+    assert default.outer.recipe_note(2) == (
+        "SGD lr 0.7, Nesterov 0.5, own weight w = 0.75 (eager's recipe: the best of the recipe study, BENCHMARKS.md 8)"
     )
     dp = TrainConfig()
     dp.outer.mode = "dp"
-    assert dp.validate().outer.outer_lr is None and dp.outer.recipe_note() == "none (mode 'dp')"
+    assert dp.validate().outer.outer_lr is None and dp.outer.recipe_note(2) == "none (mode 'dp')"
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     helps = {a.dest: re.sub(r"\s+", " ", a.help or "") for a in parser._actions}
@@ -265,25 +276,31 @@ def test_outer_recipes_as_measured():
     )
 
 
+PAPER = "1/M (the eager paper's rule)"
+
+
 @pytest.mark.parametrize(
-    ("flags", "weight", "own"),
+    ("flags", "weight", "lr_momentum", "own"),
     [
-        ([], 0.75, "0.75"),  # eager's recipe at M = 2
-        (["--workers", "4"], 0.75, "0.75"),  # and at M = 4: measured better than 1/M at both (BENCHMARKS.md 8)
-        (["--workers", "1"], None, "1/M (the eager paper's rule)"),  # M = 1: eager is sync, w = 1/M = 1
-        (["--eager-own-weight", "0.5"], 0.5, "0.5"),  # the paper's rule at M = 2, one flag away
-        (["--workers", "4", "--eager-own-weight", "1"], 1.0, "1"),
-        (["--fault-tolerance", "127.0.0.1:1"], None, "1/M (the eager paper's rule)"),  # M changes per quorum
+        ([], 0.75, (0.7, 0.5), "w = 0.75"),  # eager's recipe at M = 2
+        (["--workers", "4"], 0.75, (0.7, 0.5), "w = 0.75"),  # and at M = 4 (measured better than 1/M at both)
+        (["--workers", "1"], None, (1.0, 0.0), PAPER),  # M = 1: eager is sync, w = 1/M = 1
+        (["--eager-own-weight", "0.5"], 0.5, (1.0, 0.0), "w = 0.5"),  # the paper's rule at M = 2, and its recipe
+        (["--workers", "4", "--eager-own-weight", "1"], 1.0, (0.7, 0.5), "w = 1"),
+        (["--fault-tolerance", "127.0.0.1:1"], None, (1.0, 0.0), PAPER),  # M changes per quorum
     ],
 )
-def test_eager_own_weight_recipe(flags, weight, own):
+def test_eager_own_weight_recipe(flags, weight, lr_momentum, own):
     """Issue 11: eager's CLI default weighs a worker's own fresh outer gradient w = 0.75 (ALGORITHMS.md 4.1) where M
-    is fixed and >= 2; elsewhere, and for every other mode, the field stays unset and the engine uses 1/M."""
+    is fixed and >= 2; elsewhere the field stays unset and the engine uses 1/M. The outer lr and momentum follow:
+    the own weight's recipe above 1/M, the paper's rule's recipe at 1/M."""
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     config = from_args(parser.parse_args(flags))
     assert config.outer.eager_own_weight == weight and config.outer.diloco().eager_own_weight == weight
-    assert config.outer.recipe_note().endswith(f"; own weight w = {own}")
+    assert (config.outer.outer_lr, config.outer.outer_momentum) == lr_momentum
+    note = config.outer.recipe_note(config.run.workers)
+    assert f", own weight {own} (eager's recipe: " in note, note
     assert TrainConfig.from_dict(config.to_dict()).validate().to_dict() == config.to_dict()
 
 
@@ -602,5 +619,6 @@ def test_shipped_configs_agree_with_the_recipes(name):
     apply_overrides(config, load_toml(configs.path(name)), f"{name}.toml")
     config.validate()
     if config.outer.mode != "dp":
-        recipe = OUTER_RECIPES[config.outer.mode]
+        recipe = config.outer.recipe(config.run.workers)
         assert (config.outer.outer_lr, config.outer.outer_momentum, config.outer.nesterov) == recipe[:3]
+        assert config.outer.eager_own_weight == OUTER_RECIPES[config.outer.mode].own_weight

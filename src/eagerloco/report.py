@@ -151,7 +151,7 @@ def print_summary(summary: dict[str, Any], config: TrainConfig) -> None:
           f"({config.run.launch}), {link}, {summary['params']:,} parameters")  # fmt: skip
     rows = [
         ("eval loss of the outer parameters", f"{summary['eval_loss']:.4f}"),
-        ("outer optimizer", config.outer.recipe_note()),
+        ("outer optimizer", config.outer.recipe_note(config.run.workers)),
         ("tokens seen (all workers)", f"{summary['tokens']:,}"),
         ("tokens/s (all workers)", f"{summary['tokens_per_s']:,.0f}"),
         ("wall time of the training loop", f"{summary['wall_s']:.1f} s"),

@@ -96,7 +96,7 @@ class OuterRecipe(NamedTuple):
     own_weight: float | None = None
     """Mode 'eager' only: the own-contribution weight w (ALGORITHMS.md 4.1) a run with M >= 2 workers gets when it
     leaves ``eager_own_weight`` unset; None: the eager paper's rule w = 1/M. M = 1 (eager is sync) and
-    fault-tolerant runs (M changes per quorum) keep the paper's rule."""
+    fault-tolerant runs (M changes per quorum) keep the paper's rule, with :data:`EAGER_PAPER_RECIPE`."""
 
 
 OUTER_RECIPES: dict[str, OuterRecipe] = {
@@ -104,10 +104,10 @@ OUTER_RECIPES: dict[str, OuterRecipe] = {
     # momentum {0, 0.5, 0.9}, then 3 seeds at the best point). Tuned per mode, so that `--mode sync` is
     # DiLoCo at its best, not a straw man, and eager is compared with it on equal terms.
     "sync": OuterRecipe(1.0, 0.5, True, "the best of the recipe study, BENCHMARKS.md 8"),
-    # Eager also weighs its own fresh outer gradient w = 0.75 in place of the paper's 1/M: better than the paper's
-    # rule at each one's best on every seed at M = 2 and M = 4 (BENCHMARKS.md 8); `--eager-own-weight 0.5` at
-    # M = 2 (1/M) is the paper's rule.
-    "eager": OuterRecipe(1.0, 0.0, True, "the best of the recipe study, BENCHMARKS.md 8", own_weight=0.75),
+    # Eager weighs its own fresh outer gradient w = 0.75 in place of the paper's 1/M, which makes what it applies
+    # less stale; then a little Nesterov momentum helps it as it helps DiLoCo. Better than the paper's rule at each
+    # one's best on every seed at M = 2 and M = 4, and at M = 8 (BENCHMARKS.md 8).
+    "eager": OuterRecipe(0.7, 0.5, True, "the best of the recipe study, BENCHMARKS.md 8", own_weight=0.75),
     # Not tuned here: the DiLoCo paper's outer optimizer (for overlap it beat lr 1 / Nesterov 0.5, sync's best: 1.629
     # vs 1.636, the only other point measured).
     "overlap": OuterRecipe(0.7, 0.9, True, "the DiLoCo paper's, not tuned here (BENCHMARKS.md 8: 2 points)"),
@@ -115,6 +115,10 @@ OUTER_RECIPES: dict[str, OuterRecipe] = {
 }
 """Each mode's default outer optimizer in ``eagerloco train`` (fields left unset take these values; flags and
 TOML files override them one by one). The library's :class:`DiLoCoConfig` keeps the papers' default."""
+
+EAGER_PAPER_RECIPE = OuterRecipe(1.0, 0.0, True, "the best for the paper's rule in the recipe study, BENCHMARKS.md 8")
+"""Eager's outer optimizer where it runs the paper's rule (w = 1/M: one worker, fault tolerance, or a run that sets
+``eager_own_weight`` to 1/M): SGD lr 1 without momentum. Momentum feeds on the paper's rule's stale part."""
 
 
 @dataclass
@@ -126,17 +130,18 @@ class OuterConfig(DiLoCoConfig):
     sync_every: int = 30
     """H: inner steps between two sync points of a fragment (30 in the eager paper)."""
     outer_lr: float | None = None  # type: ignore[assignment]
-    """Outer SGD learning rate. Unset: the mode's recipe (``OUTER_RECIPES``: sync 1.0, eager 1.0, overlap and
-    delayed 0.7; DiLoCo's paper uses 0.7, the streaming and eager papers 0.4 at scale)."""
+    """Outer SGD learning rate. Unset: the mode's recipe (``OUTER_RECIPES``: sync 1.0, eager 0.7 with its own weight
+    and 1.0 with the paper's rule, overlap and delayed 0.7; DiLoCo's paper uses 0.7, the streaming and eager papers
+    0.4 at scale)."""
     outer_momentum: float | None = None  # type: ignore[assignment]
-    """Outer SGD momentum. Unset: the mode's recipe (sync 0.5, eager 0: momentum feeds on eager's stale half;
-    overlap and delayed 0.9, the papers' value)."""
+    """Outer SGD momentum. Unset: the mode's recipe (sync 0.5; eager 0.5 with its own weight, 0 with the paper's
+    rule, whose stale part momentum feeds on; overlap and delayed 0.9, the papers' value)."""
     nesterov: bool | None = None  # type: ignore[assignment]
     """Nesterov momentum for the outer SGD. Unset: the mode's recipe (on wherever it has momentum)."""
     eager_own_weight: float | None = None
     """Mode 'eager': the weight w in [1/M, 1] of a worker's own fresh outer gradient (ALGORITHMS.md 4.1; 1/M is the
-    eager paper's rule). Unset: eager's recipe, w = 0.75 with M >= 2 workers (measured better than 1/M at M = 2 and
-    4, BENCHMARKS.md 8), the paper's 1/M with one worker or fault tolerance. Other modes: leave it unset."""
+    eager paper's rule). Unset: eager's recipe, w = 0.75 with M >= 2 workers (measured better than 1/M at M = 2, 4
+    and 8, BENCHMARKS.md 8), the paper's 1/M with one worker or fault tolerance. Other modes: leave it unset."""
     compression: Codec = "none"  # type: ignore[assignment]
     """Codec of the outer gradients on the wire: 'none' (fp32), 'bf16', 'fp16', 'fp8' (e4m3), 'int8' or 'fp4'
     (e3m0, block scales); see docs/compression.md."""
@@ -151,15 +156,17 @@ class OuterConfig(DiLoCoConfig):
     let early buckets travel while backward computes the rest."""
 
     def fill_recipe(self, workers: int, fixed_membership: bool = True) -> None:
-        """Set the outer optimizer fields left unset (``None``) to the mode's recipe (``OUTER_RECIPES``) for
-        ``workers`` = M; mode 'dp' has no outer optimizer and keeps them unset. Eager's own weight is filled only
-        where M is fixed (``fixed_membership``: not a fault-tolerant run) and at least 2; elsewhere it stays unset,
-        the paper's rule."""
+        """Set the outer optimizer fields left unset (``None``) to the mode's recipe for ``workers`` = M (see
+        :meth:`recipe`); mode 'dp' has no outer optimizer and keeps them unset. Eager's own weight is filled first,
+        only where M is fixed (``fixed_membership``: not a fault-tolerant run) and at least 2; elsewhere it stays
+        unset, the paper's rule, whose own recipe then fills the rest."""
         recipe = OUTER_RECIPES.get(self.mode)
         if recipe is None:
             return
         if self.eager_own_weight is None and recipe.own_weight is not None and workers >= 2 and fixed_membership:
             self.eager_own_weight = recipe.own_weight
+        recipe = self.recipe(workers)
+        assert recipe is not None
         if self.outer_lr is None:
             self.outer_lr = recipe.lr
         if self.outer_momentum is None:
@@ -167,22 +174,28 @@ class OuterConfig(DiLoCoConfig):
         if self.nesterov is None:
             self.nesterov = recipe.nesterov
 
-    def recipe_note(self) -> str:
+    def recipe(self, workers: int) -> OuterRecipe | None:
+        """The recipe this mode's unset fields take with M = ``workers``: ``OUTER_RECIPES[mode]``, except eager
+        running the paper's rule (own weight unset or at most 1/M), which has its own (:data:`EAGER_PAPER_RECIPE`).
+        None for mode 'dp'."""
+        if self.mode == "eager" and (self.eager_own_weight is None or self.eager_own_weight <= 1 / workers):
+            return EAGER_PAPER_RECIPE
+        return OUTER_RECIPES.get(self.mode)
+
+    def recipe_note(self, workers: int) -> str:
         """The outer optimizer in words, and whether it is the mode's recipe (for the run's summary)."""
         if self.mode == "dp":
             return "none (mode 'dp')"
         momentum = self.outer_momentum or 0.0
         kind = (("Nesterov " if self.nesterov else "momentum ") + f"{momentum:g}") if momentum > 0 else "no momentum"
-        recipe = OUTER_RECIPES.get(self.mode)
+        recipe = self.recipe(workers)
         mine = recipe is not None and (self.outer_lr, momentum, bool(self.nesterov) and momentum > 0) == (
             recipe.lr, recipe.momentum, recipe.nesterov and recipe.momentum > 0)  # fmt: skip
         where = f"{self.mode}'s recipe: {recipe.source}" if mine and recipe else "set by the run"
-        text = f"SGD lr {self.outer_lr:g}, {kind} ({where})"
         if self.mode == "eager":
             w = self.eager_own_weight
-            own = "1/M (the eager paper's rule)" if w is None else f"{w:g}"
-            return text + f"; own weight w = {own}"
-        return text
+            kind += ", own weight " + ("1/M (the eager paper's rule)" if w is None else f"w = {w:g}")
+        return f"SGD lr {self.outer_lr:g}, {kind} ({where})"
 
     def diloco(self) -> DiLoCoConfig:
         """The engine's config (mode 'dp' has none)."""
