@@ -284,7 +284,7 @@ PAPER = "1/M (the eager paper's rule)"
     [
         ([], 0.75, (0.7, 0.5), "w = 0.75"),  # eager's recipe at M = 2
         (["--workers", "4"], 0.75, (0.7, 0.5), "w = 0.75"),  # and at M = 4 (measured better than 1/M at both)
-        (["--workers", "1"], None, (1.0, 0.0), PAPER),  # M = 1: eager is sync, w = 1/M = 1
+        (["--workers", "1"], None, (0.7, 0.5), PAPER),  # M = 1: eager is sync, w = 1/M = 1; eager's lr, momentum
         (["--eager-own-weight", "0.5"], 0.5, (1.0, 0.0), "w = 0.5"),  # the paper's rule at M = 2, and its recipe
         (["--workers", "4", "--eager-own-weight", "1"], 1.0, (0.7, 0.5), "w = 1"),
         (["--fault-tolerance", "127.0.0.1:1"], None, (1.0, 0.0), PAPER),  # M changes per quorum

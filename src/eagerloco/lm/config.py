@@ -117,7 +117,7 @@ OUTER_RECIPES: dict[str, OuterRecipe] = {
 TOML files override them one by one). The library's :class:`DiLoCoConfig` keeps the papers' default."""
 
 EAGER_PAPER_RECIPE = OuterRecipe(1.0, 0.0, True, "the best for the paper's rule in the recipe study, BENCHMARKS.md 8")
-"""Eager's outer optimizer where it runs the paper's rule (w = 1/M: one worker, fault tolerance, or a run that sets
+"""Eager's outer optimizer where it runs the paper's rule with M >= 2 workers (fault tolerance, or a run that sets
 ``eager_own_weight`` to 1/M): SGD lr 1 without momentum. Momentum feeds on the paper's rule's stale part."""
 
 
@@ -176,9 +176,11 @@ class OuterConfig(DiLoCoConfig):
 
     def recipe(self, workers: int) -> OuterRecipe | None:
         """The recipe this mode's unset fields take with M = ``workers``: ``OUTER_RECIPES[mode]``, except eager
-        running the paper's rule (own weight unset or at most 1/M), which has its own (:data:`EAGER_PAPER_RECIPE`).
-        None for mode 'dp'."""
-        if self.mode == "eager" and (self.eager_own_weight is None or self.eager_own_weight <= 1 / workers):
+        running the paper's rule with M >= 2 workers (own weight unset or at most 1/M), which has its own
+        (:data:`EAGER_PAPER_RECIPE`). With M = 1 eager is sync and keeps eager's recipe, so that a run resumed
+        with one worker more or less keeps its outer optimizer (docs/reliability.md). None for mode 'dp'."""
+        paper_rule = self.eager_own_weight is None or self.eager_own_weight <= 1 / workers
+        if self.mode == "eager" and workers >= 2 and paper_rule:
             return EAGER_PAPER_RECIPE
         return OUTER_RECIPES.get(self.mode)
 
