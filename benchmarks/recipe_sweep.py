@@ -491,8 +491,10 @@ def report(out: Path) -> str:
     own_trends = trend_keys()
     groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
     for rec in finished.values():
-        if rec.get("plan") != "trends" and rec["key"] not in own_trends:  # the trends have their own section
+        if rec.get("plan") != "trends":
             groups.setdefault(Point.from_dict(rec["point"]).group, []).append(rec)
+    # a point of the trends with its own flags (H, size, data) has its own section, unless more was run there
+    groups = {g: recs for g, recs in groups.items() if not all(r["key"] in own_trends for r in recs)}
     order = {m: i for i, m in enumerate(SWEEP_METHODS)}
     keys = sorted(groups, key=lambda g: (g[2], g[3], order.get(g[0], 99), g[0], g[1] or 0.0, g[4]))
     commits = sorted({r.get("source", {}).get("commit", "")[:10] for r in finished.values()} - {""})

@@ -223,6 +223,14 @@ def test_trends_plan_runs_each_method_at_its_measured_recipe_then_reports(tmp_pa
     assert "| default | 900 steps, H = 30, M = 2, 820k parameters, iid | 1.630 | 1.704 | · | +4.5 % | - |" in text
     assert "| tokens | 300 steps | 2.000 | 2.300 ±0.100 (2 seeds) | · | +15.0 % | - |" in text
     assert "| H | H = 10 | 1.900 | · | · | - | - |" in text
+    # a trend point whose group also has another recipe run (the w = 0.75 of M = 8 at lr 1 / no momentum) stays in
+    # the grids with it, and the best of the two is the trend's point
+    m8 = next(p for s, p in points if s.endswith("M = 8, 115k parameters") and p.own_weight == 0.75)
+    write(tmp_path, m8, "ok", 1.85)
+    write(tmp_path, rs.dataclasses.replace(m8, outer_lr=1.0, outer_momentum=0.0, nesterov=False), "ok", 1.89)
+    text = rs.report(tmp_path)
+    row = next(line for line in text.splitlines() if line.startswith("| eager k=1, own weight w=0.75 (M=8, 900 steps"))
+    assert "| lr 0.7, momentum 0.5 (Nesterov) | 1.850 |" in row and row.endswith("| 1.850 | 0 | 2 |")
     assert rs.plot_trends(rs.load_results(tmp_path), tmp_path / "t.png") == tmp_path / "t.png"
 
 
