@@ -63,6 +63,11 @@ def seconds_per_step(cu: dict[str, Any], method: str, rate: float) -> float | No
     return bl.median(r["wall_steady_s"] / r["steps"] for r in rs) if rs else None
 
 
+def curve_name(run: dict[str, Any]) -> str:
+    """A curve's name: the method, and eager's own weight where set (``eager w=0.75``)."""
+    return " ".join(x for x in (run["method"], run.get("variant", "")) if x)
+
+
 def recipe_runs(paths: list[Path]) -> dict[str, Any]:
     """Recipe-sweep run JSONs in the shape of ``loss_parity.json`` (method, seed, eval_loss, evals per run)."""
     runs = []
@@ -71,10 +76,12 @@ def recipe_runs(paths: list[Path]) -> dict[str, Any]:
         if r.get("status") != "ok":
             raise SystemExit(f"time_to_target: {path}: status {r.get('status')!r}, only finished runs have a curve")
         point = r["point"]
-        runs.append({"method": point["method"], "seed": point["seed"], "eval_loss": r["eval_loss"],
-                     "evals": r["evals"], "steps": point["steps"], "recipe": point, "source": path.name})  # fmt: skip
-    methods = list(dict.fromkeys(r["method"] for r in runs))
-    steps = {m: sorted({r["steps"] for r in runs if r["method"] == m}) for m in methods}
+        weight = point.get("own_weight")  # eager's own weight (ALGORITHMS.md 4.1): a curve of its own
+        runs.append({"method": point["method"], "variant": f"w={weight:g}" if weight is not None else "",
+                     "seed": point["seed"], "eval_loss": r["eval_loss"], "evals": r["evals"],
+                     "steps": point["steps"], "recipe": point, "source": path.name})  # fmt: skip
+    methods = list(dict.fromkeys(curve_name(r) for r in runs))
+    steps = {m: sorted({r["steps"] for r in runs if curve_name(r) == m}) for m in methods}
     mixed = {m: s for m, s in steps.items() if len(s) > 1}
     if mixed:
         raise SystemExit(f"time_to_target: --runs mixes run lengths within a method: {mixed}; one length each")
@@ -99,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     rate = args.rate if args.rate is not None else min(r["rate_mbit"] for r in cu["runs"])
     by_method: dict[str, list[dict[str, Any]]] = {}
     for r in loss["runs"]:
-        by_method.setdefault(r["method"], []).append(r)
+        by_method.setdefault(curve_name(r), []).append(r)
     if "sync" not in by_method:
         raise SystemExit("time_to_target: loss_parity.json has no 'sync' (DiLoCo) runs to take the target from")
     target = sum(r["eval_loss"] for r in by_method["sync"]) / len(by_method["sync"])
@@ -110,12 +117,13 @@ def main(argv: list[str] | None = None) -> int:
             continue
         curve = mean_curve(runs)
         step = first_crossing(curve, target)
-        per_step = seconds_per_step(cu, method, rate)
+        base, variant = runs[0]["method"], runs[0].get("variant", "")
+        per_step = seconds_per_step(cu, base, rate)  # the own weight does not change the step (same bytes)
         wall = step * per_step if step is not None and per_step is not None else None
         rows.append({"method": method, "step": step, "seconds_per_step": per_step, "wall_s": wall,
                      "final_mean_loss": curve[-1][1]})  # fmt: skip
         table.append([
-            bl.LABELS.get(method, method),
+            bl.LABELS.get(base, base) + (f", own weight {variant}" if variant else ""),
             f"{curve[-1][1]:.3f}",
             f"{step:.0f}" if step is not None else f"not in {curve[-1][0]}",
             f"{per_step:.3f}" if per_step is not None else "not measured",
