@@ -106,8 +106,8 @@ OUTER_RECIPES: dict[str, OuterRecipe] = {
     "sync": OuterRecipe(1.0, 0.5, True, "the best of the recipe study, BENCHMARKS.md 8"),
     # Eager weighs its own fresh outer gradient w = 0.75 in place of the paper's 1/M, which makes what it applies
     # less stale; then a little Nesterov momentum helps it as it helps DiLoCo. Better than the paper's rule at each
-    # one's best: M = 2 1.670 vs 1.708 (3 seeds, every seed), M = 4 1.773 vs 1.877 (w = 0.75 at lr 1 without
-    # momentum: 1.798, 3 seeds, every seed), M = 8 1.849 vs 2.024 (BENCHMARKS.md 8).
+    # one's best, 3 seeds, every seed: M = 2 1.670 vs 1.708, M = 4 1.772 vs 1.877; M = 8 (seed 0) 1.849 vs 2.024
+    # (BENCHMARKS.md 8).
     "eager": OuterRecipe(0.7, 0.5, True, "the best of the recipe study, BENCHMARKS.md 8", own_weight=0.75),
     # Not tuned here: the DiLoCo paper's outer optimizer (for overlap it beat lr 1 / Nesterov 0.5, sync's best: 1.629
     # vs 1.636, the only other point measured).
