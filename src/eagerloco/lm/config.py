@@ -95,8 +95,9 @@ class OuterRecipe(NamedTuple):
     """Where it comes from: a measurement (BENCHMARKS.md section) or a paper."""
     own_weight: float | None = None
     """Mode 'eager' only: the own-contribution weight w (ALGORITHMS.md 4.1) a run with M >= 2 workers gets when it
-    leaves ``eager_own_weight`` unset; None: the eager paper's rule w = 1/M. M = 1 (eager is sync) and
-    fault-tolerant runs (M changes per quorum) keep the paper's rule, with :data:`EAGER_PAPER_RECIPE`."""
+    leaves ``eager_own_weight`` unset; None: the eager paper's rule w = 1/M. M = 1 (eager is sync: 1/M = 1) and
+    fault-tolerant runs (M changes per quorum) keep the paper's rule; with M >= 2 that rule takes
+    :data:`EAGER_PAPER_RECIPE` (see :meth:`OuterConfig.recipe`)."""
 
 
 OUTER_RECIPES: dict[str, OuterRecipe] = {
