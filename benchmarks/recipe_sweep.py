@@ -135,8 +135,9 @@ class Point:
 
     @property
     def group(self) -> tuple[str, float | None, int, int, tuple[str, ...]]:
-        """The panel a point belongs to: everything but the outer optimizer and the seed."""
-        return (self.method, self.own_weight, self.workers, self.steps, self.extra)
+        """The panel a point belongs to: everything but the outer optimizer, the seed and ``--eval-every`` (mid-run
+        evaluations do not change training: a run gives the same final eval loss, bitwise, with or without them)."""
+        return (self.method, self.own_weight, self.workers, self.steps, _without_eval_every(self.extra))
 
     @property
     def recipe(self) -> tuple[float, float, bool]:
@@ -166,6 +167,20 @@ class Point:
         values = {k: v for k, v in d.items() if k in names}
         values["extra"] = tuple(values.get("extra", ()))
         return cls(**values)
+
+
+def _without_eval_every(extra: tuple[str, ...]) -> tuple[str, ...]:
+    """``extra`` without ``--eval-every N`` (which only adds evaluations along the run)."""
+    out: list[str] = []
+    skip = False
+    for arg in extra:
+        if skip:
+            skip = False
+        elif arg == "--eval-every":
+            skip = True
+        elif not arg.startswith("--eval-every="):
+            out.append(arg)
+    return tuple(out)
 
 
 def label(group: tuple[str, float | None, int, int, tuple[str, ...]]) -> str:

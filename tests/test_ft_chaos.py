@@ -169,6 +169,15 @@ def test_kill_minus_9_survivors_go_on_and_the_restarted_worker_rejoins(tmp_path:
 
 
 @pytest.mark.slow
+def test_chaos_eager_with_the_own_weight(tmp_path: Path) -> None:
+    """Eager with the own weight w = 0.75 (the training CLI's default; ALGORITHMS.md 4.1, w_Q = max(w, 1/M_Q) per
+    quorum) through a kill and a rejoin: accepted although the engine sees M = 1 before the first quorum."""
+    config = {"mode": "eager", "eager_own_weight": 0.75, "sync_every": H, "collective_timeout_s": 30.0, **STABLE}
+    results, kill_at = run_chaos(tmp_path, config, seed=0)
+    check_chaos(results, kill_at, config)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [1, 2])
 @pytest.mark.parametrize("mode", ["sync", "overlap", "delayed", "eager"])
 def test_chaos_every_mode_several_seeds(tmp_path: Path, mode: str, seed: int) -> None:

@@ -1,5 +1,6 @@
 """The engine's side of fault tolerance (ALGORITHMS.md section 11), without torchft: an average marked dropped takes
-exactly the path of a skipped non-finite one, in every mode; and M is taken per collective from the average."""
+exactly the path of a skipped non-finite one, in every mode; M is taken per collective from the average; and eager's
+own weight follows each quorum's M_Q (w_Q = max(w, 1/M_Q), ALGORITHMS.md 4.1)."""
 
 from __future__ import annotations
 
@@ -144,3 +145,78 @@ def test_m_is_taken_per_collective_from_the_average() -> None:
         )[0]
     eager, sync = results["eager"]["phi_before_finalize"], results["sync"]["phi_before_finalize"]
     assert all(torch.equal(eager[k], sync[k]) for k in sync)
+
+
+class _WeightedMean:
+    """An average that says M_Q = ``world_size`` and whose value is ``scale``·Δ_m: the average an eager worker's own
+    term w_Q·Δ_m cancels exactly when ``scale`` = w_Q (its bracket Δ − own is then exactly 0)."""
+
+    def __init__(self, delta: torch.Tensor, scale: float, world_size: int) -> None:
+        self._mean = delta.clone().mul_(scale)
+        self.world_size = world_size
+        self.payload_bytes = delta.numel() * 4
+
+    def wait(self, timeout: float | None = None) -> torch.Tensor:
+        return self._mean
+
+    def is_completed(self) -> bool:
+        return True
+
+
+class _WeightedReducer(MeanReducer):
+    name = "weighted"
+
+    def __init__(self, comm: Communicator, scale: float, world_size: int) -> None:
+        super().__init__(comm)
+        self.scale, self.m_q = scale, world_size
+
+    def launch(self, delta: torch.Tensor) -> _WeightedMean:
+        return _WeightedMean(delta, self.scale, self.m_q)
+
+
+def _phi_with_quorums(mode: str, own_weight: float | None, m_q: int, scale: float) -> dict[str, torch.Tensor]:
+    """One worker in a group whose membership changes (its engine sees M = 1 at construction, as eagerloco.ft's
+    does before the first quorum) and whose averages say M_Q = ``m_q``."""
+    config = DiLoCoConfig(mode=mode, sync_every=4, collective_timeout_s=60.0, eager_own_weight=own_weight)
+
+    def worker(comm: Communicator) -> dict:
+        comm.fixed_membership = False
+        return _train(comm, config, lambda i, c: _WeightedReducer(c, scale, m_q))
+
+    return run_workers(InProcessGroup(1, timeout=60), worker)[0]["phi_before_finalize"]
+
+
+@pytest.mark.parametrize(
+    ("own_weight", "m_q", "w_q"),
+    [
+        (0.75, 4, 0.75),  # w >= 1/M_Q: w itself
+        (0.75, 1, 1.0),  # a worker alone: 1/M_Q = 1, eager is sync
+        (0.25, 2, 0.5),  # w below 1/M_Q in this quorum: 1/M_Q (a fixed group of 2 refuses w = 0.25)
+        (None, 4, 0.25),  # the paper's rule: 1/M_Q
+    ],
+)
+def test_own_weight_follows_each_quorums_m(own_weight: float | None, m_q: int, w_q: float) -> None:
+    """The own term of an average launched in a quorum of M_Q is w_Q·Δ_m with w_Q = max(w, 1/M_Q): fed averages of
+    exactly w_Q·Δ_m, eager's bracket is exactly 0 and it applies what sync applies with the same averages, bitwise;
+    with any other own term it would not."""
+    eager = _phi_with_quorums("eager", own_weight, m_q, w_q)
+    sync = _phi_with_quorums("sync", None, m_q, w_q)
+    assert all(torch.equal(eager[k], sync[k]) for k in sync)
+    other = _phi_with_quorums("eager", own_weight, m_q, w_q * 0.9)
+    assert not all(torch.equal(other[k], _phi_with_quorums("sync", None, m_q, w_q * 0.9)[k]) for k in sync)
+
+
+def test_own_weight_is_checked_against_m_only_in_a_fixed_group() -> None:
+    """With a fixed group of one worker, w = 0.75 < 1/M = 1 is refused at construction, before any collective; a
+    membership that changes (M = 1 before the first quorum) accepts it."""
+    config = DiLoCoConfig(mode="eager", sync_every=4, eager_own_weight=0.75)
+
+    def build(comm: Communicator, fixed: bool) -> str:
+        comm.fixed_membership = fixed
+        model = TinyNet()
+        DiLoCo(model, torch.optim.SGD(model.parameters(), lr=0.05), config, comm=comm)
+        return "built"
+
+    with pytest.raises(RuntimeError, match=r"ConfigError: eager_own_weight=0\.75: below 1/M = 1 for M=1 workers"):
+        run_workers(InProcessGroup(1, timeout=60), lambda comm: build(comm, fixed=True))
+    assert run_workers(InProcessGroup(1, timeout=60), lambda comm: build(comm, fixed=False)) == ["built"]

@@ -29,8 +29,8 @@ SMOKE = str(configs.path("smoke"))
         (["--fault-tolerance", "127.0.0.1:1", "--ft-join-timeout-ms", "0"], r"run.ft_join_timeout_ms=0: must be >= 1"),
         (["--fault-tolerance", "[::1]:x"], r"run.fault_tolerance='\[::1\]:x': must be HOST:PORT"),
         (
-            ["--fault-tolerance", "127.0.0.1:1", "--mode", "eager", "--eager-own-weight", "0.75"],
-            r"outer.eager_own_weight=0.75 with run.fault_tolerance: the own weight needs a fixed M",
+            ["--fault-tolerance", "127.0.0.1:1", "--mode", "eager", "--eager-own-weight", "0.25"],
+            r"outer.eager_own_weight=0.25: below 1/M = 0.5 for run.workers=2",
         ),
     ],
 )

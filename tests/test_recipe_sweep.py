@@ -38,6 +38,10 @@ def test_point_key_and_train_flags():
     assert h.key.startswith("streaming_M2_T900_lr1.4_m0.9_s0_x") and len(h.key.split("_x")[1]) == 8
     assert h.train_args()[-3:] == ["--no-nesterov", "--sync-every", "10"]
     assert rs.Point.from_dict(json.loads(json.dumps(h.to_dict()))) == h
+    # Mid-run evaluations leave training unchanged: a point with --eval-every is in the same panel (not the same run)
+    e = rs.Point("streaming", 1.4, 0.9, False, extra=("--eval-every", "90", "--sync-every", "10"))
+    assert e.group == h.group and e.key != h.key
+    assert rs.Point("sync", 1.0, 0.5, True, extra=("--eval-every=90",)).group == rs.Point("sync", 1.0, 0.5, True).group
 
 
 def test_main_plan_order_and_seed_stage(tmp_path):

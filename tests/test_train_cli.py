@@ -287,17 +287,22 @@ PAPER = "1/M (the eager paper's rule)"
         (["--workers", "1"], None, (0.7, 0.5), PAPER),  # M = 1: eager is sync, w = 1/M = 1; eager's lr, momentum
         (["--eager-own-weight", "0.5"], 0.5, (1.0, 0.0), "w = 0.5"),  # the paper's rule at M = 2, and its recipe
         (["--workers", "4", "--eager-own-weight", "1"], 1.0, (0.7, 0.5), "w = 1"),
-        (["--fault-tolerance", "127.0.0.1:1"], None, (1.0, 0.0), PAPER),  # M changes per quorum
+        (["--fault-tolerance", "127.0.0.1:1"], 0.75, (0.7, 0.5), "w = 0.75"),  # max(w, 1/M_Q) per quorum
+        (["--eager-own-weight", "1/M"], "1/M", (1.0, 0.0), PAPER),  # the paper's rule spelled at any M
+        (["--workers", "3", "--eager-own-weight", "1/M"], "1/M", (1.0, 0.0), PAPER),
+        (["--fault-tolerance", "127.0.0.1:1", "--eager-own-weight", "1/M"], "1/M", (1.0, 0.0), PAPER),
     ],
 )
 def test_eager_own_weight_recipe(flags, weight, lr_momentum, own):
-    """Issue 11: eager's CLI default weighs a worker's own fresh outer gradient w = 0.75 (ALGORITHMS.md 4.1) where M
-    is fixed and >= 2; elsewhere the field stays unset and the engine uses 1/M. The outer lr and momentum follow:
-    the own weight's recipe above 1/M, the paper's rule's recipe at 1/M."""
+    """Issue 11: eager's CLI default weighs a worker's own fresh outer gradient w = 0.75 (ALGORITHMS.md 4.1) where
+    M >= 2 (fault tolerance too: each quorum takes max(w, 1/M_Q)); with one worker the field stays unset and the
+    engine uses 1/M; "1/M" is the paper's rule at any M (the library's None). The outer lr and momentum follow: the
+    own weight's recipe above 1/M, the paper's rule's recipe at 1/M."""
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     config = from_args(parser.parse_args(flags))
-    assert config.outer.eager_own_weight == weight and config.outer.diloco().eager_own_weight == weight
+    assert config.outer.eager_own_weight == weight
+    assert config.outer.diloco().eager_own_weight == (None if weight == "1/M" else weight)
     assert (config.outer.outer_lr, config.outer.outer_momentum) == lr_momentum
     note = config.outer.recipe_note(config.run.workers)
     assert f", own weight {own} (eager's recipe: " in note, note
@@ -311,6 +316,17 @@ def test_eager_own_weight_bad_values_name_the_rule():
         from_args(parser.parse_args(["--eager-own-weight", "0.25"]))
     with pytest.raises(ConfigError, match=r"^eager_own_weight=0.75: applies to mode 'eager' only"):
         from_args(parser.parse_args(["--mode", "sync", "--eager-own-weight", "0.75"]))
+    with pytest.raises(ConfigError, match=r"^outer.eager_own_weight='1/M': applies to mode 'eager' only"):
+        from_args(parser.parse_args(["--mode", "sync", "--eager-own-weight", "1/M"]))
+    with pytest.raises(SystemExit):  # argparse: "argument --eager-own-weight: 'half': must be a number or '1/M'"
+        parser.parse_args(["--eager-own-weight", "half"])
+    for bad in ("half", True, [0.5]):
+        config = TrainConfig()
+        with pytest.raises(ConfigError, match=r"^t.toml: outer.eager_own_weight=.*: must be a number or '1/M'$"):
+            apply_overrides(config, {"outer": {"eager_own_weight": bad}}, "t.toml")
+    config = TrainConfig()
+    apply_overrides(config, {"outer": {"eager_own_weight": 1}}, "t.toml")  # a TOML integer is a number
+    assert config.validate().outer.eager_own_weight == 1.0 and isinstance(config.outer.eager_own_weight, float)
 
 
 def test_quickstart_example_runs(tmp_path):

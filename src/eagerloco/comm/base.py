@@ -105,6 +105,9 @@ class Communicator(abc.ABC):
     stats: CommStats
     default_timeout: float | None
     """Seconds a ``Work.wait()`` waits before raising :class:`CollectiveTimeout` (``None``: forever)."""
+    fixed_membership: bool = True
+    """False where the members change during the run (eagerloco.ft: ``world_size`` is the latest quorum's M_Q);
+    the engine then checks no setting against one M (ALGORITHMS.md 4.1, 11)."""
 
     @property
     @abc.abstractmethod

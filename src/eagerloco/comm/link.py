@@ -74,6 +74,7 @@ class EmulatedLink(Communicator):
         self.latency_s = latency_s
         self.rank = inner.rank
         self.world_size = inner.world_size
+        self.fixed_membership = getattr(inner, "fixed_membership", True)
         self.stats = inner.stats
         self._link_free_at = 0.0
         self._lock = threading.Lock()

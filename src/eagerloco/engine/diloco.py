@@ -154,8 +154,9 @@ class DiLoCo:
         self.comm = comm
         self.rank = comm.rank
         self.world_size = comm.world_size
-        # The strategy's parameters are checked against M here, before any collective (eager_own_weight >= 1/M).
-        self.strategy: OuterStrategy = make_strategy(cfg, self.world_size)
+        # The strategy's parameters are checked against M here, before any collective (eager_own_weight >= 1/M),
+        # where M is fixed; a membership that changes (eagerloco.ft) has one M per quorum (ALGORITHMS.md 4.1).
+        self.strategy: OuterStrategy = make_strategy(cfg, self.world_size, getattr(comm, "fixed_membership", True))
         self.fragments = build_fragments(
             model, cfg.num_fragments, cfg.sync_every, cfg.fragment_layout, modules=fragments, blocks=blocks
         )

@@ -49,9 +49,10 @@ class OuterStrategy:
         """The strategy with its parameters from ``config`` (validated)."""
         return cls()
 
-    def check_world_size(self, world_size: int) -> None:
+    def check_world_size(self, world_size: int, fixed_membership: bool = True) -> None:
         """Raise :class:`ConfigError` if the strategy's parameters do not fit M = ``world_size`` workers (called by
-        :func:`make_strategy` when the engine knows M, before any collective)."""
+        :func:`make_strategy` when the engine knows M, before any collective; ``fixed_membership=False``: M
+        changes per quorum, check only what does not depend on it)."""
 
     def on_sync(self, core: FragmentCore, t: int) -> None:
         raise NotImplementedError
@@ -169,7 +170,8 @@ class EagerStrategy(OuterStrategy):
 
     Variant (section 4.1, opt-in ``eager_own_weight`` = w ∈ [1/M, 1]): the own term is w·Δ_m(t) instead of
     (1/M)·Δ_m(t), i.e. Δ̃_m(t) = Δ(t − kH) + w·(Δ_m(t) − Δ_m(t − kH)); kept and swapped exactly the same way.
-    ``own_weight=None`` is the paper's rule (and divides by M, bit for bit as before).
+    ``own_weight=None`` is the paper's rule (and divides by M, bit for bit as before). Under a membership that
+    changes, the own term of an average launched in quorum Q uses w_Q = max(w, 1/M_Q) (a worker alone is sync).
     """
 
     name = "eager"
@@ -184,12 +186,13 @@ class EagerStrategy(OuterStrategy):
     def from_config(cls, config: DiLoCoConfig) -> EagerStrategy:
         return cls(config.delay, config.eager_own_weight)
 
-    def check_world_size(self, world_size: int) -> None:
+    def check_world_size(self, world_size: int, fixed_membership: bool = True) -> None:
         """w must be in [1/M, 1]: below 1/M a worker would weigh its own fresh contribution less than the average
-        does (and with M = 1 only w = 1 keeps eager bitwise sync)."""
+        does (and with M = 1 only w = 1 keeps eager bitwise sync). A membership that changes has no one M: there
+        each collective takes w_Q = max(w, 1/M_Q) (ALGORITHMS.md 4.1), and nothing is refused here."""
         self._checked_world_size = True
         w = self.own_weight
-        if w is not None and w < 1 / world_size:
+        if w is not None and fixed_membership and w < 1 / world_size:
             raise ConfigError(
                 f"eager_own_weight={w!r}: below 1/M = {1 / world_size:g} for M={world_size} workers; the "
                 "own-contribution weight w must be in [1/M, 1]"
@@ -206,7 +209,8 @@ class EagerStrategy(OuterStrategy):
         elif self.own_weight is None:
             fresh.own = delta.div_(core.world_size)  # (1/M)·Δ_m(t)
         else:
-            fresh.own = delta.mul_(self.own_weight)  # w·Δ_m(t)
+            # w·Δ_m(t); w_Q = max(w, 1/M_Q) is w itself wherever M is fixed (w >= 1/M was checked)
+            fresh.own = delta.mul_(max(self.own_weight, 1 / core.world_size))
         if len(core.in_flight) > self.delay:  # Δ(t − kH), launched k sync points ago, is due
             item = core.in_flight.popleft()
             assert item.own is not None
@@ -234,13 +238,14 @@ STRATEGIES: dict[str, type[OuterStrategy]] = {
 """Mode name (``DiLoCoConfig.mode``, one of ``config.MODES``) → its strategy."""
 
 
-def make_strategy(config: DiLoCoConfig, world_size: int | None = None) -> OuterStrategy:
+def make_strategy(config: DiLoCoConfig, world_size: int | None = None, fixed_membership: bool = True) -> OuterStrategy:
     """The strategy of ``config.mode`` with its parameters; with ``world_size`` (M) its parameters are checked
-    against M here (otherwise at the first sync point, before the first collective)."""
+    against M here (otherwise at the first sync point, before the first collective). ``fixed_membership=False``
+    (eagerloco.ft: M changes per quorum) checks only what does not depend on M."""
     cls = STRATEGIES.get(config.mode)
     if cls is None:
         raise ValueError(f"mode={config.mode!r}: no strategy; known modes: {', '.join(STRATEGIES)}")
     strategy = cls.from_config(config)
     if world_size is not None:
-        strategy.check_world_size(world_size)
+        strategy.check_world_size(world_size, fixed_membership)
     return strategy

@@ -115,6 +115,8 @@ class FaultTolerantCommunicator(Communicator):
     and size are those of the latest quorum (``world_size`` is 1 until the first quorum, so that the engine runs
     no start-up collective: :meth:`FaultTolerance.attach` does the start-up checks through the store)."""
 
+    fixed_membership = False
+
     def __init__(self, ft: FaultTolerance, timeout: float | None) -> None:
         self._ft = ft
         self.rank = 0

@@ -95,8 +95,8 @@ class OuterRecipe(NamedTuple):
     """Where it comes from: a measurement (BENCHMARKS.md section) or a paper."""
     own_weight: float | None = None
     """Mode 'eager' only: the own-contribution weight w (ALGORITHMS.md 4.1) a run with M >= 2 workers gets when it
-    leaves ``eager_own_weight`` unset; None: the eager paper's rule w = 1/M. M = 1 (eager is sync: 1/M = 1) and
-    fault-tolerant runs (M changes per quorum) keep the paper's rule; with M >= 2 that rule takes
+    leaves ``eager_own_weight`` unset (fault-tolerant runs too: each quorum takes max(w, 1/M_Q)); None: the eager
+    paper's rule w = 1/M. M = 1 (eager is sync: 1/M = 1) keeps the paper's rule; with M >= 2 that rule takes
     :data:`EAGER_PAPER_RECIPE` (see :meth:`OuterConfig.recipe`)."""
 
 
@@ -119,8 +119,11 @@ OUTER_RECIPES: dict[str, OuterRecipe] = {
 TOML files override them one by one). The library's :class:`DiLoCoConfig` keeps the papers' default."""
 
 EAGER_PAPER_RECIPE = OuterRecipe(1.0, 0.0, True, "the best for the paper's rule in the recipe study, BENCHMARKS.md 8")
-"""Eager's outer optimizer where it runs the paper's rule with M >= 2 workers (fault tolerance, or a run that sets
-``eager_own_weight`` to 1/M): SGD lr 1 without momentum. Momentum feeds on the paper's rule's stale part."""
+"""Eager's outer optimizer where it runs the paper's rule with M >= 2 workers (``eager_own_weight`` "1/M", or a
+number at most 1/M): SGD lr 1 without momentum. Momentum feeds on the paper's rule's stale part."""
+
+PAPER_RULE = "1/M"
+"""``eager_own_weight`` spelled for the eager paper's rule at any M (the library's ``eager_own_weight=None``)."""
 
 
 @dataclass
@@ -140,10 +143,11 @@ class OuterConfig(DiLoCoConfig):
     rule, whose stale part momentum feeds on; overlap and delayed 0.9, the papers' value)."""
     nesterov: bool | None = None  # type: ignore[assignment]
     """Nesterov momentum for the outer SGD. Unset: the mode's recipe (on wherever it has momentum)."""
-    eager_own_weight: float | None = None
-    """Mode 'eager': the weight w in [1/M, 1] of a worker's own fresh outer gradient (ALGORITHMS.md 4.1; 1/M is the
-    eager paper's rule). Unset: eager's recipe, w = 0.75 with M >= 2 workers (measured better than 1/M at M = 2, 4
-    and 8, BENCHMARKS.md 8), the paper's 1/M with one worker or fault tolerance. Other modes: leave it unset."""
+    eager_own_weight: float | Literal["1/M"] | None = None  # type: ignore[assignment]
+    """Mode 'eager': the weight w in [1/M, 1] of a worker's own fresh outer gradient (ALGORITHMS.md 4.1), or "1/M",
+    the eager paper's rule. Unset: eager's recipe, w = 0.75 with M >= 2 workers (measured better than 1/M at M = 2,
+    4 and 8, BENCHMARKS.md 8; with fault tolerance each quorum takes max(w, 1/M_Q)), 1/M with one worker. Other
+    modes: leave it unset."""
     compression: Codec = "none"  # type: ignore[assignment]
     """Codec of the outer gradients on the wire: 'none' (fp32), 'bf16', 'fp16', 'fp8' (e4m3), 'int8' or 'fp4'
     (e3m0, block scales); see docs/compression.md."""
@@ -157,15 +161,15 @@ class OuterConfig(DiLoCoConfig):
     smaller than one bucket is all-reduced in one piece after backward, with nothing to overlap; smaller buckets
     let early buckets travel while backward computes the rest."""
 
-    def fill_recipe(self, workers: int, fixed_membership: bool = True) -> None:
+    def fill_recipe(self, workers: int) -> None:
         """Set the outer optimizer fields left unset (``None``) to the mode's recipe for ``workers`` = M (see
         :meth:`recipe`); mode 'dp' has no outer optimizer and keeps them unset. Eager's own weight is filled first,
-        only where M is fixed (``fixed_membership``: not a fault-tolerant run) and at least 2; elsewhere it stays
-        unset, the paper's rule, whose own recipe then fills the rest."""
+        where M >= 2; with one worker it stays unset, the paper's rule (1/M = 1), whose own recipe then fills the
+        rest."""
         recipe = OUTER_RECIPES.get(self.mode)
         if recipe is None:
             return
-        if self.eager_own_weight is None and recipe.own_weight is not None and workers >= 2 and fixed_membership:
+        if self.eager_own_weight is None and recipe.own_weight is not None and workers >= 2:
             self.eager_own_weight = recipe.own_weight
         recipe = self.recipe(workers)
         assert recipe is not None
@@ -181,10 +185,14 @@ class OuterConfig(DiLoCoConfig):
         running the paper's rule with M >= 2 workers (own weight unset or at most 1/M), which has its own
         (:data:`EAGER_PAPER_RECIPE`). With M = 1 eager is sync and keeps eager's recipe, so that a run resumed
         with one worker more or less keeps its outer optimizer (docs/reliability.md). None for mode 'dp'."""
-        paper_rule = self.eager_own_weight is None or self.eager_own_weight <= 1 / workers
-        if self.mode == "eager" and workers >= 2 and paper_rule:
+        if self.mode == "eager" and workers >= 2 and self.paper_rule(workers):
             return EAGER_PAPER_RECIPE
         return OUTER_RECIPES.get(self.mode)
+
+    def paper_rule(self, workers: int) -> bool:
+        """Whether eager runs the paper's rule with M = ``workers``: own weight unset, "1/M", or a number <= 1/M."""
+        w = self.eager_own_weight
+        return w is None or w == PAPER_RULE or (isinstance(w, (int, float)) and w <= 1 / workers)
 
     def recipe_note(self, workers: int) -> str:
         """The outer optimizer in words, and whether it is the mode's recipe (for the run's summary)."""
@@ -198,12 +206,14 @@ class OuterConfig(DiLoCoConfig):
         where = f"{self.mode}'s recipe: {recipe.source}" if mine and recipe else "set by the run"
         if self.mode == "eager":
             w = self.eager_own_weight
-            kind += ", own weight " + ("1/M (the eager paper's rule)" if w is None else f"w = {w:g}")
+            kind += ", own weight " + ("1/M (the eager paper's rule)" if w in (None, PAPER_RULE) else f"w = {w:g}")
         return f"SGD lr {self.outer_lr:g}, {kind} ({where})"
 
     def diloco(self) -> DiLoCoConfig:
         """The engine's config (mode 'dp' has none)."""
         values = {f.name: getattr(self, f.name) for f in fields(DiLoCoConfig)}
+        if values["eager_own_weight"] == PAPER_RULE:
+            values["eager_own_weight"] = None  # the library's spelling of the paper's rule
         return DiLoCoConfig(**values).validate()
 
 
@@ -303,7 +313,7 @@ class TrainConfig:
     def validate(self) -> TrainConfig:
         """Fill the outer optimizer fields left unset from the mode's recipe, then check every rule across
         sections; raise :class:`ConfigError` naming the value and the rule."""
-        self.outer.fill_recipe(self.run.workers, fixed_membership=not self.run.fault_tolerance)
+        self.outer.fill_recipe(self.run.workers)
         for section in SECTIONS:
             obj = getattr(self, section)
             for f in fields(obj):
@@ -330,13 +340,12 @@ class TrainConfig:
         if not (math.isfinite(self.outer.ddp_bucket_mb) and self.outer.ddp_bucket_mb > 0):
             raise ConfigError(f"outer.ddp_bucket_mb={self.outer.ddp_bucket_mb!r}: must be a finite number of MB > 0")
         weight = self.outer.eager_own_weight  # range and mode checked by diloco() above; here against M
-        if weight is not None and self.run.fault_tolerance:
+        if weight == PAPER_RULE and self.outer.mode != "eager":
             raise ConfigError(
-                f"outer.eager_own_weight={weight!r} with run.fault_tolerance: the own weight needs a fixed M "
-                "(w >= 1/M) and a fault-tolerant run's M changes with every quorum; leave it unset (the paper's "
-                "rule, 1/M)"
+                f"outer.eager_own_weight={weight!r}: applies to mode 'eager' only (mode={self.outer.mode!r}): leave "
+                "it unset"
             )
-        if self.outer.mode == "eager" and weight is not None and weight < 1 / self.run.workers:
+        if self.outer.mode == "eager" and isinstance(weight, float) and weight < 1 / self.run.workers:
             raise ConfigError(
                 f"outer.eager_own_weight={weight!r}: below 1/M = {1 / self.run.workers:g} for run.workers="
                 f"{self.run.workers}; the own-contribution weight w must be in [1/M, 1]"
@@ -495,7 +504,8 @@ def apply_overrides(config: TrainConfig, values: dict[str, Any], source: str) ->
             if key not in known or f"{section}.{key}" in DERIVED:
                 valid = sorted(k for k in known if f"{section}.{k}" not in DERIVED)
                 raise ConfigError(f"{source}: unknown key {section}.{key}; valid keys: {', '.join(valid)}")
-            if isinstance(value, int) and not isinstance(value, bool) and _base(hints[key]) is float:
+            number = _base(hints[key]) is float or bool(_words(hints[key]))
+            if isinstance(value, int) and not isinstance(value, bool) and number:
                 value = float(value)
             _check_type(f"{section}.{key}", value, hints[key], source)
             setattr(obj, key, value)
@@ -512,6 +522,15 @@ def _base(hint: Any) -> Any:
     return hint
 
 
+def _words(hint: Any) -> list[str]:
+    """The words a ``float | Literal[...] | None`` field also accepts besides a number ([] for other types)."""
+    args = [a for a in get_args(hint) if a is not type(None)]
+    literals = [a for a in args if get_origin(a) is Literal]
+    if len(args) == 2 and float in args and len(literals) == 1:
+        return list(get_args(literals[0]))
+    return []
+
+
 def _choices(hint: Any) -> list[Any] | None:
     origin = get_origin(hint)
     if origin in (typing.Union, types.UnionType):
@@ -524,9 +543,20 @@ def _parser_for(hint: Any) -> Any:
     base = _base(hint)
     optional = get_origin(hint) in (typing.Union, types.UnionType) and type(None) in get_args(hint)
 
+    words = _words(hint)
+
     def parse(text: str) -> Any:
         if optional and text.lower() in ("none", "null", ""):
             return None
+        if words:
+            if text in words:
+                return text
+            try:
+                return float(text)
+            except ValueError:
+                raise argparse.ArgumentTypeError(
+                    f"{text!r}: must be a number or {' or '.join(map(repr, words))}"
+                ) from None
         if base is int:
             return int(text)
         if base is float:
@@ -543,6 +573,11 @@ def _check_type(name: str, value: Any, hint: Any, source: str = "config") -> Non
         if optional:
             return
         raise ConfigError(f"{source}: {name}=None: a value is required")
+    words = _words(hint)
+    if words:
+        if value not in words and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ConfigError(f"{source}: {name}={value!r}: must be a number or {' or '.join(map(repr, words))}")
+        return
     choices = _choices(hint)
     if choices is not None:
         if value not in choices:

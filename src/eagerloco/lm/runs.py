@@ -91,8 +91,9 @@ def run_label(config: dict[str, Any]) -> str:
         parts.append(f"τ={outer.get('overlap_steps', '?')}")
     elif mode in ("delayed", "eager"):
         parts.append(f"k={outer.get('delay', '?')}")
-    if mode == "eager" and outer.get("eager_own_weight") is not None:
-        parts.append(f"w={outer['eager_own_weight']:g}")
+    weight = outer.get("eager_own_weight")
+    if mode == "eager" and weight is not None:
+        parts.append(f"w={weight}" if isinstance(weight, str) else f"w={weight:g}")  # "1/M": the paper's rule
     parts.append(f"H={H}")
     if (outer.get("num_fragments") or 1) > 1:
         parts.append(f"P={outer['num_fragments']}")
