@@ -442,6 +442,13 @@ def test_resume_refusals_and_the_mode_switch_after_finalize(tmp_path, reference)
     with pytest.raises(SystemExit, match=r"outer.mode='eager', this run has outer.mode='sync': the outer loop can "
                                          r"change only at a checkpoint written after finalize"):  # fmt: skip
         cli(cli_args(mid, "--resume", "--mode", "sync"))
+    # An outer optimizer field (a mode's recipe may change between versions): the message names the flag that keeps it
+    with pytest.raises(SystemExit, match=r"outer.outer_lr=(\S+), this run has outer.outer_lr=0.123: the outer loop "
+                                         r"can .*; to keep the checkpoint's value, pass --outer-lr \1$"):  # fmt: skip
+        cli(cli_args(mid, "--resume", "--outer-lr", "0.123"))
+    with pytest.raises(SystemExit, match=r"; to keep the checkpoint's value, pass --(no-)?nesterov$"):
+        nesterov = json.loads((mid / "config.json").read_text())["outer"]["nesterov"]
+        cli(cli_args(mid, "--resume", "--no-nesterov" if nesterov else "--nesterov"))
     # After finalize (the checkpoint at the end of a run): eager → sync for 20 more steps is supported.
     cli_in_process(out, "--resume", "--mode", "sync", "--steps", "80")
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

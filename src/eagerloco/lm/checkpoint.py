@@ -184,8 +184,23 @@ def check_compatible(directory: Path, world_size: int, config: dict[str, Any] | 
                 f"checkpoint {directory} was written with {key}={old[key]!r}, this run has {key}={new[key]!r}: "
                 "the outer loop can change only at a checkpoint written after finalize (the one at the end of "
                 "a run, e.g. resume it with a larger --steps); mid-run checkpoints hold averages in flight"
+                + _keep_hint(key, old[key])
             )
     return manifest
+
+
+def _keep_hint(key: str, value: Any) -> str:
+    """For an outer optimizer field left to the mode's recipe (which may have changed since the checkpoint was
+    written): the flag that keeps the checkpoint's value."""
+    section, name = key.split(".", 1)
+    if section != "outer" or name not in ("outer_lr", "outer_momentum", "nesterov"):
+        return ""
+    flag = "--" + name.replace("_", "-")
+    if isinstance(value, bool):
+        spelled = flag if value else "--no-" + flag[2:]
+    else:
+        spelled = f"{flag} {value:g}" if isinstance(value, (int, float)) else f"{flag} {value}"
+    return f"; to keep the checkpoint's value, pass {spelled}"
 
 
 def _read(directory: Path, rank: int) -> dict[str, Any]:
