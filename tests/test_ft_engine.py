@@ -109,44 +109,6 @@ def test_a_dropped_average_is_dropped_with_nonfinite_raise_too() -> None:
     assert [o["stats"]["dropped_averages"] for o in out] == [1, 1]
 
 
-class _ScaledMean:
-    """The average of one worker's Δ as if M_Q = 4 had contributed it with three zeros: Δ/4, ``world_size`` 4."""
-
-    world_size = 4
-
-    def __init__(self, delta: torch.Tensor) -> None:
-        self._mean = delta.clone().div_(4)
-        self.payload_bytes = delta.numel() * 4
-
-    def wait(self, timeout: float | None = None) -> torch.Tensor:
-        return self._mean
-
-    def is_completed(self) -> bool:
-        return True
-
-
-class _ScaledReducer(MeanReducer):
-    name = "scaled"
-
-    def launch(self, delta: torch.Tensor) -> _ScaledMean:
-        return _ScaledMean(delta)
-
-
-def test_m_is_taken_per_collective_from_the_average() -> None:
-    """One process whose averages say M_Q = 4: eager's own term is Δ_m/4, the bracket Δ − own is exactly 0, so eager
-    applies exactly what sync applies with the same averages (bitwise). With the group's M = 1 instead, the own term
-    would be Δ_m and eager would differ."""
-    results = {}
-    for mode in ("eager", "sync"):
-        config = DiLoCoConfig(mode=mode, sync_every=4, collective_timeout_s=60.0)
-        results[mode] = run_workers(
-            InProcessGroup(1, timeout=60),
-            lambda comm, config=config: _train(comm, config, lambda i, c: _ScaledReducer(c)),
-        )[0]
-    eager, sync = results["eager"]["phi_before_finalize"], results["sync"]["phi_before_finalize"]
-    assert all(torch.equal(eager[k], sync[k]) for k in sync)
-
-
 class _WeightedMean:
     """An average that says M_Q = ``world_size`` and whose value is ``scale``·Δ_m: the average an eager worker's own
     term w_Q·Δ_m cancels exactly when ``scale`` = w_Q (its bracket Δ − own is then exactly 0)."""
@@ -192,7 +154,7 @@ def _phi_with_quorums(mode: str, own_weight: float | None, m_q: int, scale: floa
         (0.75, 4, 0.75),  # w >= 1/M_Q: w itself
         (0.75, 1, 1.0),  # a worker alone: 1/M_Q = 1, eager is sync
         (0.25, 2, 0.5),  # w below 1/M_Q in this quorum: 1/M_Q (a fixed group of 2 refuses w = 0.25)
-        (None, 4, 0.25),  # the paper's rule: 1/M_Q
+        (None, 4, 0.25),  # the paper's rule: 1/M_Q (the group's M = 1 would give Δ_m, and eager would differ)
     ],
 )
 def test_own_weight_follows_each_quorums_m(own_weight: float | None, m_q: int, w_q: float) -> None:
