@@ -110,10 +110,11 @@ OUTER_RECIPES: dict[str, OuterRecipe] = {
     # one's best, 3 seeds, every seed: M = 2 1.670 vs 1.708, M = 4 1.772 vs 1.877; M = 8 (seed 0) 1.849 vs 2.024
     # (BENCHMARKS.md 8).
     "eager": OuterRecipe(0.7, 0.5, True, "the best of the recipe study, BENCHMARKS.md 8", own_weight=0.75),
-    # Not tuned here: the DiLoCo paper's outer optimizer (for overlap it beat lr 1 / Nesterov 0.5, sync's best: 1.629
-    # vs 1.636, the only other point measured).
-    "overlap": OuterRecipe(0.7, 0.9, True, "the DiLoCo paper's, not tuned here (BENCHMARKS.md 8: 2 points)"),
-    "delayed": OuterRecipe(0.7, 0.9, True, "the DiLoCo paper's, not tuned here"),
+    # Overlap (streaming, τ = 1) is stale by τ inner steps only, and its best is the DiLoCo paper's recipe (1.629 over
+    # 3 seeds, DiLoCo's equal).
+    "overlap": OuterRecipe(0.7, 0.9, True, "the best of the recipe study, BENCHMARKS.md 8"),
+    # Delayed applies only stale averages; momentum makes it oscillate (5.1 at lr 0.7 / Nesterov 0.9): no momentum.
+    "delayed": OuterRecipe(0.7, 0.0, True, "the best of the recipe study (seed 0), BENCHMARKS.md 8"),
 }
 """Each mode's default outer optimizer in ``eagerloco train`` (fields left unset take these values; flags and
 TOML files override them one by one). The library's :class:`DiLoCoConfig` keeps the papers' default."""
@@ -136,11 +137,11 @@ class OuterConfig(DiLoCoConfig):
     """H: inner steps between two sync points of a fragment (30 in the eager paper)."""
     outer_lr: float | None = None  # type: ignore[assignment]
     """Outer SGD learning rate. Unset: the mode's recipe (``OUTER_RECIPES``: sync 1.0, eager 0.7 with its own weight
-    and 1.0 with the paper's rule, overlap and delayed 0.7; DiLoCo's paper uses 0.7, the streaming and eager papers
+    and 1.0 with the paper's rule, overlap 0.7, delayed 0.7; DiLoCo's paper uses 0.7, the streaming and eager papers
     0.4 at scale)."""
     outer_momentum: float | None = None  # type: ignore[assignment]
     """Outer SGD momentum. Unset: the mode's recipe (sync 0.5; eager 0.5 with its own weight, 0 with the paper's
-    rule, whose stale part momentum feeds on; overlap and delayed 0.9, the papers' value)."""
+    rule, whose stale part momentum feeds on; overlap 0.9, the papers' value; delayed 0, all stale)."""
     nesterov: bool | None = None  # type: ignore[assignment]
     """Nesterov momentum for the outer SGD. Unset: the mode's recipe (on wherever it has momentum)."""
     eager_own_weight: float | Literal["1/M"] | None = None  # type: ignore[assignment]
