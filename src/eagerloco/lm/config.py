@@ -110,11 +110,12 @@ OUTER_RECIPES: dict[str, OuterRecipe] = {
     # one's best, 3 seeds, every seed: M = 2 1.670 vs 1.708, M = 4 1.772 vs 1.877; M = 8 (seed 0) 1.849 vs 2.024
     # (BENCHMARKS.md 8).
     "eager": OuterRecipe(0.7, 0.5, True, "the best of the recipe study, BENCHMARKS.md 8", own_weight=0.75),
-    # Overlap (streaming, τ = 1) is stale by τ inner steps only, and its best is the DiLoCo paper's recipe (1.629 over
-    # 3 seeds, DiLoCo's equal).
+    # Overlap (streaming, τ = 1) is stale by τ inner steps only, and its best is the DiLoCo paper's recipe (1.625 over
+    # 3 seeds, DiLoCo's equal: 1.632).
     "overlap": OuterRecipe(0.7, 0.9, True, "the best of the recipe study, BENCHMARKS.md 8"),
-    # Delayed applies only stale averages; momentum makes it oscillate (5.1 at lr 0.7 / Nesterov 0.9): no momentum.
-    "delayed": OuterRecipe(0.7, 0.0, True, "the best of the recipe study (seed 0), BENCHMARKS.md 8"),
+    # Delayed applies only stale averages; momentum makes it oscillate (5.1 at lr 0.7 / Nesterov 0.9): no momentum
+    # (1.829 over 3 seeds, 12 % above DiLoCo).
+    "delayed": OuterRecipe(0.7, 0.0, True, "the best of the recipe study, BENCHMARKS.md 8"),
 }
 """Each mode's default outer optimizer in ``eagerloco train`` (fields left unset take these values; flags and
 TOML files override them one by one). The library's :class:`DiLoCoConfig` keeps the papers' default."""
