@@ -324,6 +324,11 @@ def test_eager_own_weight_bad_values_name_the_rule():
         config = TrainConfig()
         with pytest.raises(ConfigError, match=r"^t.toml: outer.eager_own_weight=.*: must be a number or '1/M'$"):
             apply_overrides(config, {"outer": {"eager_own_weight": bad}}, "t.toml")
+    for section, name, bad in (("outer", "eager_own_weight", "half"), ("run", "workers", "2")):
+        config = TrainConfig()  # set in code, past apply_overrides: validate checks types before the recipe's fill
+        setattr(getattr(config, section), name, bad)
+        with pytest.raises(ConfigError, match=rf"^config: {section}.{name}='{bad}': "):
+            config.validate()
     config = TrainConfig()
     apply_overrides(config, {"outer": {"eager_own_weight": 1}}, "t.toml")  # a TOML integer is a number
     assert config.validate().outer.eager_own_weight == 1.0 and isinstance(config.outer.eager_own_weight, float)

@@ -313,13 +313,13 @@ class TrainConfig:
         return config
 
     def validate(self) -> TrainConfig:
-        """Fill the outer optimizer fields left unset from the mode's recipe, then check every rule across
-        sections; raise :class:`ConfigError` naming the value and the rule."""
-        self.outer.fill_recipe(self.run.workers)
-        for section in SECTIONS:
+        """Check every field's type, fill the outer optimizer fields left unset from the mode's recipe, then check
+        every rule across sections; raise :class:`ConfigError` naming the value and the rule."""
+        for section in SECTIONS:  # types first: the recipe's fill reads run.workers and outer.eager_own_weight
             obj = getattr(self, section)
             for f in fields(obj):
                 _check_type(f"{section}.{f.name}", getattr(obj, f.name), _hints(type(obj))[f.name])
+        self.outer.fill_recipe(self.run.workers)
         # GPTConfig validates itself on construction; rebuild to run its checks on edited values.
         try:
             GPTConfig(**{f.name: getattr(self.model, f.name) for f in fields(GPTConfig)})
