@@ -33,6 +33,7 @@ import torch
 
 from eagerloco.engine.config import ConfigError
 from eagerloco.fileio import atomic_write_bytes
+from eagerloco.lm.config import RECIPE_FIELDS
 
 CHECKPOINT_FORMAT = 1
 MANIFEST = "COMPLETE.json"
@@ -192,8 +193,6 @@ def check_compatible(directory: Path, world_size: int, config: dict[str, Any] | 
 def _keep_hint(key: str, value: Any) -> str:
     """For an outer optimizer field left to the mode's recipe (which may have changed since the checkpoint was
     written): the flag that keeps the checkpoint's value."""
-    from eagerloco.lm.config import RECIPE_FIELDS
-
     section, name = key.split(".", 1)
     if section != "outer" or name not in RECIPE_FIELDS:
         return ""
