@@ -59,7 +59,8 @@ group of every matching process, this driver excluded) while the lab measures, a
 end, also on an error or a signal (``--pause-pattern ''`` pauses nothing).
 
 Writes ``benchmarks/results/ft_lab/ft_lab.json`` (raw: per run and site the per-step times, membership and outer
-records, summaries, the kill/restart timestamps, the checkout's commit) and ``ft_lab.md``.
+records, summaries, each site's outer recipe, the kill/restart timestamps, the checkout's commit) and ``ft_lab.md``
+(whose tables name each run's outer recipe).
 """
 
 from __future__ import annotations
@@ -183,7 +184,8 @@ def derive(run: Mapping[str, Any], reference: Mapping[str, Any] | None = None) -
     repeat, over the same windows). Both are raw run records as the driver stores them."""
     h, steps, tps = run["sync_every"], run["steps"], run["tokens_per_site_step"]
     sites = run["sites"]
-    out: dict[str, Any] = {"method": run["method"], "repeat": run["repeat"]}
+    out: dict[str, Any] = {"method": run["method"], "repeat": run["repeat"],
+                           "recipe": recipe_label(sites["0"].get("recipe"))}  # fmt: skip
     c, j = changes(sites["0"]["membership"])
     for s in SURVIVORS:  # every survivor must see the same changes (one quorum sequence)
         if changes(sites[str(s)]["membership"]) != (c, j):
@@ -399,8 +401,26 @@ def start_site(lab: Any, method: str, args: argparse.Namespace, site: int, port:
     return proc
 
 
+RECIPE_KEYS = ("outer_lr", "outer_momentum", "nesterov", "eager_own_weight")
+"""The outer recipe of a site, as its run resolved it (eagerloco: config.json; torchft: the worker's report)."""
+
+
+def recipe_label(recipe: Mapping[str, Any] | None) -> str:
+    """'lr 0.7, Nesterov 0.5, w 0.75' for a site's recipe; 'n/a' where the run did not record one (before this
+    column existed: its commit then tells)."""
+    if not recipe:
+        return "n/a"
+    m = recipe["outer_momentum"]
+    parts = [f"lr {recipe['outer_lr']:g}",
+             "no momentum" if m == 0 else f"{'Nesterov' if recipe['nesterov'] else 'momentum'} {m:g}"]  # fmt: skip
+    if recipe.get("eager_own_weight") is not None:
+        parts.append(f"w {recipe['eager_own_weight']:g}")
+    return ", ".join(parts)
+
+
 def collect_site(method: str, out_dir: Path) -> dict[str, Any]:
-    """The raw record of one site's life: per-step times, membership and outer records, its summary's numbers."""
+    """The raw record of one site's life: per-step times, membership and outer records, its summary's numbers,
+    its outer recipe."""
     recs = read_jsonl(out_dir / "metrics.jsonl")
     site: dict[str, Any] = {
         "inner": [[r["step"], round(r["time_s"], 4)] for r in recs if r.get("type") == "inner"],
@@ -416,8 +436,12 @@ def collect_site(method: str, out_dir: Path) -> dict[str, Any]:
                         ft={"heals": rep.get("heals"), "state_bytes_received": rep.get("state_bytes_received"),
                             "catch_up_s": rep.get("catch_up_s"), "failed_commits": rep.get("failed_commits")},
                         syncs=rep.get("syncs"), params=rep["params"], final_params_hash=rep["final_params_hash"],
-                        inner_step_time_s=rep["inner_step_time_s"])  # fmt: skip
+                        inner_step_time_s=rep["inner_step_time_s"], recipe=rep.get("outer_recipe"))  # fmt: skip
         return site
+    config = out_dir / "config.json"
+    if config.exists():
+        outer = json.loads(config.read_text())["outer"]
+        site["recipe"] = {k: outer.get(k) for k in RECIPE_KEYS}
     site["outer"] = [{k: r[k] for k in ("inner_step", "blocked_s", "dropped") if k in r}
                      for r in recs if r.get("type") == "outer"]  # fmt: skip
     path = out_dir / "summary.json"
@@ -576,7 +600,10 @@ def report(payload: dict[str, Any]) -> str:
         "",
     ]
     if free:
-        lr = [[LABELS[r["method"]], r["repeat"], _f(link_ratio(r)["inner_step_s"], ".3f"),
+        free_header = ["method", "outer recipe", "rep", "inner step s", "sync extra s", "ratio to inner phase",
+                       "wall s", "eval loss"]  # fmt: skip
+        lr = [[LABELS[r["method"]], recipe_label(r["sites"]["0"].get("recipe")), r["repeat"],
+               _f(link_ratio(r)["inner_step_s"], ".3f"),
                _f(link_ratio(r)["sync_extra_s"], ".2f"), _f(link_ratio(r)["ratio"], ".2f"),
                _f(r["sites"]["0"].get("wall_s"), ".1f"), _f(r["sites"]["0"].get("eval_loss"), ".4f")]
               for r in free]  # fmt: skip
@@ -584,12 +611,10 @@ def report(payload: dict[str, Any]) -> str:
             "Fault-free runs (site 0): inner step = median time of a step without a sync point; sync extra = median "
             "extra time of a step with one (quorum, all-reduce wait and outer step); ratio = sync extra / (H x step).",
             "",
-            bl.md_table(
-                ["method", "rep", "inner step s", "sync extra s", "ratio to inner phase", "wall s", "eval loss"], lr
-            ),
+            bl.md_table(free_header, lr),
             "",
         ]
-    hdr = ["method", "rep", "drop / rejoin step", "outer steps at M=2", "tok/s before (ref)",
+    hdr = ["method", "outer recipe", "rep", "drop / rejoin step", "outer steps at M=2", "tok/s before (ref)",
            "tok/s outage (ref)", "tok/s rejoin step (ref)", "tok/s after (ref)", "outage / before (ref)",
            "after / before (ref)", "detect: quorum s",
            "failed wait s", "start-up s", "catch-up s", "restart to back s", "state MB", "dropped (0/1/2 -> 2r)",
@@ -597,7 +622,7 @@ def report(payload: dict[str, Any]) -> str:
     trs = []
     for d in rows:
         if "error" in d and "windows" not in d:
-            trs.append([LABELS[d["method"]], d["repeat"], d["error"], *[""] * (len(hdr) - 3)])
+            trs.append([LABELS[d["method"]], d["recipe"], d["repeat"], d["error"], *[""] * (len(hdr) - 4)])
             continue
 
         def tp(name: str, d: Mapping[str, Any] = d) -> str:
@@ -605,7 +630,8 @@ def report(payload: dict[str, Any]) -> str:
 
         dropped = d["dropped"]
         trs.append([
-            LABELS[d["method"]], d["repeat"], f"{d['drop_step']} / {d['rejoin_step']}", d["outer_steps_at_2"],
+            LABELS[d["method"]], d["recipe"], d["repeat"], f"{d['drop_step']} / {d['rejoin_step']}",
+            d["outer_steps_at_2"],
             tp("before"), tp("outage"), tp("rejoin"), tp("after"),
             f"{_f(d.get('ratio_outage'), '.2f')} ({_f(d.get('ref_ratio_outage'), '.2f')})",
             f"{_f(d.get('ratio_after'), '.2f')} ({_f(d.get('ref_ratio_after'), '.2f')})",

@@ -403,6 +403,7 @@ def main(argv: list[str] | None = None) -> int:
         "failed_commits": last_members["failed"],
         "final_train_loss": loss_value,
         "eval_loss": eval_loss,
+        "outer_recipe": {k: getattr(out, k) for k in ("outer_lr", "outer_momentum", "nesterov", "eager_own_weight")},
         "init_params_hash": init_hash,
         "final_params_hash": final_hash,
         "syncs": syncs,
