@@ -186,6 +186,10 @@ def _without_eval_every(extra: tuple[str, ...]) -> tuple[str, ...]:
 def label(group: tuple[str, float | None, int, int, tuple[str, ...]]) -> str:
     method, w, workers, steps, extra = group
     text = bl.LABELS.get(method, method)
+    if method == "streaming" and "--overlap-steps" in extra[:-1]:  # the run's τ in the name, not beside τ = 1
+        i = max(k for k, a in enumerate(extra[:-1]) if a == "--overlap-steps")  # the last wins, as in argparse
+        text = text.replace("τ=1", f"τ={extra[i + 1]}")
+        extra = extra[:i] + extra[i + 2 :]
     if w is not None:
         text += f", own weight w={w:g}"
     text += f" (M={workers}, {steps} steps"

@@ -256,3 +256,16 @@ def test_lookahead_plan_runs_only_with_src(tmp_path, capsys):
     assert not lock.exists() and not (tmp_path / "out").exists()  # refused before the lock and any run
     assert rs.main(["--plan", "lookahead", "--out", str(tmp_path / "out"), "--list"]) == 0  # listing needs no --src
     assert capsys.readouterr().out.count("pending") == 3 * 8
+
+
+def test_group_label_names_the_run_s_tau_and_its_other_extras():
+    assert rs.label(("sync", None, 2, 900, ())) == "DiLoCo (sync) (M=2, 900 steps)"
+    assert rs.label(("streaming", None, 2, 900, ("--overlap-steps", "14"))) == (
+        "streaming, P=2, τ=14, α=0.5 (M=2, 900 steps)"
+    )
+    assert rs.label(("streaming", None, 2, 900, ("--overlap-steps", "5", "--sync-every", "10"))) == (
+        "streaming, P=2, τ=5, α=0.5 (M=2, 900 steps, --sync-every 10)"
+    )
+    assert rs.label(("eager", 0.75, 4, 600, ("--overlap-steps", "5"))) == (  # only streaming's name carries τ
+        "eager k=1, own weight w=0.75 (M=4, 600 steps, --overlap-steps 5)"
+    )
