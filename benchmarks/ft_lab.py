@@ -81,6 +81,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib as bl
 
 from eagerloco import configs
+from eagerloco.lm.config import RECIPE_FIELDS
 
 NAME = "ft_lab"
 WORKER = Path(__file__).resolve().with_name("torchft_worker.py")
@@ -401,10 +402,6 @@ def start_site(lab: Any, method: str, args: argparse.Namespace, site: int, port:
     return proc
 
 
-RECIPE_KEYS = ("outer_lr", "outer_momentum", "nesterov", "eager_own_weight")
-"""The outer recipe of a site, as its run resolved it (eagerloco: config.json; torchft: the worker's report)."""
-
-
 def recipe_label(recipe: Mapping[str, Any] | None) -> str:
     """'lr 0.7, Nesterov 0.5, w 0.75' for a site's recipe; 'n/a' where the run did not record one (before this
     column existed: its commit then tells)."""
@@ -441,7 +438,7 @@ def collect_site(method: str, out_dir: Path) -> dict[str, Any]:
     config = out_dir / "config.json"
     if config.exists():
         outer = json.loads(config.read_text())["outer"]
-        site["recipe"] = {k: outer.get(k) for k in RECIPE_KEYS}
+        site["recipe"] = {k: outer.get(k) for k in sorted(RECIPE_FIELDS)}  # as the run resolved it
     site["outer"] = [{k: r[k] for k in ("inner_step", "blocked_s", "dropped") if k in r}
                      for r in recs if r.get("type") == "outer"]  # fmt: skip
     path = out_dir / "summary.json"

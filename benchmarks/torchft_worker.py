@@ -171,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from eagerloco.lm.config import from_args
+    from eagerloco.lm.config import RECIPE_FIELDS, from_args
 
     config = from_args(args)
     if config.outer.mode not in ("sync", "overlap"):
@@ -403,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
         "failed_commits": last_members["failed"],
         "final_train_loss": loss_value,
         "eval_loss": eval_loss,
-        "outer_recipe": {k: getattr(out, k) for k in ("outer_lr", "outer_momentum", "nesterov", "eager_own_weight")},
+        "outer_recipe": {k: getattr(out, k) for k in sorted(RECIPE_FIELDS)},
         "init_params_hash": init_hash,
         "final_params_hash": final_hash,
         "syncs": syncs,
