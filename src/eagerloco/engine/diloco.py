@@ -290,7 +290,8 @@ class DiLoCo:
     def finalize(self) -> None:
         """Wait for every collective still in flight and apply it as one plain step at the outer learning rate,
         φ ← φ − lr·g, oldest first, leaving the outer optimizer's momentum untouched (ALGORITHMS.md, section 6;
-        ``OuterStrategy.finalize``): g = Δ(t) for overlap and delayed, g = Δ(t) − (1/M)·Δ_m(t) for eager. Then
+        ``OuterStrategy.finalize``): g = Δ(t) for overlap and delayed, g = Δ(t) − (1/M)·Δ_m(t) for eager (eager with
+        swap on arrival lets them arrive: one outer optimizer step each, ALGORITHMS.md 4.3). Then
         θ ← φ: the model holds the outer parameters, the ones to evaluate and save. Local progress since each
         fragment's last sync point is dropped (it belongs to no outer gradient)."""
         if self.finalized:
@@ -409,8 +410,9 @@ class DiLoCo:
         """The outer loop's state: φ, outer optimizer and reducer state per fragment, and the averages in flight.
 
         Averages in flight are waited for (blocking) and stored by value, together with eager's own
-        contributions: a resumed run applies exactly what the uninterrupted run would have. Save the model's
-        and the inner optimizer's ``state_dict()`` next to it: θ is theirs.
+        contributions (and, with swap on arrival, the stand-in ψ_m) and their arrival steps: a resumed run applies
+        exactly what the uninterrupted run would have. Save the model's and the inner optimizer's ``state_dict()``
+        next to it: θ is theirs.
         """
         fragments = []
         for state in self.states:
@@ -421,6 +423,7 @@ class DiLoCo:
                         "launch_step": item.launch_step,
                         "mean": state.wait(item).clone(),
                         "own": None if item.own is None else item.own.clone(),
+                        "stand_in": None if item.stand_in is None else item.stand_in.clone(),
                         "own_finite": item.own_finite,
                         "payload_bytes": item.mean.payload_bytes,
                         "dropped": bool(getattr(item.mean, "dropped", False)),
@@ -460,9 +463,10 @@ class DiLoCo:
         saved = state_dict["config"]
         check_saved_config(saved)
         drained = bool(state_dict.get("finalized")) and not any(f["in_flight"] for f in state_dict["fragments"])
-        switchable = ("mode", "overlap_steps", "delay", "compression", "error_feedback")
+        switchable = ("mode", "overlap_steps", "delay", "compression", "error_feedback", "eager_swap_steps")
         switched = False
-        for key in ("mode", "sync_every", "num_fragments", "fragment_layout", "overlap_steps", "delay", "compression"):
+        compared = ("mode", "sync_every", "num_fragments", "fragment_layout", "overlap_steps", "delay", "compression")
+        for key in (*compared, "eager_swap_steps"):
             if saved.get(key) != getattr(self.config, key):
                 if drained and key in switchable:
                     switched = True
@@ -500,6 +504,7 @@ class DiLoCo:
                     mean=_restored_mean(item, state.phi.device),
                     own=None if item["own"] is None else item["own"].to(state.phi.device),
                     own_finite=item.get("own_finite", True),
+                    stand_in=None if item.get("stand_in") is None else item["stand_in"].to(state.phi.device),
                 )
                 for item in saved_fragment["in_flight"]
             )
