@@ -28,10 +28,6 @@ CASES = {
     "delayed_k2": DiLoCoConfig(mode="delayed", sync_every=4, delay=2),
     "eager_k2_p2": DiLoCoConfig(mode="eager", sync_every=4, delay=2, num_fragments=2),
     "eager_async_save": DiLoCoConfig(mode="eager", sync_every=4, delay=1),
-    # swap on arrival (ALGORITHMS.md 4.3): the averages of 8 (fragment 0) and 10 (fragment 1) are due at 11 and 13
-    "eager_swap_p2": DiLoCoConfig(
-        mode="eager", sync_every=4, num_fragments=2, eager_swap_steps=3, eager_own_weight=0.75, outer_momentum=0.9
-    ),
 }
 STEPS, STOP, BATCH = 14, 10, 16  # at STOP = 10 (H = 4): 2 averages in flight for delayed/eager k = 2, 1 for overlap
 

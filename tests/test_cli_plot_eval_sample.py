@@ -81,8 +81,6 @@ def test_run_label():
     assert run_label({"outer": {"mode": "eager", "delay": 1, "sync_every": 30, "eager_own_weight": "1/M"}}) == (
         "eager k=1 w=1/M H=30"
     )
-    swap = {"mode": "eager", "delay": 1, "sync_every": 30, "eager_own_weight": 0.75, "eager_swap_steps": 14}
-    assert run_label({"outer": {**swap, "num_fragments": 2}}) == "eager swap τ=14 w=0.75 H=30 P=2"
     assert run_label({"outer": {"mode": "sync", "sync_every": 30}}) == "sync H=30"
     assert run_label({"outer": {"mode": "dp", "sync_every": 30}}) == "dp"
     assert run_label({"outer": {"mode": "overlap", "overlap_steps": 1, "sync_every": 10}}) == "overlap τ=1 H=10"

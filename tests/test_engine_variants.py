@@ -132,9 +132,14 @@ def _same(a, b) -> bool:
     return a == b
 
 
-def test_a_checkpoint_of_the_removed_lookahead_variant_is_refused_and_one_without_it_loads():
-    """``eager_lookahead`` (ALGORITHMS.md 4.2) was removed: a state saved with it True is refused, by the engine and
-    by the resize, in one line; one saved with it False (checkpoints written while it existed) loads as it is."""
+@pytest.mark.parametrize(
+    ("key", "on", "off", "section", "commit"),
+    [("eager_lookahead", True, False, "4.2", "c512a86"), ("eager_swap_steps", 2, None, "4.3", "dd1063f")],
+)
+def test_a_checkpoint_of_a_removed_variant_is_refused_and_one_without_it_loads(key, on, off, section, commit):
+    """``eager_lookahead`` (ALGORITHMS.md 4.2) and ``eager_swap_steps`` (4.3) were removed: a state saved with one
+    on is refused, by the engine and by the resize, in one line naming the commit that has it; one saved with it
+    off (checkpoints written while it existed) loads as it is."""
     config = DiLoCoConfig(mode="eager", sync_every=3, outer_lr=0.7, outer_momentum=0.9)
 
     def worker(comm):
@@ -151,24 +156,24 @@ def test_a_checkpoint_of_the_removed_lookahead_variant_is_refused_and_one_withou
             inner.zero_grad()
             loco.step()
         saved = loco.state_dict()
-        assert len(saved["fragments"][0]["in_flight"]) == 1 and "eager_lookahead" not in saved["config"]
-        with_variant = {**saved, "config": {**saved["config"], "eager_lookahead": True}}
+        assert len(saved["fragments"][0]["in_flight"]) == 1 and key not in saved["config"]
+        with_variant = {**saved, "config": {**saved["config"], key: on}}
         with pytest.raises(ValueError) as info:
             build()[1].load_state_dict(with_variant)
         fresh = build()[1]
-        fresh.load_state_dict({**saved, "config": {**saved["config"], "eager_lookahead": False}})
+        fresh.load_state_dict({**saved, "config": {**saved["config"], key: off}})
         return str(info.value), _same(fresh.state_dict(), saved), saved, with_variant
 
     results = run_inprocess(2, worker)
     message = (
-        "checkpoint was written with eager_lookahead=True: that variant of eager was removed after its measurement "
-        "(ALGORITHMS.md 4.2); continue this run with a checkout at commit c512a86"
+        f"checkpoint was written with {key}={on!r}: that variant of eager was removed after its measurement "
+        f"(ALGORITHMS.md {section}); continue this run with a checkout at commit {commit}"
     )
     assert [r[:2] for r in results] == [(message, True)] * 2
     with pytest.raises(ValueError) as info:
         resize_outer_states([r[3] for r in results], 3)
     assert str(info.value) == message
-    without = [{**r[2], "config": {**r[2]["config"], "eager_lookahead": False}} for r in results]
+    without = [{**r[2], "config": {**r[2]["config"], key: off}} for r in results]
     resized = resize_outer_states(without, 3)
     assert _same(
         [r["fragments"] for r in resized], [r["fragments"] for r in resize_outer_states([r[2] for r in results], 3)]

@@ -32,10 +32,6 @@ SMOKE = str(configs.path("smoke"))
             ["--fault-tolerance", "127.0.0.1:1", "--mode", "eager", "--eager-own-weight", "0.25"],
             r"outer.eager_own_weight=0.25: below 1/M = 0.5 for run.workers=2",
         ),
-        (
-            ["--fault-tolerance", "127.0.0.1:1", "--eager-swap-steps", "3"],
-            r"outer.eager_swap_steps=3: swap on arrival is not supported with run.fault_tolerance",
-        ),
     ],
 )
 def test_fault_tolerance_bad_values_are_clear_errors_before_training(tmp_path, flags, message) -> None:

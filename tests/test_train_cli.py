@@ -55,9 +55,8 @@ def records(run_dir: Path, kind: str, worker: int = 0) -> list[dict]:
         ["--mode", "delayed"],
         ["--mode", "eager"],
         ["--mode", "eager", "--num-fragments", "2", "--sync-every", "4", "--delay", "2"],
-        ["--mode", "eager", "--num-fragments", "2", "--sync-every", "4", "--eager-swap-steps", "3"],
     ],
-    ids=["dp", "sync", "overlap", "delayed", "eager", "eager-streaming-k2", "eager-swap-streaming"],
+    ids=["dp", "sync", "overlap", "delayed", "eager", "eager-streaming-k2"],
 )
 def test_every_mode_end_to_end(tmp_path, flags):
     summary = train(tmp_path, "run", *flags)
@@ -88,12 +87,10 @@ def test_every_mode_end_to_end(tmp_path, flags):
     assert checkpoint.latest_valid(run_dir).name == "step-000000020"
 
 
-@pytest.mark.parametrize("variant", [[], ["--eager-swap-steps", "3"]], ids=["eager", "eager-swap"])
-def test_resume_is_bitwise_identical_to_an_uninterrupted_run(tmp_path, variant):
-    # Eager: checkpoints every outer step (5 inner steps) hold averages in flight and eager's own contributions
-    # (with swap on arrival, the stand-in and the arrival due 3 steps later). Resume from step 10 and finish: the
-    # same final model, bit for bit.
-    flags = ["--mode", "eager", *variant, "--checkpoint-every", "1", "--keep-checkpoints", "10"]
+def test_resume_is_bitwise_identical_to_an_uninterrupted_run(tmp_path):
+    # Eager with fragments and compression off: checkpoints every outer step (5 inner steps) hold averages in
+    # flight and eager's own contributions. Resume from step 10 and finish: the same final model, bit for bit.
+    flags = ["--mode", "eager", "--checkpoint-every", "1", "--keep-checkpoints", "10"]
     train(tmp_path, "full", *flags)
     full = tmp_path / "full"
     resumed = tmp_path / "resumed"
@@ -141,8 +138,6 @@ def test_simulated_and_process_launches_agree(tmp_path):
         (["--corpus", "/nonexistent/corpus"], r"/nonexistent/corpus"),
         (["--n-head", "3"], r"d_model=32 must be divisible by n_head=3"),
         (["--mode", "dp", "--compression", "fp4"], r"mode 'dp' has none"),
-        (["--eager-swap-steps", "6"], r"eager_swap_steps=6: τ_s must be an integer in \[1, H\] = \[1, 5\]"),
-        (["--mode", "sync", "--eager-swap-steps", "2"], r"eager_swap_steps=2: applies to mode 'eager' only"),
     ],
 )
 def test_bad_values_are_clear_errors_before_training(tmp_path, flags, message, capsys):
@@ -627,13 +622,18 @@ def test_the_process_launcher_exits_2_when_every_worker_refused_its_input(tmp_pa
     assert info.value.code == 2
 
 
-def test_saved_config_of_a_removed_option_loads_when_it_was_off():
-    """config.json of runs written while eager_lookahead existed (off) still loads (eval, sample); on: refused."""
+@pytest.mark.parametrize(
+    ("key", "on", "off", "where"),
+    [("eager_lookahead", True, False, r"4.2: .* commit c512a86"), ("eager_swap_steps", 14, None, r"4.3: .* dd1063f")],
+)
+def test_saved_config_of_a_removed_option_loads_when_it_was_off(key, on, off, where):
+    """config.json of runs written while eager_lookahead or eager_swap_steps existed (off) still loads (eval,
+    sample); on: refused, naming the section and the commit that has it."""
     saved = TrainConfig().validate().to_dict()
-    saved["outer"]["eager_lookahead"] = False
+    saved["outer"][key] = off
     assert TrainConfig.from_dict(saved).to_dict() == TrainConfig().validate().to_dict()
-    saved["outer"]["eager_lookahead"] = True
-    with pytest.raises(ConfigError, match=r"^outer.eager_lookahead=True: this run used an option that was removed"):
+    saved["outer"][key] = on
+    with pytest.raises(ConfigError, match=rf"^outer.{key}={on!r}: this run used an option that was removed .*{where}$"):
         TrainConfig.from_dict(saved)
 
 

@@ -258,11 +258,6 @@ def check_fault_tolerance(config: TrainConfig) -> tuple[str, int]:
         raise ConfigError(f"run.fault_tolerance={r.fault_tolerance!r}: must be HOST:PORT of the lighthouse")
     if config.outer.mode == "dp":
         raise ConfigError("run.fault_tolerance needs a DiLoCo mode (sync, overlap, delayed, eager), not 'dp'")
-    if config.outer.eager_swap_steps is not None:
-        raise ConfigError(
-            f"outer.eager_swap_steps={config.outer.eager_swap_steps!r}: swap on arrival is not supported with "
-            "run.fault_tolerance (ALGORITHMS.md 4.3); leave it unset"
-        )
     if r.launch not in ("auto", "processes"):
         raise ConfigError(f"run.fault_tolerance: one process per site; run.launch={r.launch!r} does not apply")
     if r.resume or r.checkpoint_every:

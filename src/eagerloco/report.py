@@ -143,9 +143,7 @@ def print_summary(summary: dict[str, Any], config: TrainConfig) -> None:
         "sync": f"H={config.outer.sync_every}",
         "overlap": f"H={config.outer.sync_every}, τ={config.outer.overlap_steps}, α={config.outer.alpha}",
         "delayed": f"H={config.outer.sync_every}, k={config.outer.delay}",
-        "eager": f"H={config.outer.sync_every}, k={config.outer.delay}"
-        if config.outer.eager_swap_steps is None
-        else f"H={config.outer.sync_every}, swap on arrival τ_s={config.outer.eager_swap_steps}",
+        "eager": f"H={config.outer.sync_every}, k={config.outer.delay}",
     }[mode]
     link = f"emulated {config.run.link_mbit:g} Mbit/s" if config.run.link_mbit else "no emulated link"
     print()

@@ -14,9 +14,13 @@ Codec = Literal["none", "bf16", "fp16", "fp8", "int8", "fp4"]
 CODEC_NAMES: tuple[str, ...] = get_args(Codec)
 
 
-REMOVED_FIELDS: dict[str, object] = {"eager_lookahead": False}
-"""Fields of :class:`DiLoCoConfig` that were removed, with the value that meant "off" (ALGORITHMS.md 4.2): a saved
-configuration (checkpoint, config.json) that has them off still loads; on, it is refused."""
+REMOVED_FIELDS: dict[str, tuple[object, str, str]] = {
+    "eager_lookahead": (False, "4.2", "c512a86"),
+    "eager_swap_steps": (None, "4.3", "dd1063f"),
+}
+"""Fields of :class:`DiLoCoConfig` that were removed after their measurement, each with the value that meant "off",
+its ALGORITHMS.md section and the last commit that has it: a saved configuration (checkpoint, config.json) that has
+it off (or lacks it) still loads; on, it is refused in one line that names that commit."""
 
 
 class ConfigError(ValueError):
@@ -62,14 +66,6 @@ class DiLoCoConfig:
     w = 1: each worker applies its fresh Δ_m(t) as a stand-in for the fresh average and swaps it for the true
     average on arrival, so the mean over workers of what they apply is DiLoCo's fresh Δ(t) at any M
     (ALGORITHMS.md section 4.1). A w below 1/M is refused when the engine learns M."""
-
-    eager_swap_steps: int | None = None
-    """τ_s (mode 'eager' with delay 1 only, opt-in): swap on arrival (ALGORITHMS.md section 4.3). The worker starts
-    each phase from its own stand-in ψ_m = OuterOpt(φ, w·Δ_m(t)) and, τ_s inner steps after the launch, steps φ
-    with the arrived average as DiLoCo does and moves θ by φ − ψ_m (the local steps taken meanwhile are kept).
-    φ and the outer optimizer state then stay identical on all workers. 1 ≤ τ_s ≤ H; the average must arrive
-    within τ_s steps or the worker blocks. ``None``: the average replaces the stand-in at the next sync point (the
-    paper's rule, or 4.1's with ``eager_own_weight``)."""
 
     outer_lr: float = 0.7
     """Learning rate of the default outer optimizer (0.7 in DiLoCo; the streaming and eager papers use 0.4)."""
@@ -146,20 +142,6 @@ class DiLoCoConfig:
                 )
             if self.mode != "eager":
                 raise bad("eager_own_weight", f"applies to mode 'eager' only (mode={self.mode!r}): leave it None")
-        swap = self.eager_swap_steps
-        if swap is not None:
-            if isinstance(swap, bool) or not isinstance(swap, int) or not 1 <= swap <= self.sync_every:
-                raise ConfigError(
-                    f"eager_swap_steps={swap!r}: τ_s must be an integer in [1, H] = [1, {self.sync_every}] (the "
-                    "average must be swapped in by the fragment's next sync point), or None"
-                )
-            if self.mode != "eager":
-                raise bad("eager_swap_steps", f"applies to mode 'eager' only (mode={self.mode!r}): leave it None")
-            if self.delay != 1:
-                raise ConfigError(
-                    f"eager_swap_steps={swap!r} with delay={self.delay!r}: swap on arrival needs delay=1 (the "
-                    "average is swapped in within one outer step)"
-                )
         for name in ("outer_lr", "outer_momentum"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:

@@ -9,7 +9,6 @@ It offers the primitives the spec's formulas are written with, and does no arith
 ``wait(item)``            Δ(t) of an item in flight (the time spent here is *blocked time*)
 ``check_average(item, Δ)`` the ``nonfinite`` policy: True when Δ(t) may be used
 ``outer_step(g, t₀)``     φ ← OuterOpt(φ, g) (g into ``φ.grad``, one ``optimizer.step()``)
-``trial_step(g)``         OuterOpt(φ, g) computed on a copy: φ and the outer optimizer state are untouched
 ``read_theta()``          θ's elements this rank owns, flat fp32
 ``write_theta(values)``   θ ← values (owned elements; the worker's replicas are restored inside)
 ``schedule_arrival(t)``   have the strategy's ``on_arrival`` called for this fragment at inner step t
@@ -23,7 +22,6 @@ inner step, the arrival schedule) is one :class:`EngineContext`.
 
 from __future__ import annotations
 
-import copy
 import time
 import warnings
 from collections import deque
@@ -51,9 +49,6 @@ class InFlight:
     ALGORITHMS.md 4.1; zero when Δ_m(t) was not finite: nothing was applied). Set by the strategy."""
     own_finite: bool = True
     """Whether this worker's own Δ_m(t) was finite (for the error message when the average is not)."""
-    stand_in: torch.Tensor | None = None
-    """Eager with swap on arrival only (ALGORITHMS.md 4.3): ψ_m, the point this worker's θ restarted from at the
-    launch, OuterOpt(φ, own(t)) computed on a copy. Set by the strategy."""
 
 
 @dataclass(eq=False)
@@ -218,17 +213,6 @@ class FragmentCore:
         self.phi.grad = None
         ctx = self._context
         ctx.recorder.applied(self.index, g, ctx.inner_step - launched_at)
-
-    def trial_step(self, g: torch.Tensor) -> torch.Tensor:
-        """OuterOpt(φ, g) as a new tensor, computed by a copy of the outer optimizer over a copy of φ: φ and the
-        optimizer's state stay as they are. The same step later on the real optimizer, from the same state and
-        with the same ``g``, gives the same bits (the same kernels on the same values)."""
-        self.check_finite(g, self._context.inner_step)
-        trial = copy.deepcopy(self.outer_optimizer)  # deep-copies φ with it: the copy's state is keyed by its φ
-        phi = trial.param_groups[0]["params"][0]
-        phi.grad = g
-        trial.step()
-        return phi.detach()
 
     def record_plain_step(self) -> None:
         """Tell the recorder that φ was moved by a plain step outside the outer optimizer (the final drain)."""

@@ -78,14 +78,14 @@ FragmentState = FragmentCore
 
 def check_saved_config(saved: dict[str, Any]) -> None:
     """Refuse a saved configuration (``state_dict()["config"]``) written with a setting this eagerloco no longer
-    has: ``eager_lookahead=True`` (ALGORITHMS.md 4.2). ``eager_lookahead=False``, in the checkpoints written while
-    the setting existed, is the paper's rule and loads."""
-    for key, off in REMOVED_FIELDS.items():
+    has (``REMOVED_FIELDS``: ``eager_lookahead=True``, ALGORITHMS.md 4.2; ``eager_swap_steps`` set, 4.3). The
+    setting off, in the checkpoints written while it existed, is the rule it left and loads."""
+    for key, (off, section, commit) in REMOVED_FIELDS.items():
         value = saved.get(key, off)
         if value != off:
             raise ValueError(
                 f"checkpoint was written with {key}={value!r}: that variant of eager was removed after its "
-                "measurement (ALGORITHMS.md 4.2); continue this run with a checkout at commit c512a86"
+                f"measurement (ALGORITHMS.md {section}); continue this run with a checkout at commit {commit}"
             )
 
 
@@ -290,8 +290,7 @@ class DiLoCo:
     def finalize(self) -> None:
         """Wait for every collective still in flight and apply it as one plain step at the outer learning rate,
         φ ← φ − lr·g, oldest first, leaving the outer optimizer's momentum untouched (ALGORITHMS.md, section 6;
-        ``OuterStrategy.finalize``): g = Δ(t) for overlap and delayed, g = Δ(t) − (1/M)·Δ_m(t) for eager (eager with
-        swap on arrival lets them arrive: one outer optimizer step each, ALGORITHMS.md 4.3). Then
+        ``OuterStrategy.finalize``): g = Δ(t) for overlap and delayed, g = Δ(t) − (1/M)·Δ_m(t) for eager. Then
         θ ← φ: the model holds the outer parameters, the ones to evaluate and save. Local progress since each
         fragment's last sync point is dropped (it belongs to no outer gradient)."""
         if self.finalized:
@@ -410,9 +409,8 @@ class DiLoCo:
         """The outer loop's state: φ, outer optimizer and reducer state per fragment, and the averages in flight.
 
         Averages in flight are waited for (blocking) and stored by value, together with eager's own
-        contributions (and, with swap on arrival, the stand-in ψ_m) and their arrival steps: a resumed run applies
-        exactly what the uninterrupted run would have. Save the model's and the inner optimizer's ``state_dict()``
-        next to it: θ is theirs.
+        contributions: a resumed run applies exactly what the uninterrupted run would have. Save the model's
+        and the inner optimizer's ``state_dict()`` next to it: θ is theirs.
         """
         fragments = []
         for state in self.states:
@@ -423,7 +421,6 @@ class DiLoCo:
                         "launch_step": item.launch_step,
                         "mean": state.wait(item).clone(),
                         "own": None if item.own is None else item.own.clone(),
-                        "stand_in": None if item.stand_in is None else item.stand_in.clone(),
                         "own_finite": item.own_finite,
                         "payload_bytes": item.mean.payload_bytes,
                         "dropped": bool(getattr(item.mean, "dropped", False)),
@@ -463,10 +460,9 @@ class DiLoCo:
         saved = state_dict["config"]
         check_saved_config(saved)
         drained = bool(state_dict.get("finalized")) and not any(f["in_flight"] for f in state_dict["fragments"])
-        switchable = ("mode", "overlap_steps", "delay", "compression", "error_feedback", "eager_swap_steps")
+        switchable = ("mode", "overlap_steps", "delay", "compression", "error_feedback")
         switched = False
-        compared = ("mode", "sync_every", "num_fragments", "fragment_layout", "overlap_steps", "delay", "compression")
-        for key in (*compared, "eager_swap_steps"):
+        for key in ("mode", "sync_every", "num_fragments", "fragment_layout", "overlap_steps", "delay", "compression"):
             if saved.get(key) != getattr(self.config, key):
                 if drained and key in switchable:
                     switched = True
@@ -504,7 +500,6 @@ class DiLoCo:
                     mean=_restored_mean(item, state.phi.device),
                     own=None if item["own"] is None else item["own"].to(state.phi.device),
                     own_finite=item.get("own_finite", True),
-                    stand_in=None if item.get("stand_in") is None else item["stand_in"].to(state.phi.device),
                 )
                 for item in saved_fragment["in_flight"]
             )

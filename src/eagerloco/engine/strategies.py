@@ -1,12 +1,12 @@
 """The four modes, each a small strategy over the per-fragment core (:class:`eagerloco.engine.core.FragmentCore`).
 
 Every formula of ALGORITHMS.md sections 1-4 and 6 is written out here, for its mode; the core only provides the
-primitives (launch, wait, check_average, outer_step, trial_step, read_theta, write_theta, schedule_arrival)
-and measures. Notation: Δ_m(t) = φ − θ_m(t) (``core.launch``), Δ(t) = (1/M) Σ_m Δ_m(t) (``core.wait``),
-M = ``core.world_size``, OuterOpt (``core.outer_step``).
+primitives (launch, wait, check_average, outer_step, read_theta, write_theta, schedule_arrival) and measures.
+Notation: Δ_m(t) = φ − θ_m(t) (``core.launch``), Δ(t) = (1/M) Σ_m Δ_m(t) (``core.wait``), M = ``core.world_size``,
+OuterOpt (``core.outer_step``).
 
-A strategy decides, for one fragment, what happens at its sync point t (``on_sync``), for overlap and eager's swap on
-arrival τ steps later (``on_arrival``), and at the end of training (``finalize``, section 6).
+A strategy decides, for one fragment, what happens at its sync point t (``on_sync``), for overlap τ steps later
+(``on_arrival``), and at the end of training (``finalize``, section 6).
 
 Collective order invariant: every strategy launches the fresh outer gradient *before* waiting on an older one,
 and the engine visits fragments in index order at every step, so all workers issue the same collectives in the
@@ -184,8 +184,6 @@ class EagerStrategy(OuterStrategy):
 
     @classmethod
     def from_config(cls, config: DiLoCoConfig) -> EagerStrategy:
-        if config.eager_swap_steps is not None:
-            return EagerSwapStrategy(config.eager_swap_steps, config.eager_own_weight)
         return cls(config.delay, config.eager_own_weight)
 
     def check_world_size(self, world_size: int, fixed_membership: bool = True) -> None:
@@ -204,7 +202,15 @@ class EagerStrategy(OuterStrategy):
         if not self._checked_world_size:  # a strategy built without M: refuse before the first collective
             self.check_world_size(core.world_size)
         fresh, delta = core.launch(t)  # Δ_m(t) = φ − θ(t) (error-feedback residual included); the average starts
-        fresh.own = self._own_term(core, fresh, delta)  # own(t), applied at once and kept as applied
+        # own(t) = w·Δ_m(t) (w = 1/M: the paper's rule), applied at once and kept as applied; a non-finite Δ_m(t)
+        # contributes nothing here (it still travels, so that every worker sees the bad average): φ stays finite.
+        if not fresh.own_finite:
+            fresh.own = torch.zeros_like(delta)
+        elif self.own_weight is None:
+            fresh.own = delta.div_(core.world_size)  # (1/M)·Δ_m(t)
+        else:
+            # w·Δ_m(t); w_Q = max(w, 1/M_Q) is w itself wherever M is fixed (w >= 1/M was checked)
+            fresh.own = delta.mul_(max(self.own_weight, 1 / core.world_size))
         if len(core.in_flight) > self.delay:  # Δ(t − kH), launched k sync points ago, is due
             item = core.in_flight.popleft()
             assert item.own is not None
@@ -219,82 +225,11 @@ class EagerStrategy(OuterStrategy):
             core.outer_step(fresh.own.clone(), launched_at=t)  # Δ̃_m(t) = own(t): nothing has arrived yet
         core.write_theta(core.phi)  # θ ← φ_m
 
-    def _own_term(self, core: FragmentCore, fresh: InFlight, delta: torch.Tensor) -> torch.Tensor:
-        """own(t) = w·Δ_m(t) (w = 1/M: the paper's rule), in place in ``delta``. A non-finite Δ_m(t) contributes
-        nothing here (it still travels, so that every worker sees the bad average): φ stays finite."""
-        if not fresh.own_finite:
-            return torch.zeros_like(delta)
-        if self.own_weight is None:
-            return delta.div_(core.world_size)  # (1/M)·Δ_m(t)
-        # w·Δ_m(t); w_Q = max(w, 1/M_Q) is w itself wherever M is fixed (w >= 1/M was checked)
-        return delta.mul_(max(self.own_weight, 1 / core.world_size))
-
     def final_gradient(self, item: InFlight, mean: torch.Tensor) -> torch.Tensor:
         """ALGORITHMS.md section 6: g = Δ(t) − own(t), own(t) = (1/M)·Δ_m(t) or w·Δ_m(t) as it was applied: the
         rest of the average, the own part went in at t."""
         assert item.own is not None
         return torch.sub(mean, item.own)
-
-
-class EagerSwapStrategy(EagerStrategy):
-    """Eager with swap on arrival after τ_s steps (section 4.3, opt-in ``eager_swap_steps``). At t: launch Δ_m(t);
-
-        own(t) = w·Δ_m(t);   ψ_m ← OuterOpt(φ, own(t)) on a copy;   θ ← ψ_m
-
-    and at t + τ_s: wait for Δ(t); φ ← OuterOpt(φ, Δ(t)); θ ← θ + (φ − ψ_m). φ and the outer optimizer are
-    stepped by arrived averages only, as in DiLoCo, so they stay bit-identical on all workers; the stand-in ψ_m
-    (kept in ``InFlight.stand_in``) only moves θ. With M = 1 the arrival's step is ψ_m bit for bit and θ does not
-    move: bitwise sync. Finalize lets every pending average arrive the same way (OuterOpt, momentum included).
-    """
-
-    uniform_outer_state = True
-
-    def __init__(self, swap_steps: int, own_weight: float | None = None) -> None:
-        super().__init__(delay=1, own_weight=own_weight)
-        self.swap_steps = swap_steps
-
-    def check_world_size(self, world_size: int, fixed_membership: bool = True) -> None:
-        """As eager's, and refuse a membership that changes (ALGORITHMS.md 4.3: not combined with section 11)."""
-        if not fixed_membership:
-            raise ConfigError(
-                f"eager_swap_steps={self.swap_steps!r}: swap on arrival is not supported with fault tolerance "
-                "(eagerloco.ft); leave it None there (ALGORITHMS.md 4.3)"
-            )
-        super().check_world_size(world_size, fixed_membership)
-
-    def on_sync(self, core: FragmentCore, t: int) -> None:
-        if not self._checked_world_size:  # a strategy built without M: refuse before the first collective
-            self.check_world_size(core.world_size)
-        # Every earlier average of this fragment arrived at its t' + τ_s ≤ t (arrivals run before syncs in a step).
-        fresh, delta = core.launch(t)  # Δ_m(t) = φ − θ(t); the average starts
-        own = self._own_term(core, fresh, delta)  # own(t) = w·Δ_m(t), zero if Δ_m(t) was not finite
-        fresh.stand_in = core.trial_step(own)  # ψ_m = OuterOpt(φ, own(t)); φ and its optimizer untouched
-        core.write_theta(fresh.stand_in)  # θ ← ψ_m
-        core.schedule_arrival(t + self.swap_steps)
-
-    def on_arrival(self, core: FragmentCore, t: int) -> None:
-        self._arrive(core)
-
-    @staticmethod
-    def _arrive(core: FragmentCore) -> None:
-        item = core.in_flight.popleft()
-        mean = core.wait(item)  # Δ(t₀), launched τ_s steps ago (or fewer, in finalize)
-        if not core.check_average(item, mean):
-            core.write_theta(core.phi)  # skipped or dropped: nothing applied; θ ← φ (stand-in and local steps dropped)
-            return
-        assert item.stand_in is not None
-        core.outer_step(mean, launched_at=item.launch_step)  # φ ← OuterOpt(φ, Δ(t₀)): DiLoCo's step
-        theta = core.read_theta()
-        # θ ← θ + (φ − ψ_m): the local steps since t₀ are kept. With M = 1, φ == ψ_m bitwise and θ is unchanged.
-        theta.add_(torch.sub(core.phi, item.stand_in).to(theta.device))
-        core.write_theta(theta)
-
-    def finalize(self, core: FragmentCore) -> None:
-        """Section 4.3: every average still in flight arrives as in :meth:`on_arrival`, oldest first (the OuterOpt
-        step, not section 6's plain one); then θ ← φ."""
-        while core.in_flight:
-            self._arrive(core)
-        core.write_theta(core.phi)  # θ ← φ
 
 
 STRATEGIES: dict[str, type[OuterStrategy]] = {

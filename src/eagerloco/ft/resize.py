@@ -57,12 +57,6 @@ def resize_outer_states(saved: list[dict[str, Any]], world_size: int) -> list[di
             raise ValueError(f"saved state #{rank} has another number of fragments than state #0")
     config = first["config"]
     check_saved_config(config)
-    if config.get("eager_swap_steps") is not None and any(f["in_flight"] for s in saved for f in s["fragments"]):
-        raise ValueError(
-            f"saved states of eager with eager_swap_steps={config['eager_swap_steps']!r} have averages in flight: "
-            "their arrival is an outer optimizer step, which resizing does not replay (ALGORITHMS.md 4.3); resume "
-            "with the same number of workers, or resize a state saved after finalize()"
-        )
     eager = config["mode"] == "eager"
     skip_nonfinite = config.get("nonfinite", "raise") == "skip"
 

@@ -29,13 +29,11 @@ key (under the name given to ``dcp.save``)  value
 ``outer_optimizer.<state>.<param>``         the outer optimizer's per-element state (SGD: ``momentum_buffer``)
 ``in_flight.<j>.mean.<param>``              the j-th average in flight (oldest first), Δ(t) by value
 ``in_flight.<j>.own.<param>``               eager only: this worker's own contribution (1/M)·Δ_m(t) in it
-``in_flight.<j>.stand_in.<param>``          eager with swap on arrival only: this worker's stand-in ψ_m
 ``meta.worker<m>.rank<n>``                  the rest (config, step, schedule, codec residual, ...), one per rank
 ==========================================  ======================================================================
 
 In eager mode φ, the outer optimizer state and the own contributions differ between workers: their keys start
-with ``worker<m>.``; with swap on arrival only the stand-ins do (φ and the outer state are identical). Every other
-tensor is bit-identical on all workers, and DCP writes one copy of it.
+with ``worker<m>.``. Every other tensor is bit-identical on all workers, and DCP writes one copy of it.
 
 DCP loads into tensors that exist before the load, so the in-flight slots are always present: as many as the
 mode can have in flight per fragment (sync 0, overlap 1, delayed and eager k), unoccupied ones zero; the meta
@@ -104,7 +102,6 @@ class DiLoCoState(Stateful):
         self._meta_key = f"meta.worker{worker}.rank{inner_rank}"
         self._capacity = in_flight_capacity(loco)
         self._eager_own = not loco.strategy.uniform_outer_state
-        self._stand_in = f"worker{worker}." if loco.config.mode == "eager" and loco.config.eager_swap_steps else None
         self._elementwise = [_elementwise_state_keys(core.outer_optimizer) for core in loco.states]
 
     def state_dict(self) -> dict[str, Any]:
@@ -144,14 +141,6 @@ class DiLoCoState(Stateful):
                     _put(
                         out, f"{own}in_flight.{j}.own.", names, _per_parameter(view, _or_zeros(own_value, saved["phi"]))
                     )
-                if self._stand_in is not None:
-                    psi = None if item is None else item["stand_in"]
-                    _put(
-                        out,
-                        f"{self._stand_in}in_flight.{j}.stand_in.",
-                        names,
-                        _per_parameter(view, _or_zeros(psi, saved["phi"])),
-                    )
             skeleton_fragments.append(
                 {
                     "names": names,
@@ -159,8 +148,8 @@ class DiLoCoState(Stateful):
                     "reducer": saved["reducer"],
                     "arrivals": saved["arrivals"],
                     "in_flight": [
-                        {k: v for k, v in item.items() if k not in ("mean", "own", "stand_in")}
-                        | {"has_own": item["own"] is not None, "has_stand_in": item["stand_in"] is not None}
+                        {k: v for k, v in item.items() if k not in ("mean", "own")}
+                        | {"has_own": item["own"] is not None}
                         for item in in_flight
                     ],
                 }
@@ -192,15 +181,10 @@ class DiLoCoState(Stateful):
                         per_param[key] = value.to(core.phi.device)
             in_flight = []
             for j, item in enumerate(skeleton["in_flight"]):
-                restored = {k: v for k, v in item.items() if k not in ("has_own", "has_stand_in")}
+                restored = {k: v for k, v in item.items() if k != "has_own"}
                 restored["mean"] = _flat(view, _get(state_dict, f"in_flight.{j}.mean.", names))
                 restored["own"] = (
                     _flat(view, _get(state_dict, f"{own}in_flight.{j}.own.", names)) if item["has_own"] else None
-                )
-                restored["stand_in"] = (
-                    _flat(view, _get(state_dict, f"{self._stand_in}in_flight.{j}.stand_in.", names))
-                    if item.get("has_stand_in")
-                    else None
                 )
                 in_flight.append(restored)
             fragments.append(

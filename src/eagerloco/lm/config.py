@@ -297,13 +297,13 @@ class TrainConfig:
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
         """Inverse of :meth:`to_dict` (derived fields such as model.vocab_size are recomputed, not read)."""
         config = cls()
-        for name, off in REMOVED.items():  # config.json of runs written before a field was removed
+        for name, (off, where, commit) in REMOVED.items():  # config.json of runs written before a field was removed
             section, key = name.split(".")
             value = values.get(section, {}).get(key, off)
             if value != off:
                 raise ConfigError(
-                    f"{name}={value!r}: this run used an option that was removed (ALGORITHMS.md 4.2: measured, it did "
-                    "not earn its place); read it with a checkout at commit c512a86"
+                    f"{name}={value!r}: this run used an option that was removed (ALGORITHMS.md {where}: measured, it "
+                    f"did not earn its place); read it with a checkout at commit {commit}"
                 )
         settable = {
             section: {k: v for k, v in table.items() if f"{section}.{k}" not in DERIVED | REMOVED.keys()}
@@ -397,7 +397,7 @@ SECTIONS: tuple[str, ...] = ("model", "data", "optim", "outer", "run")
 # Outer fields whose default is the mode's recipe (OUTER_RECIPES), filled in by validate().
 RECIPE_FIELDS: frozenset[str] = frozenset({"outer_lr", "outer_momentum", "nesterov", "eager_own_weight"})
 # Fields that were removed, with the value that meant "off": a saved config.json that has it off still loads.
-REMOVED: dict[str, Any] = {f"outer.{key}": off for key, off in REMOVED_FIELDS.items()}
+REMOVED: dict[str, tuple[Any, str, str]] = {f"outer.{key}": removed for key, removed in REMOVED_FIELDS.items()}
 # Fields the user does not set: the tokenizer decides the vocabulary.
 DERIVED: frozenset[str] = frozenset({"model.vocab_size"})
 

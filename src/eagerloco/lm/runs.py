@@ -89,8 +89,6 @@ def run_label(config: dict[str, Any]) -> str:
     parts = [mode]
     if mode == "overlap":
         parts.append(f"τ={outer.get('overlap_steps', '?')}")
-    elif mode == "eager" and outer.get("eager_swap_steps") is not None:
-        parts.append(f"swap τ={outer['eager_swap_steps']}")  # swap on arrival (ALGORITHMS.md 4.3)
     elif mode in ("delayed", "eager"):
         parts.append(f"k={outer.get('delay', '?')}")
     weight = outer.get("eager_own_weight")
