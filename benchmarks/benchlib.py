@@ -35,6 +35,13 @@ METHODS: dict[str, list[str]] = {
     "dp_1mb": ["--mode", "dp", "--ddp-bucket-mb", "1"],  # DDP with 1 MB buckets: overlap within the backward pass
     "sync": ["--mode", "sync"],
     "streaming": ["--mode", "overlap", "--num-fragments", "2", "--overlap-steps", "1", "--alpha", "0.5"],
+    # streaming's overlap sized to the link (BENCHMARKS.md 8): τ = 14 hides r = all-reduce / inner phase <= 2τ/H = 0.93
+    # in fp32 at H = 30; τ = 3 with 4-bit outer gradients hides 4 Mbit/s (r about 0.17 there)
+    "streaming_t14": ["--mode", "overlap", "--num-fragments", "2", "--overlap-steps", "14", "--alpha", "0.5"],
+    "streaming_t3_fp4": [
+        *("--mode", "overlap", "--num-fragments", "2", "--overlap-steps", "3", "--alpha", "0.5"),
+        *("--compression", "fp4", "--error-feedback"),
+    ],
     "delayed": ["--mode", "delayed", "--delay", "1"],
     "eager": ["--mode", "eager", "--delay", "1"],
     "eager2": ["--mode", "eager", "--delay", "2"],
@@ -51,6 +58,8 @@ LABELS: dict[str, str] = {
     "dp_1mb": "data-parallel (DDP, 1 MB buckets)",
     "sync": "DiLoCo (sync)",
     "streaming": "streaming, P=2, τ=1, α=0.5",
+    "streaming_t14": "streaming, P=2, τ=14, α=0.5",
+    "streaming_t3_fp4": "streaming, P=2, τ=3, α=0.5, fp4 + EF",
     "delayed": "delayed k=1 (naive)",
     "eager": "eager k=1",
     "eager2": "eager k=2",
