@@ -60,6 +60,12 @@ def simulated_cu(method: str, rate_mbit: float, step_s: float, layers: int, para
         "dp_1mb": MethodSpec(name="dp", data_parallel=True, bits=32),  # the simulator reduces per layer anyway
         "sync": MethodSpec(name="sync", sync_every=sync_every, fragments=1, bits=32),
         "streaming": MethodSpec(name="streaming", sync_every=sync_every, fragments=2, overlap_steps=1, bits=32),
+        "streaming_t14": MethodSpec(
+            name="streaming_t14", sync_every=sync_every, fragments=2, overlap_steps=14, bits=32
+        ),
+        "streaming_t3_fp4": MethodSpec(
+            name="streaming_t3_fp4", sync_every=sync_every, fragments=2, overlap_steps=3, bits=CODEC_BITS["fp4"]
+        ),
         "delayed": MethodSpec(name="delayed", sync_every=sync_every, fragments=1, slack_outer_steps=1, bits=32),
         "eager": MethodSpec(name="eager", sync_every=sync_every, fragments=1, slack_outer_steps=1, bits=32),
         "eager2": MethodSpec(name="eager2", sync_every=sync_every, fragments=1, slack_outer_steps=2, bits=32),
@@ -68,6 +74,10 @@ def simulated_cu(method: str, rate_mbit: float, step_s: float, layers: int, para
             name="eager_fp4", sync_every=sync_every, fragments=1, slack_outer_steps=1, bits=CODEC_BITS["fp4"]
         ),
     }
+    for codec in ("bf16", "fp16", "fp8", "int8", "fp4"):  # codec_loss.py's methods: eager k = 1 with each codec
+        name = "eager_fp4_noef" if codec == "fp4" else f"eager_{codec}"
+        bits = CODEC_BITS[codec]
+        specs[name] = MethodSpec(name=name, sync_every=sync_every, fragments=1, slack_outer_steps=1, bits=bits)
     return simulate(model, specs[method], LinkSpec(bandwidth_gbps=rate_mbit / 1e3)).cu
 
 

@@ -171,3 +171,13 @@ def test_cu_bandwidth_smoke(tmp_path):
     assert 0 < run["cu_run"] <= run["cu_steady"] <= 1
     # the bytes really crossed the namespaces' interfaces: at least the 2 outer all-reduces' payload
     assert min(run["ns_tx_bytes"]) >= run["payload_bytes_per_worker"]
+
+
+@pytest.mark.parametrize("method", sorted(bl.METHODS))
+def test_every_method_has_a_simulated_cu(method):
+    # cu_bandwidth.py writes the simulator's CU beside each measured one: a method it can run without a simulator
+    # spec would stop a link-lab run at its first report (as streaming_t14 once did)
+    import cu_bandwidth
+
+    cu = cu_bandwidth.simulated_cu(method, 4.0, 0.2, 4, 820_352, 30)
+    assert 0.0 < cu <= 1.0
