@@ -78,8 +78,8 @@ FragmentState = FragmentCore
 
 def check_saved_config(saved: dict[str, Any]) -> None:
     """Refuse a saved configuration (``state_dict()["config"]``) written with a setting this eagerloco no longer
-    has (``REMOVED_FIELDS``: ``eager_lookahead=True``, ALGORITHMS.md 4.2; ``eager_swap_steps`` set, 4.3). The
-    setting off, in the checkpoints written while it existed, is the rule it left and loads."""
+    has (``REMOVED_FIELDS``: ``eager_lookahead=True``, ALGORITHMS.md 4.2; ``eager_swap_steps`` set, 4.3). A
+    checkpoint written while such a setting existed but with it off trained as today's code does, and loads."""
     for key, (off, section, commit) in REMOVED_FIELDS.items():
         value = saved.get(key, off)
         if value != off:

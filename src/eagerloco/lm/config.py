@@ -396,7 +396,8 @@ class TrainConfig:
 SECTIONS: tuple[str, ...] = ("model", "data", "optim", "outer", "run")
 # Outer fields whose default is the mode's recipe (OUTER_RECIPES), filled in by validate().
 RECIPE_FIELDS: frozenset[str] = frozenset({"outer_lr", "outer_momentum", "nesterov", "eager_own_weight"})
-# Fields that were removed, with the value that meant "off": a saved config.json that has it off still loads.
+# Fields that were removed (value that meant "off", ALGORITHMS.md section, last commit): a saved config.json that has
+# it off still loads.
 REMOVED: dict[str, tuple[Any, str, str]] = {f"outer.{key}": removed for key, removed in REMOVED_FIELDS.items()}
 # Fields the user does not set: the tokenizer decides the vocabulary.
 DERIVED: frozenset[str] = frozenset({"model.vocab_size"})
