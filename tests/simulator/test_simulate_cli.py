@@ -292,6 +292,10 @@ def test_plot_writes_any_format(tmp_path, capsys, suffix, magic):
         (["--params", "1e9", "--layers", "4"], "needs --step-time, or --chips, --peak-tflops and --mfu"),
         (["--step-time", "1"], "--step-time describes a custom model"),
         (["--from-run", "/nonexistent/run"], "not a directory"),
+        (["--overlap-steps", "auto"], "--overlap-steps auto sizes mode overlap's τ: add --methods overlap"),
+        (["--methods", "sync", "--overlap-steps", "auto"], "sizes mode overlap's τ: --methods sync has none"),
+        (["--methods", "overlap", "streaming", "--overlap-steps", "auto"], "the papers' presets (streaming) take"),
+        (["--methods", "overlap", "--overlap-steps", "auto"], "--overlap-steps auto sizes τ to a link rate: give"),
     ],
 )
 def test_bad_input_exits_2_with_a_message(capsys, argv, message):
@@ -313,3 +317,42 @@ def test_plot_axis_starts_where_a_curve_leaves_zero():
     assert x_start({"m": {"a": [0.0, 0.005, 0.02, 0.5, 1.0], "b": [0.0, 0.0, 0.0, 0.1, 1.0]}}, grid) == 0.01
     assert x_start({"m": {"a": [0.5, 0.6, 0.7, 0.8, 1.0]}}, grid) == 0.001
     assert x_start({"m": {"a": [0.0] * 5}}, grid) == 0.001
+
+
+def test_overlap_steps_auto_sizes_tau_to_the_link(tmp_path, capsys):
+    """--overlap-steps auto: the smallest τ < H whose CU reaches the highest target (99 %); the method is then
+    exactly --overlap-steps τ. The run of write_run at 32 Mbit/s with P = 2: a fragment's all-reduce (0.5e6 fp32
+    values, 16 Mbit) takes 0.5 s = 5 inner steps, so τ = 5 hides it and τ = 4 does not (test_simulator_search)."""
+    run = write_run(tmp_path, mode="overlap", link_mbit=32.0, num_fragments=2)
+    code, out, _ = run_cli(capsys, "--from-run", str(run), "--overlap-steps", "auto")
+    assert code == 0
+    lines = out.splitlines()
+    assert (
+        "--overlap-steps auto: τ = 5, the smallest τ < H = 10 whose CU at 32 Mbit/s reaches 99 % (τ = 4: 84.0 %); "
+        "train with --overlap-steps 5"
+    ) in lines
+    assert next(line for line in lines if line.startswith("overlap")).split() == ["overlap[P=2,tau=5]", "100.0%", "0"]
+    assert "measured" not in out  # the run trained at τ = 1: its measurement is not this method's
+    code, auto, _ = run_cli(capsys, "--from-run", str(run), "--overlap-steps", "auto", "--json")
+    code, five, _ = run_cli(capsys, "--from-run", str(run), "--overlap-steps", "5", "--json")
+    assert json.loads(auto) == json.loads(five) and list(json.loads(auto)[run.name]) == ["overlap[P=2,tau=5]"]
+    # a lower top target takes a smaller τ; the other modes beside it keep their own options
+    code, out, _ = run_cli(
+        capsys, "--from-run", str(run), "--methods", "sync", "overlap", "--overlap-steps", "auto", "--targets", "80"
+    )
+    assert "τ = 4, the smallest τ < H = 10 whose CU at 32 Mbit/s reaches 80 % (τ = 3: 71.9 %)" in out
+    assert [line.split()[0] for line in out.splitlines() if line.startswith(("sync", "overlap"))] == [
+        "sync[P=2]", "overlap[P=2,tau=4]"
+    ]  # fmt: skip
+
+
+def test_overlap_steps_auto_on_a_link_no_tau_hides(capsys):
+    code, out, _ = run_cli(
+        capsys, "--params", "1e6", "--layers", "4", "--step-time", "0.1", "--sync-every", "10",
+        "--num-fragments", "2", "--methods", "overlap", "--overlap-steps", "auto", "--link-mbit", "16",
+    )  # fmt: skip
+    assert code == 0
+    assert (
+        "custom: --overlap-steps auto: no τ < H = 10 reaches CU 99 % at 16 Mbit/s; τ = 5 comes closest (50.0 %): the "
+        "link is too slow for overlap (eager hides up to k inner phases; --compression shrinks the all-reduce)"
+    ) in out.splitlines()

@@ -13,13 +13,17 @@ from eagerloco.simulator import (
     PAPER_GRID_GBPS,
     TOKENS_PER_STEP_PAPER,
     LinkSpec,
+    ModelSpec,
     SimulatorConfigError,
     bits_per_outer_step,
     estimate_wall_clock,
     load_run_summary,
     method_preset,
     min_bandwidth_for_targets,
+    mode_method,
     model_preset,
+    simulate,
+    smallest_hiding_overlap,
     sustained_bandwidth_bound_gbps,
 )
 
@@ -167,3 +171,43 @@ def test_wall_clock_hours_scale_with_cu():
     # R = 1e10·16 / 2e9 = 80 s per outer step of H·T = 80 s: CU = 1/2
     assert est.cu == pytest.approx(0.5, rel=1e-12)
     assert est.hours == pytest.approx(2 * math.ceil(1e12 / 4e6) * 0.8 / 3600, rel=1e-12)
+
+
+# N = 1e6 fp32 parameters in 4 layers, T = 0.1 s, H = 10, P = 2 strided fragments of 0.5e6 parameters (16 Mbit each).
+SMALL = ModelSpec(name="small", params=1e6, layers=4, step_time_s=0.1)
+OVERLAP_P2 = mode_method("overlap", sync_every=10, num_fragments=2)
+
+
+def test_smallest_hiding_overlap_at_32_mbit():
+    """At 32 Mbit/s a fragment's all-reduce takes 16 / 32 = 0.5 s = 5 inner steps: τ = 5 hides it (CU 1), τ = 4
+    leaves 0.1 s to wait at fragment 0 and 0.1 − d at fragment 1 (d = T / (3L − 1), fragment 1's outer gradients
+    are ready d earlier) per outer step of H·T = 1 s."""
+    choice = smallest_hiding_overlap(SMALL, OVERLAP_P2, LinkSpec(bandwidth_gbps=0.032, workers=2), target=0.99)
+    assert (choice.overlap_steps, choice.reached) == (5, True)
+    assert list(choice.cu_by_tau) == [1, 2, 3, 4, 5]  # stops at the first τ that reaches the target
+    assert choice.result.cu == pytest.approx(1.0, abs=1e-12)
+    assert choice.cu_by_tau[4] == pytest.approx(1 / (1 + 0.1 + (0.1 - 0.1 / 11)), rel=1e-12)
+    # every τ below the choice misses the target; a lower target stops earlier, at its own smallest τ
+    assert all(cu < 0.99 for tau, cu in choice.cu_by_tau.items() if tau < 5)
+    assert smallest_hiding_overlap(SMALL, OVERLAP_P2, LinkSpec(0.032, workers=2), target=0.8).overlap_steps == 4
+
+
+def test_smallest_hiding_overlap_on_a_link_too_slow_for_any_tau():
+    """At 16 Mbit/s a fragment takes 1 s = H steps: no τ < H hides it, and from τ = 5 on the link carries one
+    fragment after the other at its full rate, CU = link rate / link bound = 16 / 32 = 0.5 for τ = 5 ... 9 alike:
+    the smallest of them is chosen, and every τ was simulated."""
+    link = LinkSpec(bandwidth_gbps=0.016, workers=2)
+    choice = smallest_hiding_overlap(SMALL, OVERLAP_P2, link)
+    assert (choice.overlap_steps, choice.reached) == (5, False)
+    assert list(choice.cu_by_tau) == list(range(1, 10))
+    assert choice.result.cu == pytest.approx(0.5, rel=1e-12) == max(choice.cu_by_tau.values())
+    for tau, cu in choice.cu_by_tau.items():  # what the search saw is the simulation of that τ
+        assert cu == simulate(SMALL, mode_method("overlap", sync_every=10, num_fragments=2, overlap_steps=tau), link).cu
+
+
+def test_smallest_hiding_overlap_refuses_other_methods():
+    link = LinkSpec(bandwidth_gbps=0.016, workers=2)
+    with pytest.raises(SimulatorConfigError, match=r"^eager: τ is sized for an overlap method only"):
+        smallest_hiding_overlap(SMALL, mode_method("eager", sync_every=10), link)
+    with pytest.raises(SimulatorConfigError, match=r"^CU target 0: must be in \(0, 1\]$"):
+        smallest_hiding_overlap(SMALL, OVERLAP_P2, link, target=0)

@@ -9,6 +9,7 @@
     eagerloco simulate --from-run runs/my_run            # predicted CU at the run's link next to the measured one
     eagerloco simulate --from-run runs/my_run --grid     # the bandwidth each CU target needs for that run
     eagerloco simulate --methods sync eager --num-fragments 3 --compression fp4 --link-mbit 20   # train's words
+    eagerloco simulate --from-run runs/my_run --methods overlap --num-fragments 2 --overlap-steps auto   # τ to train
 
 Method names, options and units are ``eagerloco train``'s: the modes dp, sync, overlap, delayed and eager with
 train's defaults (H = 30, P = 1, fp32, tau = 1, k = 1), --sync-every, --num-fragments, --overlap-steps, --delay,
@@ -61,6 +62,7 @@ from eagerloco.simulator.search import (
     cu_curve,
     estimate_wall_clock,
     min_bandwidth_for_targets,
+    smallest_hiding_overlap,
     sustained_bandwidth_bound_gbps,
 )
 from eagerloco.units import format_bytes
@@ -174,9 +176,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     method.add_argument(
         "--overlap-steps",
-        type=int,
+        type=_overlap_steps,
         metavar="TAU",
-        help="mode overlap: tau inner steps (default 1); on a paper preset: overlap tau steps, clearing --delay",
+        help="mode overlap: tau inner steps (default 1), or 'auto': the smallest tau < H whose CU at the link reaches "
+        "the highest --targets value (99 %%); on a paper preset: overlap tau steps, clearing --delay",
     )
     method.add_argument(
         "--delay",
@@ -256,8 +259,22 @@ class Plan:
     """The rate is the run's recorded link (not a flag)."""
 
 
-def _check_count(flag: str, value: int | None, minimum: int) -> None:
-    if value is not None and value < minimum:
+AUTO = "auto"
+"""``--overlap-steps auto``: size mode overlap's τ to the link (:func:`smallest_hiding_overlap`)."""
+
+
+def _overlap_steps(text: str) -> int | str:
+    """--overlap-steps: an integer, or 'auto'."""
+    if text == AUTO:
+        return AUTO
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be an integer or 'auto'") from None
+
+
+def _check_count(flag: str, value: int | str | None, minimum: int) -> None:
+    if isinstance(value, int) and value < minimum:
         raise SimulatorConfigError(f"{flag} {value}: must be an integer >= {minimum}")
 
 
@@ -317,23 +334,35 @@ def build_plan(args: argparse.Namespace) -> Plan:
         raise SimulatorConfigError(f"--methods {' '.join(method_names)}: each method may be named once")
     for name in method_names:
         method_preset(name)  # unknown names: one message listing every known one
+    auto = args.overlap_steps == AUTO
+    if auto and "overlap" not in method_names:
+        named = f"--methods {' '.join(method_names)} has none" if args.methods else "add --methods overlap"
+        raise SimulatorConfigError(f"--overlap-steps auto sizes mode overlap's τ: {named}")
+    if auto and any(name not in TRAIN_MODES for name in method_names):
+        presets = [name for name in method_names if name not in TRAIN_MODES]
+        raise SimulatorConfigError(
+            f"--overlap-steps auto sizes mode overlap's τ; the papers' presets ({', '.join(presets)}) take a number"
+        )
     methods: dict[str, list[MethodSpec]] = {}
+    overlap_options: dict[str, dict[str, Any]] = {}  # per model: overlap's options but τ, which auto sizes below
     run_method = None
     for model in models:
         from_run = run_info if run_info is not None and model is run_info.model else None
         chosen = []
         for name in method_names:
             if name in TRAIN_MODES:
-                spec = mode_method(
-                    name,
-                    sync_every=sync_every,
-                    num_fragments=_flag_or_run(args.fragments, from_run, "fragments"),
-                    overlap_steps=_flag_or_run(args.overlap_steps, from_run, "overlap_steps"),
-                    delay=_flag_or_run(args.delay, from_run, "delay"),
-                    compression=_flag_or_run(args.compression, from_run, "compression"),
-                    layout=_flag_or_run(args.layout, from_run, "layout"),
-                    outer_ready=args.outer_ready,
-                )
+                options = {
+                    "sync_every": sync_every,
+                    "num_fragments": _flag_or_run(args.fragments, from_run, "fragments"),
+                    "delay": _flag_or_run(args.delay, from_run, "delay"),
+                    "compression": _flag_or_run(args.compression, from_run, "compression"),
+                    "layout": _flag_or_run(args.layout, from_run, "layout"),
+                    "outer_ready": args.outer_ready,
+                }
+                tau = None if auto else _flag_or_run(args.overlap_steps, from_run, "overlap_steps")
+                spec = mode_method(name, overlap_steps=tau, **options)
+                if auto and name == "overlap":
+                    overlap_options[model.name] = options
                 changed = any(
                     getattr(args, flag) is not None
                     for flag in ("fragments", "overlap_steps", "delay", "compression", "layout", "sync_every")
@@ -361,6 +390,21 @@ def build_plan(args: argparse.Namespace) -> Plan:
     LinkSpec(bandwidth_gbps=math.inf, workers=workers, latency_s=latency)  # validate M and latency
 
     bandwidth, source = _bandwidth(args, run_info)
+    sized: list[str] = []
+    if auto:
+        if bandwidth is None:
+            raise SimulatorConfigError(
+                "--overlap-steps auto sizes τ to a link rate: give --link-mbit or --bandwidth (or --from-run of a "
+                "run that emulated a link)"
+            )
+        link = LinkSpec(bandwidth_gbps=bandwidth, workers=workers, latency_s=latency)
+        for model in models:
+            index = method_names.index("overlap")
+            spec, line = _size_overlap(
+                args, model, methods[model.name][index], overlap_options[model.name], link, max(targets)
+            )
+            methods[model.name][index] = spec
+            sized.append(line)
     layout = args.layout or "strided"
     ready = {
         "step-end": "at the end of the sync step",
@@ -380,6 +424,7 @@ def build_plan(args: argparse.Namespace) -> Plan:
         )
     if source:
         notes.append(source)
+    notes += sized
     if run_info is not None and run_info.link_latency_ms and args.latency is None:
         notes.append(
             f"note: the run added {run_info.link_latency_ms:g} ms of latency per collective; the simulation "
@@ -397,6 +442,36 @@ def build_plan(args: argparse.Namespace) -> Plan:
         run_method=run_method,
         bandwidth_from_run=bool(source.startswith("link: the run's")),
     )
+
+
+def _size_overlap(
+    args: argparse.Namespace,
+    model: ModelSpec,
+    method: MethodSpec,
+    options: dict[str, Any],
+    link: LinkSpec,
+    target: float,
+) -> tuple[MethodSpec, str]:
+    """Mode overlap (``method``, with ``options`` but τ) at the τ that hides ``link`` for ``model`` (--overlap-steps
+    auto: the smallest τ whose CU reaches ``target``), and a line saying what was chosen."""
+    choice = smallest_hiding_overlap(model, method, link, target)
+    tau = choice.overlap_steps
+    spec = mode_method("overlap", overlap_steps=tau, **options)  # named as --overlap-steps TAU names it
+    rate = format_rate_words(link.bandwidth_gbps)
+    where = f"{model.name}: --overlap-steps auto" if args.presets or args.params is not None else "--overlap-steps auto"
+    if choice.reached:
+        below = f" (τ = {tau - 1}: {100 * choice.cu_by_tau[tau - 1]:.1f} %)" if tau > 1 else ""
+        line = (
+            f"{where}: τ = {tau}, the smallest τ < H = {spec.sync_every} whose CU at {rate} reaches "
+            f"{100 * target:g} %{below}; train with --overlap-steps {tau}"
+        )
+    else:
+        line = (
+            f"{where}: no τ < H = {spec.sync_every} reaches CU {100 * target:g} % at {rate}; τ = {tau} comes "
+            f"closest ({100 * choice.result.cu:.1f} %): the link is too slow for overlap (eager hides up to k inner "
+            "phases; --compression shrinks the all-reduce)"
+        )
+    return spec, line
 
 
 def _flag_or_run(flag: Any, run: RunModel | None, attr: str) -> Any:
@@ -605,7 +680,8 @@ def _print_wall_clock(args: argparse.Namespace, plan: Plan) -> None:
                 result = simulate(model, m, link)
                 simulated.append(result.inner_steps)
                 report[model.name][m.name] = {"cu": result.cu, "blocked_s_per_outer_step": result.blocked_s_per_period}
-                row = f"{m.name:<{width}}{100 * result.cu:>7.1f}%{result.blocked_s_per_period:>41.4g}"
+                blocked = result.blocked_s_per_period if result.blocked_s_per_period > 1e-9 else 0.0  # float noise
+                row = f"{m.name:<{width}}{100 * result.cu:>7.1f}%{blocked:>41.4g}"
                 if compare and m.name == plan.run_method:
                     report[model.name][m.name]["measured_cu"] = measured  # type: ignore[assignment]
                     row += f"{100 * measured:>12.1f}%"  # type: ignore[operator]

@@ -44,11 +44,13 @@ from eagerloco.simulator.search import (
     BANDWIDTH_GRID_GBPS,
     CU_TARGETS,
     PAPER_GRID_GBPS,
+    OverlapChoice,
     WallClockEstimate,
     bits_per_outer_step,
     cu_curve,
     estimate_wall_clock,
     min_bandwidth_for_targets,
+    smallest_hiding_overlap,
     sustained_bandwidth_bound_gbps,
 )
 
@@ -71,6 +73,7 @@ __all__ = [
     "LinkSpec",
     "MethodSpec",
     "ModelSpec",
+    "OverlapChoice",
     "RunModel",
     "SimResult",
     "SimulatorConfigError",
@@ -87,6 +90,7 @@ __all__ = [
     "mode_method",
     "model_preset",
     "simulate",
+    "smallest_hiding_overlap",
     "step_time_from_flops",
     "sustained_bandwidth_bound_gbps",
 ]

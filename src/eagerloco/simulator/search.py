@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from eagerloco.simulator.config import LinkSpec, MethodSpec, ModelSpec, SimulatorConfigError
 from eagerloco.simulator.events import SimResult, simulate
@@ -113,3 +113,43 @@ def estimate_wall_clock(
         bytes_per_worker=bits_per_outer_step(model, method, link.workers) / 8.0 * steps / period,
         simulated_steps=result.inner_steps,
     )
+
+
+@dataclass(frozen=True)
+class OverlapChoice:
+    """What :func:`smallest_hiding_overlap` found: the τ to train with and the CU of every τ it simulated."""
+
+    overlap_steps: int
+    """The smallest τ reaching the target, or (none does) the smallest τ of the highest CU."""
+    result: SimResult
+    """The simulation at that τ."""
+    reached: bool
+    """Whether that τ reaches the target."""
+    cu_by_tau: dict[int, float]
+    """CU of each τ simulated, from 1 upwards (the search stops at the first τ that reaches the target)."""
+
+
+def smallest_hiding_overlap(
+    model: ModelSpec, method: MethodSpec, link: LinkSpec, target: float = CU_TARGETS[-1]
+) -> OverlapChoice:
+    """The smallest overlap τ in [1, H − 1] whose steady-state CU at ``link`` reaches ``target``: of the τ that
+    keep up with the link, the one whose averages are least stale (staleness costs loss: on the default job τ = 1
+    ends 0.4 % below DiLoCo, τ = 14 0.7 % above, BENCHMARKS.md 8). ``method`` is an overlap method (its τ is
+    replaced). If no τ < H reaches the target, the smallest τ of the highest CU; CU need not grow with τ (past H/P
+    steps a fragment's all-reduce shares the link with the next fragment's), so every τ is simulated then."""
+    if method.overlap_steps < 1 or method.data_parallel:
+        raise SimulatorConfigError(f"{method.name}: τ is sized for an overlap method only (overlap_steps >= 1)")
+    if not 0 < target <= 1:
+        raise SimulatorConfigError(f"CU target {target!r}: must be in (0, 1]")
+    cus: dict[int, float] = {}
+    results: dict[int, SimResult] = {}
+    for tau in range(1, method.sync_every):
+        results[tau] = simulate(model, replace(method, overlap_steps=tau), link)
+        cus[tau] = results[tau].cu
+        if cus[tau] >= target - CU_TOLERANCE:
+            return OverlapChoice(tau, results[tau], True, cus)
+    if not cus:
+        raise SimulatorConfigError(f"{method.name}: H = {method.sync_every} leaves no τ in [1, H − 1]")
+    best = max(cus.values())
+    tau = min(t for t, cu in cus.items() if cu >= best - CU_TOLERANCE)  # equal CUs differ in the last bits
+    return OverlapChoice(tau, results[tau], False, cus)
