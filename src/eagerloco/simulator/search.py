@@ -134,7 +134,7 @@ def smallest_hiding_overlap(
 ) -> OverlapChoice:
     """The smallest overlap τ in [1, H − 1] whose steady-state CU at ``link`` reaches ``target``: of the τ that
     keep up with the link, the one whose averages are least stale (staleness costs loss: on the default job τ = 1
-    ends 0.4 % below DiLoCo, τ = 14 0.7 % above, BENCHMARKS.md 8). ``method`` is an overlap method (its τ is
+    ends 0.6 % below DiLoCo, τ = 14 0.7 % above, BENCHMARKS.md 8). ``method`` is an overlap method (its τ is
     replaced). If no τ < H reaches the target, the smallest τ of the highest CU; CU need not grow with τ (past H/P
     steps a fragment's all-reduce shares the link with the next fragment's), so every τ is simulated then."""
     if method.overlap_steps < 1 or method.data_parallel:
