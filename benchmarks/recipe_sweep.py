@@ -76,7 +76,7 @@ GRID_ORDER: tuple[tuple[float, float], ...] = (
     (0.7, 0.9), (1.0, 0.0), (0.4, 0.9), (0.7, 0.5), (1.4, 0.0), (1.0, 0.5),
     (0.4, 0.5), (0.7, 0.0), (0.4, 0.0), (1.4, 0.5), (1.0, 0.9), (1.4, 0.9),
 )  # fmt: skip
-DILOCO_RECIPE = (0.7, 0.9, True)  # the CLI's default outer optimizer: lr 0.7, Nesterov momentum 0.9
+DILOCO_RECIPE = (0.7, 0.9, True)  # the DiLoCo paper's outer optimizer: lr 0.7, Nesterov momentum 0.9
 FINISHED = ("ok", "diverged")
 LOOKAHEAD = ("--eager-lookahead",)  # ALGORITHMS.md 4.2: removed from the library; plan 'lookahead' needs --src
 LOOKAHEAD_COMMIT = "c512a86"  # the last commit with eager_lookahead
