@@ -112,7 +112,7 @@ OUTER_RECIPES: dict[str, OuterRecipe] = {
     "eager": OuterRecipe(0.7, 0.5, True, "the best of the recipe study, BENCHMARKS.md 8", own_weight=0.75),
     # Overlap (streaming) is stale by τ inner steps only: Nesterov 0.9 as in the DiLoCo paper, with DiLoCo's large
     # step, lr 1. Better than the paper's lr 0.7 at τ = 1 (1.622 vs 1.625) and at τ = 14 (1.644 vs 1.660) over 3
-    # seeds, every seed, and at τ = 5 and 7 (seed 0); a tie at τ = 3 (BENCHMARKS.md 8).
+    # seeds, every seed; at τ = 3 (1.627 vs 1.630, 3 seeds), 5 and 7 (seed 0) too (BENCHMARKS.md 8).
     "overlap": OuterRecipe(1.0, 0.9, True, "the best of the recipe study, BENCHMARKS.md 8"),
     # Delayed applies only stale averages; momentum makes it oscillate (5.1 at lr 0.7 / Nesterov 0.9): no momentum
     # (1.829 over 3 seeds, 12 % above DiLoCo).
