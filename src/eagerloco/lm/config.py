@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 import sys
 import types
@@ -424,16 +425,21 @@ def field_index() -> dict[str, tuple[str, dataclasses.Field[Any], Any]]:
     return index
 
 
-def _field_doc(cls: type, name: str) -> str:
-    """The docstring written under a dataclass field (read from the source; '' if unavailable)."""
+@functools.cache
+def _source_lines(klass: type) -> tuple[str, ...]:
+    """A class's source lines, read once (inspect parses the whole module per call); () if unavailable."""
     import inspect
 
+    try:
+        return tuple(inspect.getsource(klass).splitlines())
+    except (OSError, TypeError):
+        return ()
+
+
+def _field_doc(cls: type, name: str) -> str:
+    """The docstring written under a dataclass field (read from the source; '' if unavailable)."""
     for klass in cls.__mro__:
-        try:
-            source = inspect.getsource(klass)
-        except (OSError, TypeError):
-            continue
-        lines = source.splitlines()
+        lines = _source_lines(klass)
         for i, line in enumerate(lines):
             stripped = line.strip()
             if stripped.startswith(f"{name}:") and i + 1 < len(lines) and lines[i + 1].strip().startswith('"""'):
