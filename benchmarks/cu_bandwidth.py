@@ -28,6 +28,7 @@ namespaces); exits with status 2 and the reason where a lab can't be built.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import sys
@@ -51,32 +52,32 @@ def dp_steps(rate_mbit: float, steps: int, budget_s: float, step_s: float = 0.2)
 
 def simulated_cu(method: str, rate_mbit: float, step_s: float, layers: int, params: int, sync_every: int) -> float:
     """The simulator's steady-state CU for this method at ``rate_mbit`` (M = 2, no latency)."""
-    from eagerloco.simulator.config import CODEC_BITS, LinkSpec, MethodSpec, ModelSpec
+    from eagerloco.simulator.config import LinkSpec, ModelSpec
     from eagerloco.simulator.events import simulate
 
     model = ModelSpec(name="default-gpt", params=float(params), layers=layers, step_time_s=step_s)
-    fp4 = CODEC_BITS["fp4"]  # 4 bits per value plus one fp32 scale per block, what the engine sends
-    outer = {"sync_every": sync_every, "fragments": 1, "bits": 32.0}
-    eager = {**outer, "slack_outer_steps": 1}
-    streaming = {**outer, "fragments": 2}
-    # Only the method asked for is built: a spec validates against H (τ < H), and smoke runs use a small H.
-    kwargs: dict[str, dict[str, Any]] = {
-        "dp": {"data_parallel": True, "bits": 32.0},
-        "dp_1mb": {"data_parallel": True, "bits": 32.0},  # the simulator reduces per layer anyway
-        "sync": outer,
-        "streaming": {**streaming, "overlap_steps": 1},
-        "streaming_t14": {**streaming, "overlap_steps": 14},
-        "streaming_t3_fp4": {**streaming, "overlap_steps": 3, "bits": fp4},
-        "delayed": eager,
-        "eager": eager,
-        "eager2": {**eager, "slack_outer_steps": 2},
-        "eager_fp4": {**eager, "bits": fp4},
-        # codec_loss.py's methods: eager k = 1 with each codec
-        **{f"eager_{c}": {**eager, "bits": CODEC_BITS[c]} for c in ("bf16", "fp16", "fp8", "int8")},
-        "eager_fp4_noef": {**eager, "bits": fp4},
-    }
-    spec = MethodSpec(name=method, **kwargs[method])
-    return simulate(model, spec, LinkSpec(bandwidth_gbps=rate_mbit / 1e3)).cu
+    return simulate(model, simulated_method(method, sync_every), LinkSpec(bandwidth_gbps=rate_mbit / 1e3)).cu
+
+
+@functools.cache
+def simulated_method(method: str, sync_every: int) -> Any:
+    """The simulator's spec of a ``benchlib.METHODS`` entry: its ``eagerloco train`` flags parsed by train's own
+    parser, built as the simulator builds that mode (``mode_method``: the codec's bits, block scales included, are
+    what the engine sends). Only the method asked for is built: a spec validates against H (τ < H)."""
+    from eagerloco.cli.train import add_arguments
+    from eagerloco.lm.config import from_args
+    from eagerloco.simulator.presets import mode_method
+
+    parser = add_arguments(argparse.ArgumentParser())
+    outer = from_args(parser.parse_args([*bl.METHODS[method], "--sync-every", str(sync_every)])).outer
+    return mode_method(
+        outer.mode,
+        sync_every=outer.sync_every,
+        num_fragments=outer.num_fragments,
+        overlap_steps=outer.overlap_steps,
+        delay=outer.delay,
+        compression=outer.compression,
+    )
 
 
 def record(method: str, rate: float, rep: int, steps: int, full_steps: int, s: dict[str, Any]) -> dict[str, Any]:
