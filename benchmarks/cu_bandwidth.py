@@ -59,6 +59,16 @@ def simulated_cu(method: str, rate_mbit: float, step_s: float, layers: int, para
     return simulate(model, simulated_method(method, sync_every), LinkSpec(bandwidth_gbps=rate_mbit / 1e3)).cu
 
 
+def measured_link_mbit(blocked_s: float, step_s: float, layers: int, params: int, sync_every: int) -> float:
+    """The rate in Mbit/s at which the simulator's sync all-reduce takes ``blocked_s``: what DiLoCo's measured
+    blocked time per outer step says the link delivered (``eagerloco simulate --link-mbit measured``)."""
+    from eagerloco.simulator.config import ModelSpec
+    from eagerloco.simulator.search import link_rate_from_blocked
+
+    model = ModelSpec(name="default-gpt", params=float(params), layers=layers, step_time_s=step_s)
+    return 1e3 * link_rate_from_blocked(model, simulated_method("sync", sync_every), blocked_s)
+
+
 @functools.cache
 def simulated_method(method: str, sync_every: int) -> Any:
     """The simulator's spec of a ``benchlib.METHODS`` entry: its ``eagerloco train`` flags parsed by train's own
@@ -78,6 +88,35 @@ def simulated_method(method: str, sync_every: int) -> Any:
         delay=outer.delay,
         compression=outer.compression,
     )
+
+
+def loop_waits(method: str, steps: int, sync_every: int) -> tuple[int, int]:
+    """(averages launched, averages waited for inside the loop) in a run of ``steps`` inner steps: fragment p
+    syncs at t ≡ p·H/P (mod H); eager and delayed drain each fragment's last k, overlap those due after the last
+    step (t + τ > steps), sync none (ALGORITHMS.md sections 1-5). What the engine counts since it counts them
+    (``outer_launches``, ``outer_waits``), for the records measured before."""
+    spec = simulated_method(method, sync_every)
+    if spec.data_parallel:
+        return 0, 0
+    fragments = spec.fragments or 1
+    launches = drained = 0
+    for p in range(fragments):
+        offset = p * sync_every // fragments
+        syncs = [t for t in range(1, steps + 1) if t % sync_every == offset]
+        launches += len(syncs)
+        if spec.slack_outer_steps:
+            drained += min(len(syncs), spec.slack_outer_steps)
+        elif spec.overlap_steps:
+            drained += sum(t + spec.overlap_steps > steps for t in syncs)
+    return launches, launches - drained
+
+
+def steady_record(run: dict[str, Any], sync_every: int) -> dict[str, Any]:
+    """``run`` (a record of this driver) with the engine's steady state: as recorded where the engine counted its
+    waits, restated (``benchlib.restate_steady``) where it did not."""
+    if run.get("outer_launches") is not None:
+        return run
+    return bl.restate_steady(run, *loop_waits(run["method"], run["steps"], sync_every))
 
 
 def record(method: str, rate: float, rep: int, steps: int, full_steps: int, s: dict[str, Any]) -> dict[str, Any]:
@@ -104,6 +143,8 @@ def record(method: str, rate: float, rep: int, steps: int, full_steps: int, s: d
         "ns_tx_bytes": s["ns_tx_bytes"],
         "ns_rx_bytes": s["ns_rx_bytes"],
         "eval_loss": s["eval_loss"],
+        "outer_launches": s["per_worker"][0].get("outer_launches"),
+        "outer_waits": s["per_worker"][0].get("outer_waits"),
         "params": s["params"],
         "num_layers": s["num_layers"],
         "sync_every": s["sync_every"],
@@ -113,9 +154,9 @@ def record(method: str, rate: float, rep: int, steps: int, full_steps: int, s: d
 
 def aggregate(payload: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per (rate, method): medians over repeats, and the simulator's CU."""
-    runs = payload["runs"]
-    if not runs:
+    if not payload["runs"]:
         return []
+    runs = [steady_record(r, payload["sync_every"]) for r in payload["runs"]]
     step_s = bl.median(r["inner_step_time_s"] for r in runs if not r["method"].startswith("dp"))
     if math.isnan(step_s):
         step_s = bl.median(r["inner_step_time_s"] for r in runs)
@@ -125,11 +166,27 @@ def aggregate(payload: dict[str, Any]) -> list[dict[str, Any]]:
         "tokens_per_s", "inner_step_time_s", "eval_loss", "payload_bytes_per_worker",
     )  # fmt: skip
 
-    def sim(row: dict[str, Any], _: Any) -> dict[str, float]:
-        return {"cu_sim": simulated_cu(row["method"], row["rate_mbit"], step_s, layers, params, h)}
+    # The rate each tbf setting delivered to gloo's all-reduce, from DiLoCo's blocked time (median over repeats):
+    # the simulator at that rate instead of the nominal one separates the transport's overhead from the model.
+    measured = {}
+    for rate in sorted({r["rate_mbit"] for r in runs}):
+        sync = [r for r in runs if r["rate_mbit"] == rate and r["method"] == "sync"]
+        blocked = bl.median(r["blocked_per_outer_step_s"] for r in sync)
+        if not math.isnan(blocked) and blocked > 0:
+            measured[rate] = measured_link_mbit(blocked, step_s, layers, params, h)
+
+    def sim(row: dict[str, Any], _: Any) -> dict[str, float | None]:
+        link = measured.get(row["rate_mbit"])
+        return {
+            "cu_sim": simulated_cu(row["method"], row["rate_mbit"], step_s, layers, params, h),
+            "cu_sim_measured_link": (
+                None if link is None else simulated_cu(row["method"], link, step_s, layers, params, h)
+            ),
+        }
 
     rows = bl.aggregate(runs, "method", payload["methods"], keys, ("cu_run", "cu_steady"), ("steps",), sim)
     payload["sim_step_time_s"] = step_s
+    payload["measured_link_mbit"] = {f"{rate:g}": link for rate, link in measured.items()}
     return rows
 
 
@@ -151,7 +208,8 @@ def report(payload: dict[str, Any]) -> str:
         "",
     ]
     header = [
-        "rate Mbit/s", "method", "CU run", "CU steady", "CU simulator", "blocked / outer step s", "blocked s",
+        "rate Mbit/s", "method", "CU run", "CU steady", "CU simulator", "at the measured link",
+        "blocked / outer step s", "blocked s",
         f"wall s ({full} steps)", "tokens/s", "MB sent / site", "eval loss",
     ]  # fmt: skip
     table_rows = []
@@ -164,6 +222,7 @@ def report(payload: dict[str, Any]) -> str:
                 f"{r['cu_run']:.3f} [{r['cu_run_min']:.3f}-{r['cu_run_max']:.3f}]",
                 f"{r['cu_steady']:.3f}",
                 f"{r['cu_sim']:.3f}",
+                "-" if r.get("cu_sim_measured_link") is None else f"{r['cu_sim_measured_link']:.3f}",
                 f"{r['blocked_per_outer_step_s']:.2f}",
                 f"{r['blocked_s']:.1f}",
                 f"{r['wall_same_tokens_s']:.1f}{star}",
@@ -173,6 +232,15 @@ def report(payload: dict[str, Any]) -> str:
             ]
         )
     lines.append(bl.md_table(header, table_rows))
+    links = payload.get("measured_link_mbit") or {}
+    if links:
+        rates = ", ".join(f"{link:.3g} at {rate}" for rate, link in links.items())
+        lines += [
+            "",
+            "CU simulator: at the nominal tbf rate; at the measured link: at the rate DiLoCo's blocked time per outer "
+            f"step implies (the simulator's sync all-reduce taking that long; `eagerloco simulate --link-mbit "
+            f"measured`), in Mbit/s: {rates}.",
+        ]
     if any(r["steps"] != full for r in rows):
         lines += [
             "",

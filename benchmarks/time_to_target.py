@@ -32,6 +32,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib as bl
+import cu_bandwidth
 
 
 def mean_curve(runs: list[dict[str, Any]]) -> list[tuple[int, float]]:
@@ -60,6 +61,7 @@ def first_crossing(curve: list[tuple[int, float]], target: float) -> float | Non
 def seconds_per_step(cu: dict[str, Any], method: str, rate: float) -> float | None:
     """Median wall seconds per inner step of ``method`` at ``rate`` (steady state), or None if not measured."""
     rs = [r for r in cu["runs"] if r["method"] == method and r["rate_mbit"] == rate]
+    rs = [cu_bandwidth.steady_record(r, cu["sync_every"]) for r in rs]  # each average waited for, as a long run
     return bl.median(r["wall_steady_s"] / r["steps"] for r in rs) if rs else None
 
 

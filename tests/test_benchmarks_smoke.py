@@ -79,8 +79,8 @@ def test_time_to_target_combines_loss_curves_and_link_timing(tmp_path):
         run("eager", 0, [2.9, 2.1, 2.0]), run("eager", 1, [2.9, 2.1, 2.0]),  # reaches it at step 20
         run("delayed", 0, [3.5, 3.0, 2.8]), run("delayed", 1, [3.5, 3.0, 2.8]),
     ]}  # fmt: skip
-    cu = {"runs": [
-        {"method": m, "rate_mbit": r, "steps": 30, "wall_steady_s": w}
+    cu = {"sync_every": 10, "runs": [  # records of an engine that counts its waits: read as they are
+        {"method": m, "rate_mbit": r, "steps": 30, "wall_steady_s": w, "outer_launches": 3, "outer_waits": 2}
         for m, r, w in [("sync", 4.0, 60.0), ("sync", 4.0, 66.0), ("eager", 4.0, 33.0), ("sync", 100.0, 30.0),
                         ("delayed", 4.0, 30.0)]
     ]}  # fmt: skip
@@ -109,8 +109,9 @@ def test_time_to_target_from_recipe_sweep_runs(tmp_path):
     paths = [run("sync", 0, 30, [3.0, 2.6, 2.2]), run("sync", 1, 30, [3.0, 2.6, 2.0]),  # target 2.1
              run("eager", 0, 40, [2.9, 2.5, 2.3, 2.0]),  # crosses 2.1 at step 40 - (2.1 - 2.0) / 0.3 * 10
              run("eager", 0, 40, [2.9, 2.5, 2.1, 2.0], own_weight=0.75)]  # its own curve: 2.1 at step 30  # fmt: skip
-    cu = {"runs": [{"method": m, "rate_mbit": 4.0, "steps": 30, "wall_steady_s": w} for m, w in
-                   [("sync", 60.0), ("eager", 30.0)]]}  # fmt: skip
+    counted = {"outer_launches": 3, "outer_waits": 3}  # the engine's own steady state: read as it is
+    cu = {"sync_every": 10, "runs": [{"method": m, "rate_mbit": 4.0, "steps": 30, "wall_steady_s": w, **counted}
+                                     for m, w in [("sync", 60.0), ("eager", 30.0)]]}  # fmt: skip
     (tmp_path / "cu.json").write_text(json.dumps(cu))
     assert ttt.main(["--runs", *paths, "--cu", str(tmp_path / "cu.json"), "--out", str(tmp_path)]) == 0
     out = json.loads((tmp_path / "time_to_target.json").read_text())
@@ -181,3 +182,29 @@ def test_every_method_has_a_simulated_cu(method):
 
     cu = cu_bandwidth.simulated_cu(method, 4.0, 0.2, 4, 820_352, 30)
     assert 0.0 < cu <= 1.0
+
+
+def test_a_link_lab_record_from_before_the_wait_count_is_restated():
+    """Eager k = 1 over 120 steps at H = 30: 4 averages launched, 3 waited for in the loop (the 4th drained), so the
+    in-loop blocked time (5 − 2 = 3 s, 1 s per wait) gains one more wait of 1 s; sync and data-parallel waited
+    for every average and stay as they were. Overlap with P = 2 (syncs at 15, 30, ..., 120) drains the sync at 120
+    for τ = 14 and τ = 3 alike."""
+    import cu_bandwidth
+
+    assert cu_bandwidth.loop_waits("eager", 120, 30) == (4, 3)
+    assert cu_bandwidth.loop_waits("eager2", 120, 30) == (4, 2)
+    assert cu_bandwidth.loop_waits("sync", 120, 30) == (4, 4)
+    assert cu_bandwidth.loop_waits("streaming_t14", 120, 30) == (8, 7)
+    assert cu_bandwidth.loop_waits("streaming_t3_fp4", 120, 30) == (8, 7)
+    assert cu_bandwidth.loop_waits("dp", 120, 30) == (0, 0)
+    old = {"method": "eager", "steps": 120, "outer_steps": 4, "blocked_s": 5.0, "finalize_blocked_s": 2.0,
+           "wall_steady_s": 30.0, "cu_steady": 0.9, "blocked_per_outer_step_s": 0.75}  # fmt: skip
+    new = cu_bandwidth.steady_record(old, 30)
+    assert new["wall_steady_s"] == 31.0 and new["cu_steady"] == pytest.approx(27.0 / 31.0, rel=1e-12)
+    assert new["blocked_per_outer_step_s"] == 1.0 and (new["outer_launches"], new["outer_waits"]) == (4, 3)
+    assert (new["cu_steady_drain_only"], new["wall_steady_drain_only_s"]) == (0.9, 30.0)
+    assert cu_bandwidth.steady_record({**old, "method": "sync"}, 30) == {**old, "method": "sync"}
+    counted = {**old, "outer_launches": 4, "outer_waits": 3}  # the engine's own steady state: not restated
+    assert cu_bandwidth.steady_record(counted, 30) == counted
+    ttt_cu = {"sync_every": 30, "runs": [{**old, "rate_mbit": 4.0}]}
+    assert ttt.seconds_per_step(ttt_cu, "eager", 4.0) == 31.0 / 120

@@ -208,3 +208,68 @@ def test_steady_utilization_takes_out_the_final_drain():
     assert (stats.utilization, stats.steady_utilization) == (0.5, 0.6)
     assert stats.to_dict()["steady_utilization"] == 0.6
     assert RunStats().steady_utilization == 1.0
+
+
+def test_steady_state_counts_every_average_launched_as_waited_for():
+    from eagerloco.engine import RunStats
+
+    # eager k = 1 over T = 4 sync points: 4 launches, 3 waits in the loop (3 s), the 4th average drained (2 s)
+    stats = RunStats(
+        inner_s=8.0, blocked_s=5.0, overhead_s=1.0, finalize_blocked_s=2.0, outer_steps=4,
+        outer_launches=4, outer_waits=3, outer_wait_s=3.0,
+    )  # fmt: skip
+    assert stats.steady_blocked_s == 3.0 + 3.0 * (4 / 3 - 1)  # 4 waits of 1 s
+    assert stats.steady_wall_s == 8.0 + 1.0 + stats.steady_blocked_s
+    assert stats.steady_utilization == 8.0 / stats.steady_wall_s
+    assert stats.blocked_per_outer_step_s == stats.steady_blocked_s / 4
+    assert stats.to_dict()["steady_blocked_s"] == stats.steady_blocked_s
+    # every average waited for in the loop (sync): only the drain is taken out; blocked time that is not a wait
+    # for an average (a divergence measurement) is kept as it is, not scaled
+    sync = RunStats(inner_s=3.0, blocked_s=2.5, overhead_s=1.0, outer_launches=4, outer_waits=4, outer_wait_s=2.0)
+    assert (sync.steady_blocked_s, sync.steady_utilization) == (2.5, 3.0 / 6.5)
+    mixed = RunStats(inner_s=3.0, blocked_s=2.5, finalize_blocked_s=0.5, outer_launches=2, outer_waits=1,
+                     outer_wait_s=1.5)  # fmt: skip
+    assert mixed.steady_blocked_s == 2.0 + 1.5
+    # no wait in the loop to scale from (a single sync point): the drain alone is taken out
+    assert RunStats(inner_s=1.0, blocked_s=1.0, finalize_blocked_s=1.0, outer_launches=1).steady_blocked_s == 0.0
+
+
+def test_the_recorder_counts_waits_inside_step_only(monkeypatch):
+    from eagerloco.engine import recorder as recorder_module
+
+    clock = FakeClock()
+    monkeypatch.setattr(recorder_module, "time", clock)
+    rec = recorder_module.Recorder()
+    rec.enter()
+    rec.open(2)
+    rec.launched(0, 16, None)
+    rec.waited(0.5)
+    rec.close()
+    rec.exit()
+    rec.waited(0.25)  # outside a record (a checkpoint draining what is in flight): blocked, not a loop wait
+    rec.enter()
+    rec.open(4, kind="finalize")
+    rec.waited(1.0)
+    rec.applied(0)
+    rec.close()
+    rec.exit()
+    stats = rec.stats
+    assert (stats.outer_launches, stats.outer_waits, stats.outer_wait_s) == (1, 1, 0.5)
+    assert (stats.blocked_s, stats.finalize_blocked_s) == (1.75, 1.0)
+
+
+@pytest.mark.parametrize(
+    ("config", "launches", "waits"),
+    [
+        (DiLoCoConfig(mode="sync", sync_every=3), 4, 4),  # every average waited for at its own sync point
+        (DiLoCoConfig(mode="eager", sync_every=3), 4, 3),  # the last one is the drain's
+        (DiLoCoConfig(mode="delayed", sync_every=3, delay=2), 4, 2),
+        # P = 2 with offsets 0 and 2 (H = 4): syncs at steps 2, 4, ..., 12, each due τ = 1 step later: the
+        # one launched at step 12 is drained
+        (DiLoCoConfig(mode="overlap", sync_every=4, num_fragments=2, overlap_steps=1), 6, 5),
+    ],
+)
+def test_the_engine_counts_launches_and_loop_waits(config, launches, waits):
+    results = run_inprocess(2, lambda comm: train_tinynet(comm, config, steps=12))
+    for result in results:
+        assert (result.stats["outer_launches"], result.stats["outer_waits"]) == (launches, waits)

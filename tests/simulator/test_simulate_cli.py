@@ -356,3 +356,61 @@ def test_overlap_steps_auto_on_a_link_no_tau_hides(capsys):
         "custom: --overlap-steps auto: no τ < H = 10 reaches CU 99 % at 16 Mbit/s; τ = 5 comes closest (50.0 %): the "
         "link is too slow for overlap (eager hides up to k inner phases; --compression shrinks the all-reduce)"
     ) in out.splitlines()
+
+
+def test_link_mbit_measured_is_the_rate_a_sync_runs_blocked_time_implies(tmp_path, capsys):
+    """A sync run waits for its whole all-reduce at every outer step: write_run's 2.1 s per outer step for
+    N = 1e6 fp32 values (32 Mbit, M = 2) is 32 / 2.1 = 15.24 Mbit/s, whatever the link it emulated (16 Mbit/s: the
+    difference is the transport's). The simulator at that rate predicts exactly the measured wait."""
+    run = write_run(tmp_path)
+    argv = ["--from-run", str(run), "--link-mbit", "measured"]
+    code, out, _ = run_cli(capsys, *argv, "--methods", "sync", "eager", "--json")
+    assert code == 0
+    got = json.loads(out)[run.name]
+    assert got["sync"] == {
+        "cu": pytest.approx(1 / (1 + 2.1), rel=1e-9),  # H·T = 1 s of compute per 2.1 s blocked
+        "blocked_s_per_outer_step": pytest.approx(2.1, rel=1e-9),
+    }  # no measured column: the rate was fitted to this run's own measurement
+    assert got["eager"]["cu"] == pytest.approx(1 / 2.1, rel=1e-9)  # eager hides 1 s of the 2.1 s all-reduce
+    code, out, _ = run_cli(capsys, "--from-run", str(run), "--link-mbit", "measured")
+    assert code == 0 and out.splitlines()[0] == "At 15.2 Mbit/s"
+    assert (
+        "link: 15.2 Mbit/s, measured: the rate at which the run's own all-reduce (sync, M = 2) takes the 2.1 s it "
+        "blocked per 10 inner steps (it emulated 16 Mbit/s)"
+    ) in out.splitlines()
+    # τ sized to the measured link: P = 2 fragments of 16 Mbit take 1.05 s each at 15.24 Mbit/s, so τ = 11 > H
+    # is out of reach and no τ < 10 reaches 99 %
+    code, out, _ = run_cli(
+        capsys, "--from-run", str(run), "--link-mbit", "measured", "--methods", "overlap", "--num-fragments", "2",
+        "--overlap-steps", "auto",
+    )  # fmt: skip
+    assert code == 0 and "no τ < H = 10 reaches CU 99 % at 15.2 Mbit/s" in out
+
+
+def test_link_mbit_measured_with_fragments_reads_blocked_time_per_h_steps(tmp_path, capsys):
+    """With P fragments each fragment's sync is an outer step of its own: 8 outer steps of 1.05 s in 40 inner
+    steps at H = 10 are 2.1 s per H steps, the same link as the P = 1 run above."""
+    run = write_run(tmp_path, num_fragments=2)
+    summary = json.loads((run / "summary.json").read_text())
+    summary |= {"blocked_per_outer_step_s": 1.05, "outer_steps": 8, "per_worker": [{"inner_steps": 40}] * 2}
+    (run / "summary.json").write_text(json.dumps(summary))
+    code, out, _ = run_cli(capsys, "--from-run", str(run), "--link-mbit", "measured", "--json")
+    assert code == 0
+    assert json.loads(out)[run.name]["sync[P=2]"]["blocked_s_per_outer_step"] == pytest.approx(2.1, rel=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("mode", "blocked", "message"),
+    [
+        ("eager", 2.1, "--link-mbit measured: the run's mode is eager, not sync: only a blocking run's wait"),
+        ("sync", 0.0, "--link-mbit measured: the run recorded 0.0 s blocked per outer step"),
+    ],
+)
+def test_link_mbit_measured_refuses_what_does_not_measure_the_link(tmp_path, capsys, mode, blocked, message):
+    run = write_run(tmp_path, mode=mode)
+    summary = json.loads((run / "summary.json").read_text())
+    (run / "summary.json").write_text(json.dumps(summary | {"blocked_per_outer_step_s": blocked}))
+    code, out, err = run_cli(capsys, "--from-run", str(run), "--link-mbit", "measured")
+    assert code == 2 and message in err and err.count("\n") == 1 and out == ""
+    code, out, err = run_cli(capsys, "--link-mbit", "measured")
+    assert code == 2 and "--link-mbit measured reads the link from a run: give --from-run RUN_DIR" in err

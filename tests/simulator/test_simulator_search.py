@@ -17,6 +17,7 @@ from eagerloco.simulator import (
     SimulatorConfigError,
     bits_per_outer_step,
     estimate_wall_clock,
+    link_rate_from_blocked,
     load_run_summary,
     method_preset,
     min_bandwidth_for_targets,
@@ -211,3 +212,23 @@ def test_smallest_hiding_overlap_refuses_other_methods():
         smallest_hiding_overlap(SMALL, mode_method("eager", sync_every=10), link)
     with pytest.raises(SimulatorConfigError, match=r"^CU target 0: must be in \(0, 1\]$"):
         smallest_hiding_overlap(SMALL, OVERLAP_P2, link, target=0)
+
+
+def test_link_rate_from_blocked_inverts_the_simulator():
+    """sync blocks for its whole all-reduce: N·32·2(M − 1)/M bits / rate (+ 2(M − 1) latency hops), so the rate
+    that gives a measured wait is exact arithmetic; the simulator at the rate found predicts that wait back."""
+    model = ModelSpec(name="m", params=1e6, layers=4, step_time_s=0.1)
+    sync = mode_method("sync", sync_every=10)
+    assert link_rate_from_blocked(model, sync, 2.0) == pytest.approx(32e6 / 2.0 / 1e9, rel=1e-11)
+    four = link_rate_from_blocked(model, sync, 2.0, workers=4)  # each worker sends 2·3/4 of the data
+    assert four == pytest.approx(32e6 * 1.5 / 2.0 / 1e9, rel=1e-11)
+    fp4 = mode_method("sync", sync_every=10, compression="fp4", num_fragments=2)
+    for workers, latency in ((2, 0.0), (3, 0.01)):
+        gbps = link_rate_from_blocked(model, fp4, 0.7, workers=workers, latency_s=latency)
+        link = LinkSpec(bandwidth_gbps=gbps, workers=workers, latency_s=latency)
+        assert simulate(model, fp4, link).blocked_s_per_period == pytest.approx(0.7, rel=1e-9)
+    for bad in (0.0, -1.0, math.inf, math.nan, True):
+        with pytest.raises(SimulatorConfigError, match="must be a finite number of seconds > 0"):
+            link_rate_from_blocked(model, sync, bad)
+    with pytest.raises(SimulatorConfigError, match="no link rate explains it"):
+        link_rate_from_blocked(model, sync, 0.01, latency_s=0.01)  # 2 hops of latency already take 0.02 s

@@ -10,6 +10,7 @@
     eagerloco simulate --from-run runs/my_run --grid     # the bandwidth each CU target needs for that run
     eagerloco simulate --methods sync eager --num-fragments 3 --compression fp4 --link-mbit 20   # train's words
     eagerloco simulate --from-run runs/my_run --methods overlap --num-fragments 2 --overlap-steps auto   # τ to train
+    eagerloco simulate --from-run runs/my_sync --link-mbit measured --methods sync eager   # at the link it measured
 
 Method names, options and units are ``eagerloco train``'s: the modes dp, sync, overlap, delayed and eager with
 train's defaults (H = 30, P = 1, fp32, tau = 1, k = 1), --sync-every, --num-fragments, --overlap-steps, --delay,
@@ -61,6 +62,7 @@ from eagerloco.simulator.search import (
     CU_TARGETS,
     cu_curve,
     estimate_wall_clock,
+    link_rate_from_blocked,
     min_bandwidth_for_targets,
     smallest_hiding_overlap,
     sustained_bandwidth_bound_gbps,
@@ -210,9 +212,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     rate = link.add_mutually_exclusive_group()
     rate.add_argument(
         "--link-mbit",
-        type=float,
+        type=_link_mbit,
         metavar="MBIT",
-        help="CU (and hours, with --tokens) at this link rate in Mbit/s, as train's --link-mbit",
+        help="CU (and hours, with --tokens) at this link rate in Mbit/s, as train's --link-mbit; or 'measured' with "
+        "--from-run of a sync run: the rate its measured blocked time per outer step implies (the real link, "
+        "transport overhead included)",
     )
     rate.add_argument("--bandwidth", type=float, metavar="GBPS", help="the same in Gbit/s")
     rate.add_argument(
@@ -271,6 +275,20 @@ def _overlap_steps(text: str) -> int | str:
         return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: must be an integer or 'auto'") from None
+
+
+MEASURED = "measured"
+"""``--link-mbit measured``: the rate a sync run's blocked time implies (:func:`link_rate_from_blocked`)."""
+
+
+def _link_mbit(text: str) -> float | str:
+    """--link-mbit: a number of Mbit/s, or 'measured'."""
+    if text == MEASURED:
+        return MEASURED
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a number of Mbit/s or 'measured'") from None
 
 
 def _check_count(flag: str, value: int | str | None, minimum: int) -> None:
@@ -483,6 +501,8 @@ def _flag_or_run(flag: Any, run: RunModel | None, attr: str) -> Any:
 
 def _bandwidth(args: argparse.Namespace, run: RunModel | None) -> tuple[float | None, str]:
     """The rate in Gbit/s to report at (None: the grid table) and a line saying where it came from."""
+    if args.link_mbit == MEASURED:
+        return _measured_rate(args, run)
     if args.link_mbit is not None:
         if not (math.isfinite(args.link_mbit) and args.link_mbit > 0):
             raise SimulatorConfigError(f"--link-mbit {args.link_mbit}: must be a finite number of Mbit/s > 0")
@@ -496,6 +516,43 @@ def _bandwidth(args: argparse.Namespace, run: RunModel | None) -> tuple[float | 
             return run.link_mbit / 1e3, f"link: the run's, {run.link_mbit:g} Mbit/s (config.json run.link_mbit)"
         return None, "link: the run emulated none (link_mbit 0): the bandwidth each CU target needs"
     return None, ""
+
+
+def _measured_rate(args: argparse.Namespace, run: RunModel | None) -> tuple[float, str]:
+    """--link-mbit measured: the rate (Gbit/s) at which the run's own sync all-reduce takes the time the run blocked
+    per outer step, and a line saying so. A sync run waits for its whole all-reduce at every outer step, so its
+    blocked time measures the link as the run's transport drove it (gloo's overhead and any latency included)."""
+    if run is None:
+        raise SimulatorConfigError("--link-mbit measured reads the link from a run: give --from-run RUN_DIR")
+    if run.mode != "sync":
+        raise SimulatorConfigError(
+            f"--link-mbit measured: the run's mode is {run.mode or 'not recorded'}, not sync: only a blocking run's "
+            "wait measures the whole all-reduce (an overlapped run's hides part of it); measure the link with "
+            "`eagerloco train --mode sync` (a few outer steps suffice)"
+        )
+    blocked = run.measured_blocked_per_period_s
+    if not blocked:
+        raise SimulatorConfigError(
+            f"--link-mbit measured: the run recorded {run.measured_blocked_s!r} s blocked per outer step "
+            "(summary.json 'blocked_per_outer_step_s', with 'outer_steps' and the workers' 'inner_steps' when "
+            "P > 1): nothing to infer a rate from"
+        )
+    own = mode_method(
+        "sync",
+        sync_every=run.sync_every,
+        num_fragments=run.fragments,
+        compression=run.compression,
+        layout=run.layout,
+    )
+    workers = run.workers or 2
+    latency = 0.0 if args.latency is None else args.latency
+    gbps = link_rate_from_blocked(run.model, own, blocked, workers=workers, latency_s=latency)
+    told = f"it emulated {run.link_mbit:g} Mbit/s" if run.link_mbit else "it emulated none: a real link, or loopback"
+    line = (
+        f"link: {format_rate_words(gbps)}, measured: the rate at which the run's own all-reduce ({own.name}, M = "
+        f"{workers}) takes the {blocked:.4g} s it blocked per {run.sync_every or TRAIN_SYNC_EVERY} inner steps ({told})"
+    )
+    return gbps, line
 
 
 def _sync_every_note(methods: list[MethodSpec]) -> str:

@@ -157,7 +157,7 @@ class FragmentCore:
                 f"outer step {self.outer_index(item.launch_step)} of fragment {self.index}: the average "
                 f"launched at inner step {item.launch_step} failed on {ctx.comm.describe()}: {exc}"
             ) from exc
-        ctx.recorder.blocked(time.perf_counter() - start)
+        ctx.recorder.waited(time.perf_counter() - start)
         return mean
 
     def check_average(self, item: InFlight, mean: torch.Tensor) -> bool:

@@ -10,9 +10,12 @@ Time is split three ways by the wrapper's ``step()`` calls:
 Compute utilization CU = inner time / (inner + blocked + overhead) = inner time / wall time of the loop. Time
 inside ``DiLoCo.paused()`` (evaluation, checkpointing) counts as neither.
 
-Steady-state CU (:attr:`RunStats.steady_utilization`) = inner time / (wall time − the final drain's blocked
-time): delayed and eager end every run by waiting for the last averages in flight, a cost paid once per run
-however long it is; a long run's CU approaches the steady-state one (what the simulator predicts).
+Steady-state CU (:attr:`RunStats.steady_utilization`) = inner time / steady wall time, what a long run's CU
+approaches (and what the simulator predicts). Two things set a short run apart: delayed and eager end every run
+by waiting for the last averages in flight (the final drain: paid once per run however long it is), and those
+averages are the ones the run never waited for inside ``step()``: a run of T sync points of eager k = 1 waits
+T − 1 times. So the steady wall time leaves the drain out and counts every average launched as waited for, each as
+long as the run's in-loop waits took on average (:attr:`RunStats.steady_blocked_s`).
 
 The clock that produces these numbers is :class:`eagerloco.engine.recorder.Recorder`.
 """
@@ -86,6 +89,12 @@ class RunStats:
     wire_bytes: int = 0
     diagnostic_bytes: int = 0
     """Bytes of divergence measurements and consolidation, not part of the algorithm's traffic."""
+    outer_launches: int = 0
+    """Outer gradients launched (one per fragment and sync point)."""
+    outer_waits: int = 0
+    """Averages waited for inside ``step()`` (the final drain's and a checkpoint's excluded)."""
+    outer_wait_s: float = 0.0
+    """The part of ``blocked_s`` spent in those waits."""
     skipped_outer_steps: int = 0
     """Averages (one per fragment and outer step) not applied because they held NaN/Inf (``nonfinite='skip'``)."""
     dropped_averages: int = 0
@@ -101,15 +110,32 @@ class RunStats:
         return self.inner_s / self.wall_s if self.wall_s > 0 else 1.0
 
     @property
+    def steady_blocked_s(self) -> float:
+        """Blocked time as a long run would have it: without the final drain, and with each average launched
+        counted as waited for, as long as the in-loop waits took on average: ``blocked_s − finalize_blocked_s +
+        outer_wait_s·(outer_launches / outer_waits − 1)``. Equal to ``blocked_s − finalize_blocked_s`` where every
+        average was waited for inside the loop (sync, data-parallel)."""
+        blocked = self.blocked_s - self.finalize_blocked_s
+        if self.outer_waits and self.outer_launches > self.outer_waits:
+            blocked += self.outer_wait_s * (self.outer_launches / self.outer_waits - 1.0)
+        return blocked
+
+    @property
+    def steady_wall_s(self) -> float:
+        """Wall time as a long run would have it: ``inner_s + overhead_s + steady_blocked_s``."""
+        return self.inner_s + self.overhead_s + self.steady_blocked_s
+
+    @property
     def steady_utilization(self) -> float:
-        """Compute utilization without the final drain: inner time / (wall time − ``finalize_blocked_s``)."""
-        wall = self.wall_s - self.finalize_blocked_s
+        """Steady-state compute utilization: inner time / ``steady_wall_s`` (the module docstring says why)."""
+        wall = self.steady_wall_s
         return self.inner_s / wall if wall > 0 else 1.0
 
     @property
     def blocked_per_outer_step_s(self) -> float:
-        """Mean time blocked per outer step, the final drain excluded."""
-        return (self.blocked_s - self.finalize_blocked_s) / self.outer_steps if self.outer_steps else 0.0
+        """Mean time blocked per outer step (a record of kind 'step') in steady state: ``steady_blocked_s /
+        outer_steps``."""
+        return self.steady_blocked_s / self.outer_steps if self.outer_steps else 0.0
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -117,6 +143,8 @@ class RunStats:
             wall_s=self.wall_s,
             utilization=self.utilization,
             steady_utilization=self.steady_utilization,
+            steady_blocked_s=self.steady_blocked_s,
+            steady_wall_s=self.steady_wall_s,
             blocked_per_outer_step_s=self.blocked_per_outer_step_s,
         )
         return out

@@ -205,9 +205,18 @@ class Recorder:
         if self._record is not None:
             self._record.blocked_s += seconds
 
+    def waited(self, seconds: float) -> None:
+        """``seconds`` spent waiting for an average: blocked time, and inside ``step()`` one of the run's
+        ``outer_waits`` (the final drain's waits are not: steady-state CU counts them from the launches)."""
+        self.blocked(seconds)
+        if self._record is not None and self._record.kind == "step":
+            self.stats.outer_waits += 1
+            self.stats.outer_wait_s += seconds
+
     def launched(self, fragment: int, payload_bytes: int, delta: torch.Tensor | None) -> None:
         """Fragment ``fragment`` handed its outer gradient ``delta`` (``None``: it was not finite) to its reducer,
         which passes ``payload_bytes`` to collectives."""
+        self.stats.outer_launches += 1
         record = self._record
         if record is None:
             return

@@ -55,8 +55,13 @@ class RunModel:
     measured_blocked_s: float | None = None
     """Seconds the run blocked on outer collectives per outer step (summary.json 'blocked_per_outer_step_s')."""
     measured_cu_steady: float | None = None
-    """The run's CU without its final drain: mean over workers of inner_s / (wall_s − finalize_blocked_s)
-    (summary.json 'per_worker'; BENCHMARKS.md's "CU steady"), what a long run approaches."""
+    """The run's steady-state CU, what a long run approaches: the mean over workers of the engine's
+    'steady_utilization' (summary.json 'per_worker'; ALGORITHMS.md section 10), or for runs written before it
+    reported one, of inner_s / (wall_s − finalize_blocked_s)."""
+    measured_blocked_per_period_s: float | None = None
+    """Seconds blocked per H inner steps (the simulator's period): 'blocked_per_outer_step_s' times the outer
+    steps per H inner steps (P with P fragments, each a record of its own), from summary.json's 'outer_steps' and
+    the workers' 'inner_steps'; None when they are not recorded and P > 1."""
 
 
 def _positive_number(summary_path: Path, key: str, value: object, *, integer: bool) -> float:
@@ -87,10 +92,17 @@ def _choice(path: Path, key: str, value: object, choices: tuple[str, ...]) -> st
     return str(value)
 
 
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _steady_cu(per_worker: object) -> float | None:
-    """Mean over workers of inner_s / (wall_s − finalize_blocked_s); None unless every worker recorded them."""
+    """Mean over workers of 'steady_utilization', or (older runs) of inner_s / (wall_s − finalize_blocked_s);
+    None unless every worker recorded one of them."""
     if not isinstance(per_worker, list) or not per_worker:
         return None
+    if all(isinstance(w, dict) and _number(w.get("steady_utilization")) for w in per_worker):
+        return sum(w["steady_utilization"] for w in per_worker) / len(per_worker)
     cus = []
     for worker in per_worker:
         values = [worker.get(k) if isinstance(worker, dict) else None for k in ("inner_s", "wall_s")]
@@ -179,12 +191,25 @@ def load_run_summary(run_dir: str | Path, *, layers: int | None = None) -> RunMo
         value = summary.get(key)
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
         measured[key] = float(value) if ok else None  # type: ignore[arg-type]
+    sync_every, fragments = integer("sync_every"), integer("num_fragments")
+    per_period = None
+    blocked = measured["blocked_per_outer_step_s"]
+    if blocked is not None:
+        workers = summary.get("per_worker")
+        first = workers[0] if isinstance(workers, list) and workers else None
+        inner = first.get("inner_steps") if isinstance(first, dict) else None
+        outer = summary.get("outer_steps")
+        if _number(inner) and _number(outer) and inner > 0 and sync_every is not None:  # type: ignore[operator]
+            per_period = blocked * outer * sync_every / inner  # type: ignore[operator]
+        elif fragments in (None, 1):
+            per_period = blocked
     name = Path(run_dir).resolve().name or "run"
     return RunModel(
+        measured_blocked_per_period_s=per_period,
         measured_cu_steady=_steady_cu(summary.get("per_worker")),
         model=ModelSpec(name=name, params=params, layers=layers, step_time_s=step_time),
-        sync_every=integer("sync_every"),
-        fragments=integer("num_fragments"),
+        sync_every=sync_every,
+        fragments=fragments,
         workers=integer("workers"),
         mode=choice("mode", TRAIN_MODES),
         overlap_steps=overlap,

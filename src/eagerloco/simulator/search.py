@@ -153,3 +153,46 @@ def smallest_hiding_overlap(
     best = max(cus.values())
     tau = min(t for t, cu in cus.items() if cu >= best - CU_TOLERANCE)  # equal CUs differ in the last bits
     return OverlapChoice(tau, results[tau], False, cus)
+
+
+def link_rate_from_blocked(
+    model: ModelSpec,
+    method: MethodSpec,
+    blocked_s: float,
+    *,
+    workers: int = 2,
+    latency_s: float = 0.0,
+    rel_tol: float = 1e-12,
+) -> float:
+    """The link rate in Gbit/s at which the simulator predicts ``blocked_s`` seconds blocked per outer step for
+    ``method`` (per step for data-parallel): the rate a run's own measurement implies, transport overhead and
+    anything else that slowed its collectives included. Blocked time falls as the rate grows, so the rate is found
+    by bisection in log space to ``rel_tol``.
+
+    Meant for a blocking method (sync), where every outer step waits for its whole all-reduce and the blocked time
+    measures the link; an overlapped method's blocked time is only what the overlap did not hide, so it says little
+    about the link when it is small. Raises SimulatorConfigError if ``blocked_s`` is not a finite number > 0, or is at
+    or below what latency alone costs (no rate gives it)."""
+    ok = isinstance(blocked_s, (int, float)) and not isinstance(blocked_s, bool) and math.isfinite(blocked_s)
+    if not ok or blocked_s <= 0:
+        raise SimulatorConfigError(f"blocked_s={blocked_s!r}: must be a finite number of seconds > 0")
+
+    def blocked_at(gbps: float) -> float:
+        link = LinkSpec(bandwidth_gbps=gbps, workers=workers, latency_s=latency_s)
+        return simulate(model, method, link).blocked_s_per_period
+
+    low, high = 1e-9, 1e6  # 1 bit/s to 1 Pbit/s, in Gbit/s
+    if blocked_at(high) >= blocked_s:
+        raise SimulatorConfigError(
+            f"{blocked_s:.4g} s blocked per outer step: {method.name} blocks that long even at "
+            f"{high:g} Gbit/s (latency {latency_s:g} s per hop), so no link rate explains it"
+        )
+    if blocked_at(low) <= blocked_s:
+        raise SimulatorConfigError(f"{blocked_s:.4g} s blocked per outer step: slower than a {low:g} Gbit/s link")
+    while high / low > 1 + rel_tol:
+        middle = math.sqrt(low * high)
+        if blocked_at(middle) > blocked_s:
+            low = middle
+        else:
+            high = middle
+    return math.sqrt(low * high)
