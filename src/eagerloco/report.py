@@ -113,6 +113,7 @@ def summarize(config: TrainConfig, results: list[WorkerResult], data_summary: st
         "tokens_per_s": trained / max(walls) if max(walls) > 0 else 0.0,  # this life's tokens over its wall time
         "wall_s": max(walls),
         "utilization": sum(r.stats["utilization"] for r in results) / world,
+        "steady_utilization": sum(r.stats["steady_utilization"] for r in results) / world,
         "blocked_s": sum(r.stats["blocked_s"] for r in results) / world,
         "blocked_per_outer_step_s": sum(r.stats["blocked_per_outer_step_s"] for r in results) / world,
         "bytes_sent_per_worker": sum(r.stats["payload_bytes"] for r in results) // world,
@@ -156,8 +157,9 @@ def print_summary(summary: dict[str, Any], config: TrainConfig) -> None:
         ("tokens/s (all workers)", f"{summary['tokens_per_s']:,.0f}"),
         ("wall time of the training loop", f"{summary['wall_s']:.1f} s"),
         ("compute utilization", f"{summary['utilization']:.3f}"),
+        ("  in steady state", f"{summary['steady_utilization']:.3f}"),
         ("time blocked on collectives", f"{summary['blocked_s']:.2f} s"),
-        ("  per outer step", f"{summary['blocked_per_outer_step_s'] * 1e3:.1f} ms"),
+        ("  per outer step, steady state", f"{summary['blocked_per_outer_step_s'] * 1e3:.1f} ms"),
         ("outer steps", f"{summary['outer_steps']}"),
         ("bytes sent per worker", format_bytes(summary["bytes_sent_per_worker"])),
     ]
