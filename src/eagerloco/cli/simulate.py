@@ -266,29 +266,28 @@ class Plan:
 AUTO = "auto"
 """``--overlap-steps auto``: size mode overlap's τ to the link (:func:`smallest_hiding_overlap`)."""
 
-
-def _overlap_steps(text: str) -> int | str:
-    """--overlap-steps: an integer, or 'auto'."""
-    if text == AUTO:
-        return AUTO
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: must be an integer or 'auto'") from None
-
-
 MEASURED = "measured"
 """``--link-mbit measured``: the rate a sync run's blocked time implies (:func:`link_rate_from_blocked`)."""
 
 
-def _link_mbit(text: str) -> float | str:
-    """--link-mbit: a number of Mbit/s, or 'measured'."""
-    if text == MEASURED:
-        return MEASURED
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: must be a number of Mbit/s or 'measured'") from None
+def _number_or(word: str, convert: type, what: str) -> Any:
+    """An argparse type: ``word`` itself, or ``convert(text)``; otherwise 'TEXT: must be WHAT or 'WORD''."""
+
+    def parse(text: str) -> Any:
+        if text == word:
+            return word
+        try:
+            return convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: must be {what} or {word!r}") from None
+
+    return parse
+
+
+_overlap_steps = _number_or(AUTO, int, "an integer")
+"""--overlap-steps: an integer, or 'auto'."""
+_link_mbit = _number_or(MEASURED, float, "a number of Mbit/s")
+"""--link-mbit: a number of Mbit/s, or 'measured'."""
 
 
 def _check_count(flag: str, value: int | str | None, minimum: int) -> None:
