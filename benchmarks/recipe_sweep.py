@@ -32,7 +32,8 @@ The plans (``--plan``) order their points so that the most informative arrive fi
   DiLoCo at lr 1 / Nesterov 0.5, the paper's eager at lr 1 without momentum, eager w = 0.75 at lr 0.7 / Nesterov
   0.5; BENCHMARKS.md section 8), one axis changed at a time (``TREND_POINTS``): tokens (300 / 2,700 steps), H (10 /
   100), M = 4 (600 steps), non-iid shards, model size (115k and 2.7M parameters around the default 820k), M = 8
-  on the 115k model, and the 115k model overtrained (2,850 steps: 101 tokens per parameter); seed 0 of every
+  on the 115k model, M = 4 on the 2.7M model, and the 115k model overtrained (2,850 steps: 101 tokens per
+  parameter); seed 0 of every
   point first, then seeds 1 and 2.
 * ``custom``: the grid given by ``--methods --lrs --momenta --seeds --workers --steps --own-weight``.
 
@@ -95,6 +96,7 @@ TREND_POINTS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("overtrained", "115k parameters, 2,850 steps (101 tokens/parameter)", {"steps": 2850, "extra": SMALL_MODEL}),
     ("tokens", "2,700 steps", {"steps": 2700}),
     ("size", "2.7M parameters", {"extra": LARGE_MODEL}),
+    ("M, 2.7M", "M = 4, 600 steps, 2.7M parameters", {"workers": 4, "steps": 600, "extra": LARGE_MODEL}),
 )
 # The trends' methods, each at its recipe measured best on the default job over 3 seeds (BENCHMARKS.md section 8):
 # (method, own weight, (outer lr, momentum, Nesterov)): DiLoCo, the paper's eager, the own-weight variant w = 0.75.

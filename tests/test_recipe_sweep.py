@@ -208,8 +208,11 @@ def test_trends_plan_runs_each_method_at_its_measured_recipe_then_reports(tmp_pa
     assert m4.key == "sync_M4_T600_lr1_m0.5n_s0"  # the study's M = 4 runs
     over = next(p for s, p in points if "overtrained" in s)
     assert over.steps * 16 * 128 * 2 / 115_008 >= 100  # tokens per parameter
-    assert [s.split(":")[0] for s, _ in points] == ["T1"] * 30 + ["T2"] * 60
-    assert [p.seed for _, p in points[30:]] == [1] * 30 + [2] * 30
+    n = 3 * len(rs.TREND_POINTS)  # the points of one seed
+    assert [s.split(":")[0] for s, _ in points] == ["T1"] * n + ["T2"] * 2 * n
+    assert [p.seed for _, p in points[n:]] == [1] * n + [2] * n
+    m4_large = next(p for s, p in points if s.endswith("M = 4, 600 steps, 2.7M parameters"))
+    assert m4_large.key == "sync_M4_T600_lr1_m0.5n_s0_x342e31e1"  # the 2.7M model's key, at M = 4
     # the default job at each recipe, and trend results: 300 steps for sync and eager (eager with two seeds),
     # H = 10 for sync (a point with its own flags: out of the grid tables)
     default = rs.trend_recipes()
