@@ -345,7 +345,7 @@ def steady_record(run: dict[str, Any]) -> dict[str, Any]:
             "outer_steps": run["syncs"]}  # fmt: skip
     restated = bl.restate_steady(view, launches, waits)
     out = {**run, "cu_steady": restated["cu_steady"], "blocked_per_sync_s": restated["blocked_per_outer_step_s"]}
-    if restated is not view and "cu_steady_drain_only" in restated:
+    if "cu_steady_drain_only" in restated:
         out.update(cu_steady_drain_only=run["cu_steady"], blocked_per_sync_drain_only_s=run["blocked_per_sync_s"])
     return out
 
