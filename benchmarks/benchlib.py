@@ -140,33 +140,6 @@ def steady_state(summary: Mapping[str, Any]) -> dict[str, float]:
     return {"cu_steady": sum(cus) / len(cus), "wall_steady_s": max(walls)}
 
 
-def restate_steady(record: Mapping[str, Any], launches: int, waits: int) -> dict[str, Any]:
-    """A link-lab record of a run measured before the engine counted its waits (ALGORITHMS.md section 10), with
-    its steady state restated as the engine now states it: each of the ``launches`` averages counted as waited for,
-    as long as the ``waits`` ones waited for inside the loop took on average (eager k = 1 over 4 sync points waits
-    3 times in the loop; the 4th average is the drain's). From the record's means over workers: the in-loop
-    blocked time B = blocked_s − finalize_blocked_s, scaled by launches / waits, is added to ``wall_steady_s``, and
-    ``cu_steady`` becomes inner / that, the inner time being the old ``cu_steady`` × ``wall_steady_s`` (workers
-    taken alike: the restatement is exact for one worker); ``blocked_per_outer_step_s`` grows by the added time
-    over ``outer_steps``. The old values are kept as ``*_drain_only``."""
-    out = dict(record)
-    if record.get("outer_launches") is not None or waits <= 0 or launches <= waits:
-        return out
-    extra = (record["blocked_s"] - record["finalize_blocked_s"]) * (launches / waits - 1.0)
-    inner = record["cu_steady"] * record["wall_steady_s"]
-    out.update(
-        cu_steady_drain_only=record["cu_steady"],
-        wall_steady_drain_only_s=record["wall_steady_s"],
-        wall_steady_s=record["wall_steady_s"] + extra,
-        cu_steady=inner / (record["wall_steady_s"] + extra),
-        blocked_per_outer_step_drain_only_s=record["blocked_per_outer_step_s"],
-        blocked_per_outer_step_s=record["blocked_per_outer_step_s"] + extra / record["outer_steps"],
-        outer_launches=launches,
-        outer_waits=waits,
-    )
-    return out
-
-
 def rotate(items: Sequence[Any], k: int) -> list[Any]:
     """``items`` rotated left by k (the order of variants in repeat k)."""
     items = list(items)

@@ -111,12 +111,49 @@ def loop_waits(method: str, steps: int, sync_every: int) -> tuple[int, int]:
     return launches, launches - drained
 
 
+def legacy_stats(
+    cu_steady: float, wall_steady_s: float, blocked_s: float, drain_s: float, launches: int, waits: int
+) -> Any:
+    """The engine's ``RunStats`` of a run recorded before it counted its waits (means over workers, taken alike:
+    exact for one worker), so that its steady state comes from the engine's own formula
+    (``RunStats.steady_blocked_s``): the inner time is ``cu_steady`` × ``wall_steady_s``, every blocked second of
+    the loop a wait for an average (no divergence measurement in these runs), ``launches`` and ``waits`` from
+    :func:`loop_waits`."""
+    from eagerloco.engine import RunStats
+
+    inner, in_loop = cu_steady * wall_steady_s, blocked_s - drain_s
+    return RunStats(
+        inner_s=inner,
+        overhead_s=wall_steady_s - inner - in_loop,
+        blocked_s=blocked_s,
+        finalize_blocked_s=drain_s,
+        outer_launches=launches,
+        outer_waits=waits,
+        outer_wait_s=in_loop,
+    )
+
+
 def steady_record(run: dict[str, Any], sync_every: int) -> dict[str, Any]:
     """``run`` (a record of this driver) with the engine's steady state: as recorded where the engine counted its
-    waits, restated (``benchlib.restate_steady``) where it did not."""
+    waits, restated through :func:`legacy_stats` where it did not (the old values kept as ``*_drain_only``)."""
     if run.get("outer_launches") is not None:
         return run
-    return bl.restate_steady(run, *loop_waits(run["method"], run["steps"], sync_every))
+    launches, waits = loop_waits(run["method"], run["steps"], sync_every)
+    if not 0 < waits < launches:
+        return run
+    stats = legacy_stats(run["cu_steady"], run["wall_steady_s"], run["blocked_s"], run["finalize_blocked_s"],
+                         launches, waits)  # fmt: skip
+    return {
+        **run,
+        "cu_steady_drain_only": run["cu_steady"],
+        "wall_steady_drain_only_s": run["wall_steady_s"],
+        "blocked_per_outer_step_drain_only_s": run["blocked_per_outer_step_s"],
+        "cu_steady": stats.steady_utilization,
+        "wall_steady_s": stats.steady_wall_s,
+        "blocked_per_outer_step_s": stats.steady_blocked_s / run["outer_steps"],
+        "outer_launches": launches,
+        "outer_waits": waits,
+    }
 
 
 def record(method: str, rate: float, rep: int, steps: int, full_steps: int, s: dict[str, Any]) -> dict[str, Any]:

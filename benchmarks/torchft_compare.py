@@ -335,19 +335,23 @@ TORCHFT_KEYS = ("quorum_s", "wait_s", "commit_s", "first_quorum_s", "quorum_per_
 
 def steady_record(run: dict[str, Any]) -> dict[str, Any]:
     """An eagerloco record from before the engine counted its waits, its steady state restated as the engine
-    now states it (``benchlib.restate_steady``: eagerloco's streaming drains the average it launches at the last
+    now states it (``cu_bandwidth.legacy_stats``: eagerloco's streaming drains the average it launches at the last
     step, which its loop never waited for; torchft's last sync completes inside its loop). Others as they are."""
     if run["library"] != "eagerloco" or run.get("outer_launches") is not None:
         return run
     launches, waits = cu_bandwidth.loop_waits(run["method"], run["steps"], run["sync_every"])
-    inner = run["cu_run"] * run["wall_s"]  # workers taken alike, as restate_steady does
-    view = {**run, "wall_steady_s": inner / run["cu_steady"], "blocked_per_outer_step_s": run["blocked_per_sync_s"],
-            "outer_steps": run["syncs"]}  # fmt: skip
-    restated = bl.restate_steady(view, launches, waits)
-    out = {**run, "cu_steady": restated["cu_steady"], "blocked_per_sync_s": restated["blocked_per_outer_step_s"]}
-    if "cu_steady_drain_only" in restated:
-        out.update(cu_steady_drain_only=run["cu_steady"], blocked_per_sync_drain_only_s=run["blocked_per_sync_s"])
-    return out
+    if not 0 < waits < launches:
+        return run
+    wall_steady = run["cu_run"] * run["wall_s"] / run["cu_steady"]  # inner time / steady CU
+    stats = cu_bandwidth.legacy_stats(run["cu_steady"], wall_steady, run["blocked_s"], run["finalize_blocked_s"],
+                                      launches, waits)  # fmt: skip
+    return {
+        **run,
+        "cu_steady_drain_only": run["cu_steady"],
+        "blocked_per_sync_drain_only_s": run["blocked_per_sync_s"],
+        "cu_steady": stats.steady_utilization,
+        "blocked_per_sync_s": stats.steady_blocked_s / run["syncs"],
+    }
 
 
 def aggregate(runs: list[dict[str, Any]], variants: Sequence[str]) -> list[dict[str, Any]]:

@@ -64,9 +64,14 @@ class RunModel:
     the workers' 'inner_steps'; None when they are not recorded and P > 1."""
 
 
+def _number(value: object) -> bool:
+    """A finite int or float (not a bool)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _positive_number(summary_path: Path, key: str, value: object, *, integer: bool) -> float:
     kind = "an integer" if integer else "a number"
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    ok = _number(value) and value > 0  # type: ignore[operator]
     if ok and integer and not float(value).is_integer():  # type: ignore[arg-type]
         ok = False
     if not ok:
@@ -92,10 +97,6 @@ def _choice(path: Path, key: str, value: object, choices: tuple[str, ...]) -> st
     return str(value)
 
 
-def _number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _steady_cu(per_worker: object) -> float | None:
     """Mean over workers of 'steady_utilization', or (older runs) of inner_s / (wall_s − finalize_blocked_s);
     None unless every worker recorded one of them."""
@@ -108,7 +109,7 @@ def _steady_cu(per_worker: object) -> float | None:
         values = [worker.get(k) if isinstance(worker, dict) else None for k in ("inner_s", "wall_s")]
         drain = worker.get("finalize_blocked_s", 0.0) if isinstance(worker, dict) else None
         numbers = [*values, drain]
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in numbers):
+        if not all(_number(v) for v in numbers):
             return None
         inner, wall = values
         if wall - drain <= 0:  # type: ignore[operator]
@@ -169,7 +170,7 @@ def load_run_summary(run_dir: str | Path, *, layers: int | None = None) -> RunMo
         if key not in found:
             return None
         where, value = found[key]
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+        ok = _number(value) and value >= 0  # type: ignore[operator]
         if not ok:
             raise SimulatorConfigError(f"{where}: {key}={value!r}: must be a number >= 0")
         return float(value)  # type: ignore[arg-type]
@@ -189,7 +190,7 @@ def load_run_summary(run_dir: str | Path, *, layers: int | None = None) -> RunMo
     measured = {}
     for key in ("utilization", "blocked_per_outer_step_s"):
         value = summary.get(key)
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+        ok = _number(value) and value >= 0  # type: ignore[operator]
         measured[key] = float(value) if ok else None  # type: ignore[arg-type]
     sync_every, fragments = integer("sync_every"), integer("num_fragments")
     per_period = None
