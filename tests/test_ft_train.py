@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -41,9 +42,24 @@ def test_fault_tolerance_bad_values_are_clear_errors_before_training(tmp_path, f
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port P with P and P + 1 free (the lighthouse and, on P + 1, its coordination store), drawn below the
+    kernel's ephemeral range: a port the kernel hands out meanwhile to a socket bound to port 0 (the other site's own
+    store, any client connection) cannot be either of them. Drawing P from port 0 could not promise that for P + 1."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    draw = random.SystemRandom()
+    for _ in range(200):
+        port = draw.randrange(10000, low - 1)
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("0.0.0.0", port))
+                b.bind(("0.0.0.0", port + 1))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError(f"no two free consecutive ports found in [10000, {low})")
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", pytest.param("::1", marks=pytest.mark.slow)])
