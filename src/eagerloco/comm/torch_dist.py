@@ -9,8 +9,9 @@ checkpoint barriers) are bounded by the process group's own timeout: initialise 
 
 Which peer failed? gloo's error names a socket address, not a rank. Each communicator therefore runs a heartbeat
 (a daemon thread adding 1 to the key ``eagerloco/heartbeat/<global rank>`` of the process group's store every
-0.25 s). After a failure :meth:`TorchDistributedCommunicator.diagnose_peers` reads every rank's counter twice,
-1 s apart: ranks whose counter did not move did not answer. If the store itself is unreachable, its host died
+0.25 s, until the process group is destroyed). After a failure
+:meth:`TorchDistributedCommunicator.diagnose_peers` reads every rank's counter twice, 1 s apart: ranks whose counter
+did not move did not answer. If the store itself is unreachable, its host died
 (rank 0 under ``env://`` launches; torchrun's agent and ``eagerloco train --launch processes`` host it outside
 the workers, so it outlives any of them) and the message says so.
 
@@ -54,9 +55,19 @@ def first_line(exc: BaseException) -> str:
 
 
 class _Heartbeat:
-    """One per process and store: bumps ``eagerloco/heartbeat/<global rank>`` every ``interval`` seconds."""
+    """One per process and store: bumps ``eagerloco/heartbeat/<global rank>`` every ``interval`` seconds, until
+    :func:`stop_heartbeats`, the process group's ``destroy_process_group()`` or the interpreter's exit.
+
+    Shutdown invariant: at interpreter exit no heartbeat may be inside a store call. A store call releases the GIL;
+    a daemon thread that tries to take it back once finalization has begun is ended by ``pthread_exit``, whose
+    unwinding through pybind11's GIL guard (a noexcept destructor) aborts the process with "terminate called
+    without an active exception", after the worker's work is done. So the thread stops on its own at its next beat
+    once the default process group is destroyed, and the exit hook waits up to ``exit_join_s`` for a call in
+    flight (a store op takes milliseconds; seconds only on a machine so loaded that the store's host thread is
+    starved)."""
 
     interval = 0.25
+    exit_join_s = 5.0
     _instances: ClassVar[dict[int, _Heartbeat]] = {}
     _lock = threading.Lock()
 
@@ -87,7 +98,7 @@ class _Heartbeat:
         for beat in beats:
             beat._stop.set()
         for beat in beats:
-            beat._thread.join(timeout=2 * cls.interval)
+            beat._thread.join(timeout=cls.exit_join_s)  # returns at once unless a store call is in flight
 
     @staticmethod
     def key(global_rank: int) -> str:
@@ -99,6 +110,9 @@ class _Heartbeat:
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
+            if not dist.is_initialized():  # destroy_process_group(): nothing left to diagnose; leave the store
+                self._stop.set()
+                break
             try:
                 self.store.add(self.key(self.global_rank), 1)
             except Exception:  # the store is gone: nothing left to report to
@@ -109,7 +123,8 @@ class _Heartbeat:
 
 
 def stop_heartbeats() -> None:
-    """Stop this process's heartbeat threads (before ``destroy_process_group``; also done at exit)."""
+    """Stop and join this process's heartbeat threads now (each also stops within one beat of
+    ``destroy_process_group()``, and at exit)."""
     _Heartbeat.stop_all()
 
 
