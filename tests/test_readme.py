@@ -94,6 +94,14 @@ def test_the_readme_commands_work_as_written_in_order(tmp_path):
     [row] = [line.split() for line in proc.stdout.splitlines() if line.startswith("eager ")]
     assert row[-2] == f"{result['utilization']:.1%}"  # the measured CU next to the predicted one
 
+    # streaming with τ measured at the start (H = 6 here: P = 2 must divide it); a 33k-parameter model at 20 Mbit/s
+    proc = run(tmp_path, "eagerloco train --mode overlap --num-fragments 2 --overlap-steps auto", *TINY,
+               "--sync-every", "6")  # fmt: skip
+    auto = summary(tmp_path / "runs" / "overlap")["overlap_auto"]
+    assert 1 <= auto["overlap_steps"] <= 5 and auto["probe_bytes"] == 4 * result["params"]
+    assert f"overlap (H=6, τ={auto['overlap_steps']} (auto), α=0.5, P=2)" in proc.stdout
+    assert "overlap sized to the link" in proc.stdout
+
     run(tmp_path, "eagerloco train --resume --out-dir runs/eager --steps 1200", *TINY, "--steps", "30")
     resumed = summary(eager)
     assert (resumed["mode"], resumed["tokens"]) == ("eager", 30 * TOKENS)

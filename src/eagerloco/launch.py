@@ -28,7 +28,7 @@ from eagerloco.comm import Communicator, InProcessGroup, TorchDistributedCommuni
 from eagerloco.engine.config import ConfigError
 from eagerloco.fileio import atomic_write_bytes
 from eagerloco.lm import checkpoint as ckpt
-from eagerloco.lm.config import TrainConfig
+from eagerloco.lm.config import AUTO, TrainConfig
 from eagerloco.lm.data import LMData, default_cache_dir, prepare_data
 from eagerloco.lm.interrupt import StopSignal, TrainingInterrupted
 from eagerloco.lm.runs import read_metrics, record_step
@@ -214,6 +214,9 @@ def check_resume(config: TrainConfig) -> Path:
     directory = ckpt.latest_valid(run_dir)
     if directory is None:
         raise ckpt.ResumeError(f"--resume: no complete checkpoint under {run_dir / 'checkpoints'}")
+    saved = ckpt.read_manifest(directory).get("config") or {}
+    if config.outer.overlap_steps == AUTO and saved.get("outer", {}).get("mode") == "overlap":
+        config.outer.overlap_steps = saved["outer"]["overlap_steps"]  # the τ the run chose: averages in flight need it
     ckpt.check_compatible(directory, config.run.workers, config.to_dict())
     step = int(directory.name.split("-")[1])
     if step >= config.run.steps:  # nothing left to train: a finished run continues only with more steps

@@ -38,6 +38,8 @@ class WorkerResult:
     tokens_this_life: int | None = None
     """Global tokens trained since this process started (after a ``--resume``: since the checkpoint), the ones
     ``stats['wall_s']`` measured; None: all of ``tokens``."""
+    overlap_auto: dict[str, Any] | None = None
+    """``--overlap-steps auto``: what was measured and the τ chosen (lm/auto_overlap.py OverlapAuto); else None."""
 
 
 class MetricsLog:
@@ -133,16 +135,22 @@ def summarize(config: TrainConfig, results: list[WorkerResult], data_summary: st
         ],
         "evals": results[0].evals,
     }
+    if results[0].overlap_auto is not None:
+        summary["overlap_auto"] = results[0].overlap_auto
     return summary
 
 
 def print_summary(summary: dict[str, Any], config: TrainConfig) -> None:
     """The end-of-run table on stdout: the method, then the summary's headline numbers, then per worker."""
+    from eagerloco.lm.auto_overlap import OverlapAuto
+
     mode = summary["mode"]
+    auto = summary.get("overlap_auto")
+    tau = config.outer.overlap_steps if auto is None else auto["overlap_steps"]
     detail = {
         "dp": "gradients averaged every step",
         "sync": f"H={config.outer.sync_every}",
-        "overlap": f"H={config.outer.sync_every}, τ={config.outer.overlap_steps}, α={config.outer.alpha}",
+        "overlap": f"H={config.outer.sync_every}, τ={tau}{' (auto)' if auto else ''}, α={config.outer.alpha}",
         "delayed": f"H={config.outer.sync_every}, k={config.outer.delay}",
         "eager": f"H={config.outer.sync_every}, k={config.outer.delay}",
     }[mode]
@@ -160,6 +168,7 @@ def print_summary(summary: dict[str, Any], config: TrainConfig) -> None:
         ("  in steady state", f"{summary['steady_utilization']:.3f}"),
         ("time blocked on collectives", f"{summary['blocked_s']:.2f} s"),
         ("  per outer step, steady state", f"{summary['blocked_per_outer_step_s'] * 1e3:.1f} ms"),
+        *([("overlap sized to the link", OverlapAuto(**auto).describe())] if auto else []),
         ("outer steps", f"{summary['outer_steps']}"),
         ("bytes sent per worker", format_bytes(summary["bytes_sent_per_worker"])),
     ]

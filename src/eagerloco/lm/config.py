@@ -17,6 +17,7 @@ Unknown sections or keys, and values of the wrong type, are errors that name the
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import functools
 import math
@@ -128,6 +129,8 @@ number at most 1/M): SGD lr 1 without momentum. Momentum feeds on the paper's ru
 
 PAPER_RULE = "1/M"
 """``eager_own_weight`` spelled for the eager paper's rule at any M (the library's ``eager_own_weight=None``)."""
+AUTO = "auto"
+"""``overlap_steps`` = "auto": τ sized to the measured link when the run starts (lm/auto_overlap.py)."""
 
 
 @dataclass
@@ -152,6 +155,11 @@ class OuterConfig(DiLoCoConfig):
     the eager paper's rule. Unset: eager's recipe, w = 0.75 with M >= 2 workers (measured better than 1/M at M = 2,
     4 and 8, BENCHMARKS.md 8; with fault tolerance each quorum takes max(w, 1/M_Q)), 1/M with one worker. Other
     modes: leave it unset."""
+    overlap_steps: int | Literal["auto"] = 1  # type: ignore[assignment]
+    """τ (mode 'overlap'): inner steps an average may travel before it is mixed in, 0 <= τ < H; or "auto": before
+    the first inner step every worker times its inner step and one all-reduce of the outer gradient on the run's
+    link, and the run takes the smallest τ the simulator finds hides that link (``eagerloco simulate
+    --overlap-steps auto``'s rule, lm/auto_overlap.py); fixed for the run, kept by --resume."""
     compression: Codec = "none"  # type: ignore[assignment]
     """Codec of the outer gradients on the wire: 'none' (fp32), 'bf16', 'fp16', 'fp8' (e4m3), 'int8' or 'fp4'
     (e3m0, block scales); see docs/compression.md."""
@@ -213,9 +221,14 @@ class OuterConfig(DiLoCoConfig):
             kind += ", own weight " + ("1/M (the eager paper's rule)" if w in (None, PAPER_RULE) else f"w = {w:g}")
         return f"SGD lr {self.outer_lr:g}, {kind} ({where})"
 
-    def diloco(self) -> DiLoCoConfig:
-        """The engine's config (mode 'dp' has none)."""
+    def diloco(self, overlap_steps: int | None = None) -> DiLoCoConfig:
+        """The engine's config (mode 'dp' has none). ``overlap_steps`` resolves τ = "auto" (validate() checks the
+        other fields with τ = 1); the engine never sees "auto"."""
         values = {f.name: getattr(self, f.name) for f in fields(DiLoCoConfig)}
+        if overlap_steps is not None:
+            values["overlap_steps"] = overlap_steps
+        if values["overlap_steps"] == AUTO:
+            raise ConfigError("outer.overlap_steps='auto' is resolved when the run starts (lm/auto_overlap.py)")
         if values["eager_own_weight"] == PAPER_RULE:
             values["eager_own_weight"] = None  # the library's spelling of the paper's rule
         return DiLoCoConfig(**values).validate()
@@ -314,6 +327,12 @@ class TrainConfig:
         apply_overrides(config, settable, source="dict")
         return config
 
+    def with_overlap_steps(self, tau: int) -> TrainConfig:
+        """A validated copy that trains with τ = ``tau`` (``overlap_steps = "auto"`` resolved)."""
+        resolved = copy.deepcopy(self)
+        resolved.outer.overlap_steps = tau
+        return resolved.validate()
+
     def validate(self) -> TrainConfig:
         """Check every field's type, fill the outer optimizer fields left unset from the mode's recipe, then check
         every rule across sections; raise :class:`ConfigError` naming the value and the rule."""
@@ -327,8 +346,14 @@ class TrainConfig:
             GPTConfig(**{f.name: getattr(self.model, f.name) for f in fields(GPTConfig)})
         except ValueError as exc:
             raise ConfigError(str(exc)) from exc
+        if self.outer.overlap_steps == AUTO and (self.outer.mode != "overlap" or self.run.fault_tolerance):
+            where = "with fault tolerance (quorums change the link)" if self.outer.mode == "overlap" else (
+                f"in mode {self.outer.mode!r}")  # fmt: skip
+            raise ConfigError(
+                f"outer.overlap_steps='auto' sizes the τ of mode 'overlap' to the link; not {where}: give τ as a number"
+            )
         if self.outer.mode != "dp":
-            self.outer.diloco()
+            self.outer.diloco(1 if self.outer.overlap_steps == AUTO else None)
         positive = {
             "data.batch_size": self.data.batch_size,
             "data.eval_batch_size": self.data.eval_batch_size,
@@ -514,7 +539,7 @@ def apply_overrides(config: TrainConfig, values: dict[str, Any], source: str) ->
             if key not in known or f"{section}.{key}" in DERIVED:
                 valid = sorted(k for k in known if f"{section}.{k}" not in DERIVED)
                 raise ConfigError(f"{source}: unknown key {section}.{key}; valid keys: {', '.join(valid)}")
-            number = _base(hints[key]) is float or bool(_words(hints[key]))
+            number = _base(hints[key]) is float or _numeric(hints[key]) is float
             if isinstance(value, int) and not isinstance(value, bool) and number:
                 value = float(value)
             _check_type(f"{section}.{key}", value, hints[key], source)
@@ -533,12 +558,23 @@ def _base(hint: Any) -> Any:
 
 
 def _words(hint: Any) -> list[str]:
-    """The words a ``float | Literal[...] | None`` field also accepts besides a number ([] for other types)."""
+    """The words a ``float | Literal[...] | None`` or ``int | Literal[...]`` field also accepts besides a number
+    ([] for other types)."""
     args = [a for a in get_args(hint) if a is not type(None)]
     literals = [a for a in args if get_origin(a) is Literal]
-    if len(args) == 2 and float in args and len(literals) == 1:
+    if len(args) == 2 and (float in args or int in args) and len(literals) == 1:
         return list(get_args(literals[0]))
     return []
+
+
+def _numeric(hint: Any) -> type | None:
+    """The number type (int or float) of a field that also accepts words (:func:`_words`); None for others."""
+    if not _words(hint):
+        return None
+    return int if int in get_args(hint) else float
+
+
+_NUMBER_NAMES = {int: "an integer", float: "a number"}
 
 
 def _choices(hint: Any) -> list[Any] | None:
@@ -561,11 +597,12 @@ def _parser_for(hint: Any) -> Any:
         if words:
             if text in words:
                 return text
+            numeric = _numeric(hint)
             try:
-                return float(text)
+                return numeric(text)
             except ValueError:
                 raise argparse.ArgumentTypeError(
-                    f"{text!r}: must be a number or {' or '.join(map(repr, words))}"
+                    f"{text!r}: must be {_NUMBER_NAMES[numeric]} or {' or '.join(map(repr, words))}"
                 ) from None
         if base is int:
             return int(text)
@@ -585,8 +622,12 @@ def _check_type(name: str, value: Any, hint: Any, source: str = "config") -> Non
         raise ConfigError(f"{source}: {name}=None: a value is required")
     words = _words(hint)
     if words:
-        if value not in words and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            raise ConfigError(f"{source}: {name}={value!r}: must be a number or {' or '.join(map(repr, words))}")
+        numeric = _numeric(hint)
+        number = not isinstance(value, bool) and isinstance(value, int if numeric is int else (int, float))
+        if value not in words and not number:
+            raise ConfigError(
+                f"{source}: {name}={value!r}: must be {_NUMBER_NAMES[numeric]} or {' or '.join(map(repr, words))}"
+            )
         return
     choices = _choices(hint)
     if choices is not None:
