@@ -79,6 +79,8 @@ def test_every_mode_end_to_end(tmp_path, flags):
         all_outer = records(run_dir, "outer")
         assert sum(r["payload_bytes"] for r in all_outer) == worker0["payload_bytes"]
         assert sum(r["blocked_s"] for r in all_outer) == pytest.approx(worker0["blocked_s"], abs=1e-6)
+        fragments = int(flags[flags.index("--num-fragments") + 1]) if "--num-fragments" in flags else 1
+        assert summary["blocked_per_period_s"] == summary["blocked_per_outer_step_s"] * fragments  # P records per H
     evals = records(run_dir, "eval")
     assert evals[-1]["eval_loss"] == summary["eval_loss"]
     # the checkpoint at the end is complete and verifiable

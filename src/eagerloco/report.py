@@ -118,6 +118,10 @@ def summarize(config: TrainConfig, results: list[WorkerResult], data_summary: st
         "steady_utilization": sum(r.stats["steady_utilization"] for r in results) / world,
         "blocked_s": sum(r.stats["blocked_s"] for r in results) / world,
         "blocked_per_outer_step_s": sum(r.stats["blocked_per_outer_step_s"] for r in results) / world,
+        # per H inner steps: P fragment syncs (one outer-step record each), so P x the figure above
+        "blocked_per_period_s": sum(r.stats["blocked_per_outer_step_s"] for r in results)
+        / world
+        * (config.outer.num_fragments if config.outer.mode != "dp" else 1),
         "bytes_sent_per_worker": sum(r.stats["payload_bytes"] for r in results) // world,
         "wire_bytes_per_worker": sum(r.stats["wire_bytes"] for r in results) // world,
         "outer_steps": results[0].stats["outer_steps"],
@@ -167,7 +171,14 @@ def print_summary(summary: dict[str, Any], config: TrainConfig) -> None:
         ("compute utilization", f"{summary['utilization']:.3f}"),
         ("  in steady state", f"{summary['steady_utilization']:.3f}"),
         ("time blocked on collectives", f"{summary['blocked_s']:.2f} s"),
-        ("  per outer step, steady state", f"{summary['blocked_per_outer_step_s'] * 1e3:.1f} ms"),
+        *(
+            [("  per outer step, steady state", f"{summary['blocked_per_outer_step_s'] * 1e3:.1f} ms")]
+            if config.outer.num_fragments == 1 or mode == "dp"
+            else [
+                ("  per fragment sync, steady state", f"{summary['blocked_per_outer_step_s'] * 1e3:.1f} ms"),
+                (f"  per H = {config.outer.sync_every} inner steps", f"{summary['blocked_per_period_s'] * 1e3:.1f} ms"),
+            ]
+        ),
         *([("overlap sized to the link", OverlapAuto(**auto).describe())] if auto else []),
         ("outer steps", f"{summary['outer_steps']}"),
         ("bytes sent per worker", format_bytes(summary["bytes_sent_per_worker"])),
