@@ -174,6 +174,26 @@ def test_cu_bandwidth_smoke(tmp_path):
     assert min(run["ns_tx_bytes"]) >= run["payload_bytes_per_worker"]
 
 
+@pytest.mark.slow
+@pytest.mark.netns
+def test_auto_overlap_lab_smoke(tmp_path):
+    sys.path.insert(0, str(BENCH))
+    from netlab import netns_available
+
+    ok, why = netns_available()
+    if not ok:
+        pytest.skip(why)
+    args = ["--smoke", "--out", str(tmp_path), "--runs-dir", str(tmp_path / "runs"), "--port", "29750"]
+    proc = run_driver("auto_overlap_lab.py", *args)
+    if proc.returncode != 0 and "RendezvousConnectionError" in proc.stdout + proc.stderr:
+        proc = run_driver("auto_overlap_lab.py", *args)  # torchrun's start-up on a loaded machine: see above
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (run,) = json.loads((tmp_path / "auto_overlap_lab.json").read_text())["runs"]
+    assert run["variant"] == "auto" and 1 <= run["tau"] <= 5  # τ in [1, H - 1], H = 6
+    assert run["probe_link_mbit"] <= 50 * 1.01  # the tbf link delivers at most its rate to the probe
+    assert 0 < run["cu_run"] <= 1 and 0 < run["predicted_cu"] <= 1
+
+
 @pytest.mark.parametrize("method", sorted(bl.METHODS))
 def test_every_method_has_a_simulated_cu(method):
     # cu_bandwidth.py writes the simulator's CU beside each measured one: a method it can run without a simulator
