@@ -149,14 +149,26 @@ def same_model(a: Path, b: Path) -> bool:
     return ma.keys() == mb.keys() and all(torch.equal(ma[k], mb[k]) for k in ma)
 
 
-@pytest.mark.parametrize(("link", "tau"), [("0", 1), ("2", 4)], ids=["no-link", "2mbit"])
+def chose_by_the_rule(record: dict, summary: dict) -> bool:
+    """The recorded τ is the rule's on the recorded measurements (smoke: 2 layers, H = 5, P = 1, fp32)."""
+    again = choose(params=summary["params"], layers=2, step_time_s=record["step_time_s"], probe_s=record["probe_s"],
+                   workers=2, sync_every=5, num_fragments=1, compression="none", layout="strided")  # fmt: skip
+    return again == (record["overlap_steps"], record["link_mbit"], record["predicted_cu"], record["hides"])
+
+
+@pytest.mark.parametrize(("link", "tau"), [("0", None), ("2", 4)], ids=["no-link", "2mbit"])
 def test_auto_resolves_records_and_trains_bitwise_as_the_tau_it_chose(tmp_path, link, tau):
-    """Smoke (H = 5): with no link τ = 1; at 2 Mbit/s a 33k-parameter all-reduce takes ~0.5 s, a step ~ms, no
-    τ < H hides it, and the search takes τ = H - 1 = 4. The run equals one given that τ, bitwise."""
+    """Smoke (H = 5): at 2 Mbit/s a 33k-parameter all-reduce takes ~0.5 s, a step ~ms, no τ < H hides it, and the
+    search takes τ = H - 1 = 4. With no link the in-process all-reduce still waits for the other thread (~ms on a
+    loaded machine, as long as a smoke step), so τ is whatever the rule says on what was measured. The run equals
+    one given that τ, bitwise."""
     auto = run(tmp_path, "auto", "--overlap-steps", "auto", "--link-mbit", link)
     summary = json.loads((auto / "summary.json").read_text())
     chosen = summary["overlap_auto"]
-    assert chosen["overlap_steps"] == tau and chosen["hides"] == (tau == 1)
+    assert chose_by_the_rule(chosen, summary) and 1 <= chosen["overlap_steps"] <= 4
+    if tau is not None:
+        assert (chosen["overlap_steps"], chosen["hides"]) == (tau, False)
+    tau = chosen["overlap_steps"]
     assert json.loads((auto / "config.json").read_text())["outer"]["overlap_steps"] == tau
     (logged,) = records(auto, "overlap_auto")
     assert {k: v for k, v in logged.items() if k not in ("type", "worker", "step")} == chosen
@@ -183,8 +195,8 @@ def test_resume_keeps_the_runs_tau_and_a_switch_to_overlap_measures_afresh(tmp_p
                 "--link-mbit", "0", "--steps", "10"]) == 0  # fmt: skip
     run(tmp_path, "sync", "--overlap-steps", "auto", "--link-mbit", "0", "--steps", "20", "--resume")
     (measured,) = records(sync, "overlap_auto")
-    assert measured["overlap_steps"] == 1
-    assert json.loads((sync / "config.json").read_text())["outer"]["overlap_steps"] == 1
+    assert chose_by_the_rule(measured, json.loads((sync / "summary.json").read_text()))
+    assert json.loads((sync / "config.json").read_text())["outer"]["overlap_steps"] == measured["overlap_steps"]
 
 
 @pytest.mark.slow

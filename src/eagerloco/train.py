@@ -23,7 +23,6 @@ record; per evaluation: the eval loss of the outer parameters), ``summary.json``
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from pathlib import Path
@@ -35,7 +34,6 @@ from eagerloco.comm import Communicator, EmulatedLink
 from eagerloco.comm.base import CollectiveTimeout
 from eagerloco.engine import DiLoCo, Measured
 from eagerloco.engine.data_parallel import DDPGradientAverager, GradientAverager, torch_group_of
-from eagerloco.fileio import atomic_write_bytes
 from eagerloco.lm import auto_overlap
 from eagerloco.lm import checkpoint as ckpt
 from eagerloco.lm.config import AUTO, TrainConfig
@@ -84,17 +82,9 @@ def train_worker(
     inner = torch.optim.AdamW(model.optimizer_groups(o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2))
     dp = config.outer.mode == "dp"  # default mode: eager, H = 30, k = 1, outer SGD lr 0.7 Nesterov 0.9
     timeout = config.outer.collective_timeout_s  # default: 300 s for any wait on a collective
-    overlap_auto = None  # --overlap-steps auto: τ sized to this link before the first step (lm/auto_overlap.py)
+    overlap_auto = None  # --overlap-steps auto: τ sized to this link now, before the first step (collective)
     if config.outer.overlap_steps == AUTO:
-        overlap_auto = auto_overlap.measure(
-            comm, model, batch_size=config.data.batch_size, seq_len=model_cfg.seq_len, vocab_size=data.vocab_size,
-            sync_every=config.outer.sync_every, num_fragments=config.outer.num_fragments,
-            compression=config.outer.compression, layout=config.outer.fragment_layout, device=device, timeout=timeout,
-        )  # fmt: skip
-        config = config.with_overlap_steps(overlap_auto.overlap_steps)  # what config.json and checkpoints hold
-        if rank == 0:
-            log.write({"type": "overlap_auto", "worker": rank, "step": 0, **overlap_auto.to_dict()})
-            atomic_write_bytes(run_dir / "config.json", json.dumps(config.to_dict(), indent=2).encode())
+        config, overlap_auto = auto_overlap.resolve(config, comm, model, data.vocab_size, device, log, run_dir)
     if dp and torch_group_of(comm) is not None:  # workers are processes: the baseline is PyTorch's DDP (bucketed)
         engine: DiLoCo | GradientAverager = DDPGradientAverager(model, comm, timeout, config.outer.ddp_bucket_mb)
     elif dp:  # simulated workers (threads): one flat all-reduce after backward, the same average

@@ -25,14 +25,21 @@ underestimated and τ errs on the side of hiding the link.
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from dataclasses import asdict, dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from eagerloco.comm.base import Communicator
+from eagerloco.fileio import atomic_write_bytes
+
+if TYPE_CHECKING:
+    from eagerloco.lm.config import TrainConfig
+    from eagerloco.report import MetricsLog
 
 WARMUP_STEPS = 2
 """Untimed forward + backward steps first (allocations, first-call overheads)."""
@@ -170,3 +177,28 @@ def measure(
         overlap_steps=tau, step_time_s=step, probe_s=probe, probe_bytes=numel * 4, link_mbit=mbit, predicted_cu=cu,
         hides=hides, measure_s=time.perf_counter() - start,
     )  # fmt: skip
+
+
+def resolve(
+    config: TrainConfig,
+    comm: Communicator,
+    model: Any,
+    vocab_size: int,
+    device: torch.device,
+    log: MetricsLog,
+    run_dir: Path,
+) -> tuple[TrainConfig, OverlapAuto]:
+    """``overlap_steps = "auto"`` for one worker (collective): measure, choose, and return the config with τ
+    resolved (what the checkpoints and model.pt then hold) and the record; worker 0 logs the record to
+    metrics.jsonl and rewrites config.json with the resolved τ."""
+    o = config.outer
+    auto = measure(
+        comm, model, batch_size=config.data.batch_size, seq_len=config.model.seq_len, vocab_size=vocab_size,
+        sync_every=o.sync_every, num_fragments=o.num_fragments, compression=o.compression, layout=o.fragment_layout,
+        device=device, timeout=o.collective_timeout_s,
+    )  # fmt: skip
+    resolved = config.with_overlap_steps(auto.overlap_steps)
+    if comm.rank == 0:
+        log.write({"type": "overlap_auto", "worker": 0, "step": 0, **auto.to_dict()})
+        atomic_write_bytes(Path(run_dir) / "config.json", json.dumps(resolved.to_dict(), indent=2).encode())
+    return resolved, auto
