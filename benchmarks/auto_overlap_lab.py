@@ -83,61 +83,40 @@ def report(payload: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rates", type=float, nargs="+", default=[4.0, 6.0])
+    bl.add_lab_arguments(ap, name="auto_overlap_lab", rates=[4.0, 6.0], port=29700,
+                         smoke="seconds-long: tiny model, one rate, auto only")  # fmt: skip
     ap.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=["auto", "tau1"])
-    ap.add_argument("--steps", type=int, default=120)
-    ap.add_argument("--sync-every", type=int, default=30)
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--name", default="auto_overlap_lab")
-    ap.add_argument("--out", type=Path, default=bl.RESULTS)
-    ap.add_argument("--runs-dir", type=Path, default=bl.ROOT / "runs" / "benchmarks")
-    ap.add_argument("--port", type=int, default=29700)
-    ap.add_argument("--smoke", action="store_true", help="seconds-long: tiny model, one rate, auto only")
     args = ap.parse_args(argv)
     extra: list[str] = []
     if args.smoke:
         extra = list(bl.SMOKE_ARGS)
         args.rates, args.variants, args.repeats = [50.0], ["auto"], 1
         args.steps, args.sync_every = min(args.steps, 12), 6
-    nl = bl.netlab()
-    ok, why = nl.netns_available()
-    if not ok:
-        print(f"auto_overlap_lab: cannot build a link lab here: {why}", file=sys.stderr)
+    payload = bl.lab_payload("auto_overlap_lab", args, variants=args.variants)
+    if payload is None:
         return 2
-    payload: dict[str, Any] = {
-        "benchmark": "auto_overlap_lab",
-        "command": bl.command_line(),
-        "machine": bl.machine(),
-        "steps": args.steps,
-        "sync_every": args.sync_every,
-        "runs": [],
-        "failures": [],
-    }
-    counter = 0
-    with nl.Lab(num_sites=2, rate_mbit=args.rates[0]) as lab:
+    with bl.netlab().Lab(num_sites=2, rate_mbit=args.rates[0]) as lab:
         print(f"lab {lab.prefix} up", flush=True)
-        for rep in range(args.repeats):
-            for ri, rate in enumerate(args.rates if rep % 2 == 0 else list(reversed(args.rates))):
+        for counter, (rep, rate, variant) in enumerate(bl.lab_schedule(args.variants, args.rates, args.repeats)):
+            if lab.rates[0] != rate:
                 lab.set_rate(rate)
-                for variant in bl.rotate(args.variants, rep + ri):
-                    train_args = [*BASE, *VARIANTS[variant], *extra, "--steps", str(args.steps), "--sync-every",
-                                  str(args.sync_every), "--seed", "0", "--eval-every", "0"]  # fmt: skip
-                    counter += 1
-                    try:
-                        summary = bl.run_train_torchrun(
-                            lab, train_args, args.runs_dir / args.name / f"{variant}-{rate:g}mbit-r{rep}",
-                            port=args.port + (counter % 50), rdzv_id=f"{lab.prefix}-{counter}",
-                        )  # fmt: skip
-                    except RuntimeError as exc:
-                        print(f"rep {rep} {rate:g} Mbit/s {variant}: failed:\n{exc}", flush=True)
-                        payload["failures"].append({"variant": variant, "rate_mbit": rate, "repeat": rep,
-                                                    "error": str(exc)[-3000:]})  # fmt: skip
-                        continue
-                    rec = record(variant, rate, rep, summary)
-                    payload["runs"].append(rec)
-                    print(f"rep {rep} {rate:g} Mbit/s {variant}: τ {rec['tau']}, CU steady {rec['cu_steady']:.3f} "
-                          f"(predicted {rec['predicted_cu']})", flush=True)  # fmt: skip
-                    bl.write_results(args.name, args.out, payload, report(payload))
+            train_args = [*BASE, *VARIANTS[variant], *extra, "--steps", str(args.steps), "--sync-every",
+                          str(args.sync_every), "--seed", "0", "--eval-every", "0"]  # fmt: skip
+            try:
+                summary = bl.run_train_torchrun(
+                    lab, train_args, args.runs_dir / args.name / f"{variant}-{rate:g}mbit-r{rep}",
+                    port=args.port + (counter % 50), rdzv_id=f"{lab.prefix}-{counter}",
+                )  # fmt: skip
+            except RuntimeError as exc:
+                print(f"rep {rep} {rate:g} Mbit/s {variant}: failed:\n{exc}", flush=True)
+                payload["failures"].append({"variant": variant, "rate_mbit": rate, "repeat": rep,
+                                            "error": str(exc)[-3000:]})  # fmt: skip
+                continue
+            rec = record(variant, rate, rep, summary)
+            payload["runs"].append(rec)
+            print(f"rep {rep} {rate:g} Mbit/s {variant}: τ {rec['tau']}, CU steady {rec['cu_steady']:.3f} "
+                  f"(predicted {rec['predicted_cu']})", flush=True)  # fmt: skip
+            bl.write_results(args.name, args.out, payload, report(payload))
     jpath, mpath = bl.write_results(args.name, args.out, payload, report(payload))
     print(mpath.read_text())
     print(f"wrote {jpath} and {mpath}")

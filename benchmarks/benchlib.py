@@ -149,6 +149,45 @@ def rotate(items: Sequence[Any], k: int) -> list[Any]:
     return items[k:] + items[:k]
 
 
+def lab_schedule(variants: Sequence[str], rates: Sequence[float], repeats: int) -> list[tuple[int, float, str]]:
+    """A link-lab driver's run order: repeat loop outermost, rates alternately up and down, variants rotated per
+    (repeat, rate)."""
+    order = []
+    for rep in range(repeats):
+        rs = list(rates) if rep % 2 == 0 else list(reversed(rates))
+        for ri, rate in enumerate(rs):
+            for v in rotate(variants, rep + ri):
+                order.append((rep, rate, v))
+    return order
+
+
+def add_lab_arguments(ap: Any, *, name: str, rates: Sequence[float], port: int, smoke: str) -> None:
+    """The options every link-lab driver takes (its variants or methods it adds itself)."""
+    ap.add_argument("--rates", nargs="+", type=float, default=list(rates), help="Mbit/s")
+    ap.add_argument("--steps", type=int, default=120)
+    ap.add_argument("--sync-every", type=int, default=30)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--name", default=name)
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--runs-dir", type=Path, default=ROOT / "runs" / "benchmarks")
+    ap.add_argument("--port", type=int, default=port)
+    ap.add_argument("--smoke", action="store_true", help=smoke)
+
+
+def lab_payload(benchmark: str, args: Any, **fields: Any) -> dict[str, Any] | None:
+    """A link-lab driver's results record (command, machine, schedule, ``fields``), or None after saying on
+    stderr why no lab can be built here (the driver then exits with status 2)."""
+    ok, why = netlab().netns_available()
+    if not ok:
+        print(f"{benchmark}: cannot build a link lab here: {why}", file=sys.stderr)
+        return None
+    return {
+        "benchmark": benchmark, "command": command_line(), "machine": machine(), **fields,
+        "rates_mbit": args.rates, "steps": args.steps, "sync_every": args.sync_every, "repeats": args.repeats,
+        "runs": [], "failures": [],
+    }  # fmt: skip
+
+
 def median(values: Iterable[float]) -> float:
     vals = [v for v in values if v is not None]
     return statistics.median(vals) if vals else float("nan")

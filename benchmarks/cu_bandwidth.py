@@ -335,18 +335,11 @@ def plot(payload: dict[str, Any], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rates", nargs="+", type=float, default=DEFAULT_RATES, help="Mbit/s")
+    bl.add_lab_arguments(ap, name="cu_bandwidth", rates=DEFAULT_RATES, port=29400,
+                         smoke="seconds-long: tiny model, one rate, eager only")  # fmt: skip
     ap.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=sorted(bl.METHODS))
-    ap.add_argument("--steps", type=int, default=120)
-    ap.add_argument("--sync-every", type=int, default=30)
-    ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--dp-budget-s", type=float, default=60.0, help="cap on a data-parallel run's predicted time")
-    ap.add_argument("--name", default="cu_bandwidth")
-    ap.add_argument("--out", type=Path, default=bl.RESULTS)
-    ap.add_argument("--runs-dir", type=Path, default=bl.ROOT / "runs" / "benchmarks")
-    ap.add_argument("--port", type=int, default=29400)
     ap.add_argument("--no-plot", action="store_true")
-    ap.add_argument("--smoke", action="store_true", help="seconds-long: tiny model, one rate, eager only")
     ap.add_argument("--report-only", action="store_true", help="rebuild <name>.md and .png from <name>.json")
     args = ap.parse_args(argv)
     if args.report_only:
@@ -364,68 +357,50 @@ def main(argv: list[str] | None = None) -> int:
         if args.methods == DEFAULT_METHODS:
             args.methods = ["eager"]
         args.steps, args.sync_every, args.repeats = min(args.steps, 10), 5, 1
-    nl = bl.netlab()
-    ok, why = nl.netns_available()
-    if not ok:
-        print(f"cu_bandwidth: cannot build a link lab here: {why}", file=sys.stderr)
+    payload = bl.lab_payload("cu_bandwidth", args, methods=args.methods)
+    if payload is None:
         return 2
     runs_dir = args.runs_dir / args.name
-    payload: dict[str, Any] = {
-        "benchmark": "cu_bandwidth",
-        "command": bl.command_line(),
-        "machine": bl.machine(),
-        "methods": args.methods,
-        "rates_mbit": args.rates,
-        "steps": args.steps,
-        "sync_every": args.sync_every,
-        "repeats": args.repeats,
-        "runs": [],
-        "failures": [],
-    }
     counter = 0
-    with nl.Lab(num_sites=2, rate_mbit=args.rates[0]) as lab:
+    with bl.netlab().Lab(num_sites=2, rate_mbit=args.rates[0]) as lab:
         print(f"lab {lab.prefix} up", flush=True)
-        for rep in range(args.repeats):
-            rates = args.rates if rep % 2 == 0 else list(reversed(args.rates))
-            for ri, rate in enumerate(rates):
+        for rep, rate, method in bl.lab_schedule(args.methods, args.rates, args.repeats):
+            if lab.rates[0] != rate:
                 lab.set_rate(rate)
-                for method in bl.rotate(args.methods, rep + ri):
-                    steps = dp_steps(rate, args.steps, args.dp_budget_s) if method.startswith("dp") else args.steps
-                    if args.smoke:
-                        steps = args.steps
-                    train_args = [
-                        *bl.METHODS[method], *extra, "--steps", str(steps), "--sync-every", str(args.sync_every),
-                        "--seed", "0", "--eval-every", "0",
-                    ]  # fmt: skip
-                    summary = None
-                    for attempt in range(2):  # a failed job is reported, retried once, then recorded as failed
-                        counter += 1
-                        try:
-                            summary = bl.run_train_torchrun(
-                                lab,
-                                train_args,
-                                runs_dir / f"{method}-{rate:g}mbit-r{rep}",
-                                port=args.port + (counter % 50),
-                                rdzv_id=f"{lab.prefix}-{counter}",
-                            )
-                            break
-                        except RuntimeError as exc:
-                            print(
-                                f"rep {rep} {rate:g} Mbit/s {method}: attempt {attempt + 1} failed:\n{exc}", flush=True
-                            )
-                            payload["failures"].append({"method": method, "rate_mbit": rate, "repeat": rep,
-                                                        "attempt": attempt + 1, "error": str(exc)[-3000:]})  # fmt: skip
-                    if summary is None:
-                        continue
-                    rec = record(method, rate, rep, steps, args.steps, summary)
-                    payload["runs"].append(rec)
-                    print(
-                        f"rep {rep} {rate:>6g} Mbit/s {method:>10}: CU {rec['cu_run']:.3f} steady "
-                        f"{rec['cu_steady']:.3f} blocked/outer {rec['blocked_per_outer_step_s']:.2f} s wall "
-                        f"{rec['wall_s']:.1f} s ({steps} steps)",
-                        flush=True,
+            steps = dp_steps(rate, args.steps, args.dp_budget_s) if method.startswith("dp") else args.steps
+            if args.smoke:
+                steps = args.steps
+            train_args = [
+                *bl.METHODS[method], *extra, "--steps", str(steps), "--sync-every", str(args.sync_every),
+                "--seed", "0", "--eval-every", "0",
+            ]  # fmt: skip
+            summary = None
+            for attempt in range(2):  # a failed job is reported, retried once, then recorded as failed
+                counter += 1
+                try:
+                    summary = bl.run_train_torchrun(
+                        lab,
+                        train_args,
+                        runs_dir / f"{method}-{rate:g}mbit-r{rep}",
+                        port=args.port + (counter % 50),
+                        rdzv_id=f"{lab.prefix}-{counter}",
                     )
-                    bl.write_results(args.name, args.out, payload, report(payload))
+                    break
+                except RuntimeError as exc:
+                    print(f"rep {rep} {rate:g} Mbit/s {method}: attempt {attempt + 1} failed:\n{exc}", flush=True)
+                    payload["failures"].append({"method": method, "rate_mbit": rate, "repeat": rep,
+                                                "attempt": attempt + 1, "error": str(exc)[-3000:]})  # fmt: skip
+            if summary is None:
+                continue
+            rec = record(method, rate, rep, steps, args.steps, summary)
+            payload["runs"].append(rec)
+            print(
+                f"rep {rep} {rate:>6g} Mbit/s {method:>10}: CU {rec['cu_run']:.3f} steady "
+                f"{rec['cu_steady']:.3f} blocked/outer {rec['blocked_per_outer_step_s']:.2f} s wall "
+                f"{rec['wall_s']:.1f} s ({steps} steps)",
+                flush=True,
+            )
+            bl.write_results(args.name, args.out, payload, report(payload))
     jpath, mpath = bl.write_results(args.name, args.out, payload, report(payload))
     if not args.no_plot:
         plot(payload, args.out / f"{args.name}.png")

@@ -131,17 +131,6 @@ def eagerloco_source() -> dict[str, Any]:
     }
 
 
-def schedule(variants: Sequence[str], rates: Sequence[float], repeats: int) -> list[tuple[int, float, str]]:
-    """The run order: repeat loop outermost, rates alternately up and down, variants rotated per (repeat, rate)."""
-    order = []
-    for rep in range(repeats):
-        rs = list(rates) if rep % 2 == 0 else list(reversed(rates))
-        for ri, rate in enumerate(rs):
-            for v in bl.rotate(variants, rep + ri):
-                order.append((rep, rate, v))
-    return order
-
-
 def syncs_per_run(method: str, steps: int, sync_every: int) -> int:
     """Fragment syncs (outer all-reduces launched) in a run: steps / H per fragment."""
     fragments = 2 if method == "streaming" else 1
@@ -476,17 +465,10 @@ def report(payload: dict[str, Any]) -> str:
 # ------------------------------------------------------------------------------------------------ main
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rates", nargs="+", type=float, default=DEFAULT_RATES, help="Mbit/s")
+    bl.add_lab_arguments(ap, name="torchft_compare", rates=DEFAULT_RATES, port=29400,
+                         smoke="seconds-long: tiny model, one rate, one repeat")  # fmt: skip
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    ap.add_argument("--steps", type=int, default=120)
-    ap.add_argument("--sync-every", type=int, default=30)
-    ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--name", default="torchft_compare")
-    ap.add_argument("--out", type=Path, default=bl.RESULTS)
-    ap.add_argument("--runs-dir", type=Path, default=bl.ROOT / "runs" / "benchmarks")
-    ap.add_argument("--port", type=int, default=29400)
-    ap.add_argument("--smoke", action="store_true", help="seconds-long: tiny model, one rate, one repeat")
     args = ap.parse_args(argv)
     ok, version = torchft_status()
     if not ok:
@@ -498,30 +480,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.rates == DEFAULT_RATES:
             args.rates = [50.0]
         args.steps, args.sync_every, args.repeats = min(args.steps, 12), 6, 1
-    nl = bl.netlab()
-    ok, why = nl.netns_available()
-    if not ok:
-        print(f"torchft_compare: cannot build a link lab here: {why}", file=sys.stderr)
+    payload = bl.lab_payload("torchft_compare", args, torchft_version=version, eagerloco_source=eagerloco_source(),
+                             variants=args.variants, seed=args.seed)  # fmt: skip
+    if payload is None:
         return 2
     runs_dir = args.runs_dir / args.name
-    payload: dict[str, Any] = {
-        "benchmark": "torchft_compare",
-        "command": bl.command_line(),
-        "machine": bl.machine(),
-        "torchft_version": version,
-        "eagerloco_source": eagerloco_source(),
-        "variants": args.variants,
-        "rates_mbit": args.rates,
-        "steps": args.steps,
-        "sync_every": args.sync_every,
-        "repeats": args.repeats,
-        "seed": args.seed,
-        "runs": [],
-        "failures": [],
-    }
-    with nl.Lab(num_sites=2, rate_mbit=args.rates[0]) as lab:
+    with bl.netlab().Lab(num_sites=2, rate_mbit=args.rates[0]) as lab:
         print(f"lab {lab.prefix} up; torchft {version}", flush=True)
-        for counter, (rep, rate, variant) in enumerate(schedule(args.variants, args.rates, args.repeats)):
+        for counter, (rep, rate, variant) in enumerate(bl.lab_schedule(args.variants, args.rates, args.repeats)):
             if lab.rates[0] != rate:
                 lab.set_rate(rate)
             library, method = VARIANTS[variant]

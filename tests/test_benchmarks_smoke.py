@@ -151,22 +151,27 @@ def test_loss_drivers_smoke(tmp_path, script):
         assert by["eager"] / by["eager_fp4"] > 6
 
 
-@pytest.mark.slow
-@pytest.mark.netns
-def test_cu_bandwidth_smoke(tmp_path):
+def run_lab_smoke(script: str, tmp_path: Path, *args: str) -> None:
+    """A link-lab driver's --smoke run into tmp_path (skipped where no lab can be built); must exit 0."""
     sys.path.insert(0, str(BENCH))
     from netlab import netns_available
 
     ok, why = netns_available()
     if not ok:
         pytest.skip(why)
-    args = ["--smoke", "--no-plot", "--out", str(tmp_path), "--runs-dir", str(tmp_path / "runs"), "--port", "29650"]
-    proc = run_driver("cu_bandwidth.py", *args)
+    args = ("--smoke", "--out", str(tmp_path), "--runs-dir", str(tmp_path / "runs"), *args)
+    proc = run_driver(script, *args)
     if proc.returncode != 0 and "RendezvousConnectionError" in proc.stdout + proc.stderr:
         # seen once on a loaded 2-core machine: torchrun's c10d store connect timed out at start-up, before any
         # training; that is torchrun's start-up, not what this smoke run checks, so it gets one more try
-        proc = run_driver("cu_bandwidth.py", *args)
+        proc = run_driver(script, *args)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.netns
+def test_cu_bandwidth_smoke(tmp_path):
+    run_lab_smoke("cu_bandwidth.py", tmp_path, "--no-plot", "--port", "29650")
     (run,) = json.loads((tmp_path / "cu_bandwidth.json").read_text())["runs"]
     assert run["method"] == "eager" and run["steps"] == 10
     assert 0 < run["cu_run"] <= run["cu_steady"] <= 1
@@ -177,17 +182,7 @@ def test_cu_bandwidth_smoke(tmp_path):
 @pytest.mark.slow
 @pytest.mark.netns
 def test_auto_overlap_lab_smoke(tmp_path):
-    sys.path.insert(0, str(BENCH))
-    from netlab import netns_available
-
-    ok, why = netns_available()
-    if not ok:
-        pytest.skip(why)
-    args = ["--smoke", "--out", str(tmp_path), "--runs-dir", str(tmp_path / "runs"), "--port", "29750"]
-    proc = run_driver("auto_overlap_lab.py", *args)
-    if proc.returncode != 0 and "RendezvousConnectionError" in proc.stdout + proc.stderr:
-        proc = run_driver("auto_overlap_lab.py", *args)  # torchrun's start-up on a loaded machine: see above
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run_lab_smoke("auto_overlap_lab.py", tmp_path, "--port", "29750")
     (run,) = json.loads((tmp_path / "auto_overlap_lab.json").read_text())["runs"]
     assert run["variant"] == "auto" and 1 <= run["tau"] <= 5  # τ in [1, H - 1], H = 6
     assert run["probe_link_mbit"] <= 50 * 1.01  # the tbf link delivers at most its rate to the probe

@@ -24,7 +24,7 @@ import torchft_worker as tw  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------------- everywhere
 def test_schedule_interleaves_repeats_rates_and_variants():
-    order = tc.schedule(["a", "b", "c"], [20.0, 8.0], repeats=2)
+    order = tc.bl.lab_schedule(["a", "b", "c"], [20.0, 8.0], repeats=2)
     assert len(order) == 12
     assert [(r, x) for r, x, _ in order[:6]] == [(0, 20.0)] * 3 + [(0, 8.0)] * 3
     assert [(r, x) for r, x, _ in order[6:]] == [(1, 8.0)] * 3 + [(1, 20.0)] * 3  # rates reversed
