@@ -1,6 +1,7 @@
 """``--overlap-steps auto`` on real rate-limited links: does the τ a run picks for itself hide the link?
 
     sudo .venv/bin/python benchmarks/auto_overlap_lab.py                # 2 rates x (auto, τ = 1) x 2 repeats
+    sudo .venv/bin/python benchmarks/auto_overlap_lab.py --compression fp4 --rates 4 --name auto_overlap_lab_fp4
     sudo .venv/bin/python benchmarks/auto_overlap_lab.py --smoke        # seconds: tiny model, one rate, auto only
 
 The link lab of ``cu_bandwidth.py`` (two network namespaces, veth + bridge, ``tc tbf`` at the rate, one torchrun
@@ -68,7 +69,8 @@ def report(payload: dict[str, Any]) -> str:
               "probe s", "link from probe Mbit/s", "CU predicted", "CU steady", "CU run", "blocked / H steps s",
               "eval loss"]  # fmt: skip
     lines = [
-        f"# --overlap-steps auto on the link lab ({payload['steps']} inner steps, H = {payload['sync_every']}, P = 2)",
+        f"# --overlap-steps auto on the link lab ({payload['steps']} inner steps, H = {payload['sync_every']}, P = 2, "
+        f"codec {payload.get('compression', 'none')})",
         "",
         f"Command: `{payload['command']}`",
         "",
@@ -86,13 +88,14 @@ def main(argv: list[str] | None = None) -> int:
     bl.add_lab_arguments(ap, name="auto_overlap_lab", rates=[4.0, 6.0], port=29700,
                          smoke="seconds-long: tiny model, one rate, auto only")  # fmt: skip
     ap.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=["auto", "tau1"])
+    ap.add_argument("--compression", default="none", help="the outer gradients' codec (train --compression)")
     args = ap.parse_args(argv)
     extra: list[str] = []
     if args.smoke:
         extra = list(bl.SMOKE_ARGS)
         args.rates, args.variants, args.repeats = [50.0], ["auto"], 1
         args.steps, args.sync_every = min(args.steps, 12), 6
-    payload = bl.lab_payload("auto_overlap_lab", args, variants=args.variants)
+    payload = bl.lab_payload("auto_overlap_lab", args, variants=args.variants, compression=args.compression)
     if payload is None:
         return 2
     with bl.netlab().Lab(num_sites=2, rate_mbit=args.rates[0]) as lab:
@@ -100,8 +103,10 @@ def main(argv: list[str] | None = None) -> int:
         for counter, (rep, rate, variant) in enumerate(bl.lab_schedule(args.variants, args.rates, args.repeats)):
             if lab.rates[0] != rate:
                 lab.set_rate(rate)
-            train_args = [*BASE, *VARIANTS[variant], *extra, "--steps", str(args.steps), "--sync-every",
-                          str(args.sync_every), "--seed", "0", "--eval-every", "0"]  # fmt: skip
+            train_args = [
+                *BASE, *VARIANTS[variant], "--compression", args.compression, *extra, "--steps", str(args.steps),
+                "--sync-every", str(args.sync_every), "--seed", "0", "--eval-every", "0",
+            ]  # fmt: skip
             try:
                 summary = bl.run_train_torchrun(
                     lab, train_args, args.runs_dir / args.name / f"{variant}-{rate:g}mbit-r{rep}",
