@@ -174,7 +174,9 @@ def test_cu_bandwidth_smoke(tmp_path):
     run_lab_smoke("cu_bandwidth.py", tmp_path, "--no-plot", "--port", "29650")
     (run,) = json.loads((tmp_path / "cu_bandwidth.json").read_text())["runs"]
     assert run["method"] == "eager" and run["steps"] == 10
-    assert 0 < run["cu_run"] <= run["cu_steady"] <= 1
+    # both in (0, 1]; not ordered: the steady state counts the average the loop never waited for (the one drained
+    # at the end) as long as the loop's waits took, which on a loaded machine may exceed the drain itself
+    assert 0 < run["cu_run"] <= 1 and 0 < run["cu_steady"] <= 1
     # the bytes really crossed the namespaces' interfaces: at least the 2 outer all-reduces' payload
     assert min(run["ns_tx_bytes"]) >= run["payload_bytes_per_worker"]
 
