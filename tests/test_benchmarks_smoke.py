@@ -187,7 +187,8 @@ def test_auto_overlap_lab_smoke(tmp_path):
     run_lab_smoke("auto_overlap_lab.py", tmp_path, "--port", "29750")
     (run,) = json.loads((tmp_path / "auto_overlap_lab.json").read_text())["runs"]
     assert run["variant"] == "auto" and 1 <= run["tau"] <= 5  # τ in [1, H - 1], H = 6
-    assert run["probe_link_mbit"] <= 50 * 1.01  # the tbf link delivers at most its rate to the probe
+    # about the tbf rate: a smoke model's 132 KB probe can draw on the 16 KiB bucket too (once: 50.5 Mbit/s)
+    assert 0.5 * 50 < run["probe_link_mbit"] < 1.25 * 50
     assert 0 < run["cu_run"] <= 1 and 0 < run["predicted_cu"] <= 1
 
 
