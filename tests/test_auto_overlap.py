@@ -174,7 +174,7 @@ def test_auto_resolves_records_and_trains_bitwise_as_the_tau_it_chose(tmp_path, 
     assert {k: v for k, v in logged.items() if k not in ("type", "worker", "step")} == chosen
     assert chosen["probe_bytes"] == 4 * summary["params"] and chosen["step_time_s"] > 0
     if link == "2":  # the emulated link delivers its rate to the probe (a loaded machine only slows it)
-        assert 1.5 < chosen["link_mbit"] <= 2.0 * 1.01
+        assert 1.0 < chosen["link_mbit"] <= 2.0 * 1.01
     given = run(tmp_path, "given", "--overlap-steps", str(tau), "--link-mbit", link)
     assert same_model(auto, given)
     assert json.loads((given / "summary.json").read_text())["eval_loss"] == summary["eval_loss"]
