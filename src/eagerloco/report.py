@@ -106,6 +106,8 @@ def summarize(config: TrainConfig, results: list[WorkerResult], data_summary: st
         tokens = steps * config.data.batch_size * config.model.seq_len * world
     trained = results[0].tokens_this_life if results[0].tokens_this_life is not None else tokens
     walls = [r.stats["wall_s"] for r in results]
+    blocked_per_outer_step = sum(r.stats["blocked_per_outer_step_s"] for r in results) / world
+    fragments = config.outer.num_fragments if config.outer.mode != "dp" else 1
     summary = {
         "mode": config.outer.mode,
         "workers": world,
@@ -117,11 +119,9 @@ def summarize(config: TrainConfig, results: list[WorkerResult], data_summary: st
         "utilization": sum(r.stats["utilization"] for r in results) / world,
         "steady_utilization": sum(r.stats["steady_utilization"] for r in results) / world,
         "blocked_s": sum(r.stats["blocked_s"] for r in results) / world,
-        "blocked_per_outer_step_s": sum(r.stats["blocked_per_outer_step_s"] for r in results) / world,
+        "blocked_per_outer_step_s": blocked_per_outer_step,
         # per H inner steps: P fragment syncs (one outer-step record each), so P x the figure above
-        "blocked_per_period_s": sum(r.stats["blocked_per_outer_step_s"] for r in results)
-        / world
-        * (config.outer.num_fragments if config.outer.mode != "dp" else 1),
+        "blocked_per_period_s": blocked_per_outer_step * fragments,
         "bytes_sent_per_worker": sum(r.stats["payload_bytes"] for r in results) // world,
         "wire_bytes_per_worker": sum(r.stats["wire_bytes"] for r in results) // world,
         "outer_steps": results[0].stats["outer_steps"],

@@ -146,39 +146,6 @@ def choose(
     return choice.overlap_steps, gbps * 1e3, choice.result.cu, choice.reached
 
 
-def measure(
-    comm: Communicator,
-    model: Any,
-    *,
-    batch_size: int,
-    seq_len: int,
-    vocab_size: int,
-    sync_every: int,
-    num_fragments: int,
-    compression: str,
-    layout: str,
-    device: torch.device,
-    timeout: float | None,
-) -> OverlapAuto:
-    """Measure this worker's step and the link, agree with the other workers, choose τ (collective)."""
-    start = time.perf_counter()
-    step = time_inner_step(model, batch_size, seq_len, vocab_size, device)
-    numel = sum(p.numel() for p in model.parameters())
-    probe = probe_all_reduce(comm, numel, device, timeout)
-    measured = comm.all_gather_object((step, probe))
-    step = min(s for s, _ in measured)  # the fastest worker reaches its merge point first: hide the link for it
-    probe = max(p for _, p in measured)
-    tau, mbit, cu, hides = choose(
-        params=numel, layers=getattr(model.config, "n_layer", 1), step_time_s=step, probe_s=probe,
-        workers=comm.world_size, sync_every=sync_every, num_fragments=num_fragments, compression=compression,
-        layout=layout,
-    )  # fmt: skip
-    return OverlapAuto(
-        overlap_steps=tau, step_time_s=step, probe_s=probe, probe_bytes=numel * 4, link_mbit=mbit, predicted_cu=cu,
-        hides=hides, measure_s=time.perf_counter() - start,
-    )  # fmt: skip
-
-
 def resolve(
     config: TrainConfig,
     comm: Communicator,
@@ -188,16 +155,26 @@ def resolve(
     log: MetricsLog,
     run_dir: Path,
 ) -> tuple[TrainConfig, OverlapAuto]:
-    """``overlap_steps = "auto"`` for one worker (collective): measure, choose, and return the config with τ
-    resolved (what the checkpoints and model.pt then hold) and the record; worker 0 logs the record to
-    metrics.jsonl and rewrites config.json with the resolved τ."""
+    """``overlap_steps = "auto"`` for one worker (collective): measure this worker's step and the link, agree with
+    the other workers, choose τ, and return the config with τ resolved (what the checkpoints and model.pt then hold)
+    and the record; worker 0 logs the record to metrics.jsonl and rewrites config.json with the resolved τ."""
     o = config.outer
-    auto = measure(
-        comm, model, batch_size=config.data.batch_size, seq_len=config.model.seq_len, vocab_size=vocab_size,
+    start = time.perf_counter()
+    step = time_inner_step(model, config.data.batch_size, config.model.seq_len, vocab_size, device)
+    numel = sum(p.numel() for p in model.parameters())
+    probe = probe_all_reduce(comm, numel, device, o.collective_timeout_s)
+    measured = comm.all_gather_object((step, probe))
+    step = min(s for s, _ in measured)  # the fastest worker reaches its merge point first: hide the link for it
+    probe = max(p for _, p in measured)
+    tau, mbit, cu, hides = choose(
+        params=numel, layers=config.model.n_layer, step_time_s=step, probe_s=probe, workers=comm.world_size,
         sync_every=o.sync_every, num_fragments=o.num_fragments, compression=o.compression, layout=o.fragment_layout,
-        device=device, timeout=o.collective_timeout_s,
     )  # fmt: skip
-    resolved = config.with_overlap_steps(auto.overlap_steps)
+    auto = OverlapAuto(
+        overlap_steps=tau, step_time_s=step, probe_s=probe, probe_bytes=numel * 4, link_mbit=mbit, predicted_cu=cu,
+        hides=hides, measure_s=time.perf_counter() - start,
+    )  # fmt: skip
+    resolved = config.with_overlap_steps(tau)
     if comm.rank == 0:
         log.write({"type": "overlap_auto", "worker": 0, "step": 0, **auto.to_dict()})
         atomic_write_bytes(Path(run_dir) / "config.json", json.dumps(resolved.to_dict(), indent=2).encode())
