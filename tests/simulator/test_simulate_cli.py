@@ -399,6 +399,20 @@ def test_link_mbit_measured_with_fragments_reads_blocked_time_per_h_steps(tmp_pa
     assert json.loads(out)[run.name]["sync[P=2]"]["blocked_s_per_outer_step"] == pytest.approx(2.1, rel=1e-9)
 
 
+def test_link_mbit_measured_reads_the_summarys_blocked_per_period_first(tmp_path, capsys):
+    """A summary written since `blocked_per_period_s` existed gives the blocked time per H steps itself; it is the
+    figure read (2.1 s per H here, where the outer steps counted would give 1.05 s), the older derivation only
+    where the field is missing."""
+    run = write_run(tmp_path, num_fragments=2)
+    summary = json.loads((run / "summary.json").read_text())
+    summary |= {"blocked_per_outer_step_s": 1.05, "blocked_per_period_s": 2.1, "outer_steps": 4,
+                "per_worker": [{"inner_steps": 40}] * 2}  # fmt: skip
+    (run / "summary.json").write_text(json.dumps(summary))
+    code, out, _ = run_cli(capsys, "--from-run", str(run), "--link-mbit", "measured", "--json")
+    assert code == 0
+    assert json.loads(out)[run.name]["sync[P=2]"]["blocked_s_per_outer_step"] == pytest.approx(2.1, rel=1e-9)
+
+
 @pytest.mark.parametrize(
     ("mode", "blocked", "message"),
     [

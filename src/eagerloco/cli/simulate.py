@@ -533,8 +533,8 @@ def _measured_rate(args: argparse.Namespace, run: RunModel | None) -> tuple[floa
     if not blocked:
         raise SimulatorConfigError(
             f"--link-mbit measured: the run recorded {run.measured_blocked_s!r} s blocked per outer step "
-            "(summary.json 'blocked_per_outer_step_s', with 'outer_steps' and the workers' 'inner_steps' when "
-            "P > 1): nothing to infer a rate from"
+            "(summary.json 'blocked_per_period_s', or in runs written before it 'blocked_per_outer_step_s' with "
+            "'outer_steps' and the workers' 'inner_steps' when P > 1): nothing to infer a rate from"
         )
     own = mode_method(
         "sync",

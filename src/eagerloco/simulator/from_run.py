@@ -188,14 +188,16 @@ def load_run_summary(run_dir: str | Path, *, layers: int | None = None) -> RunMo
             raise SimulatorConfigError(f"{where}: overlap_steps={value!r}: must be an integer >= 0")
         overlap = value
     measured = {}
-    for key in ("utilization", "blocked_per_outer_step_s"):
+    for key in ("utilization", "blocked_per_outer_step_s", "blocked_per_period_s"):
         value = summary.get(key)
         ok = _number(value) and value >= 0  # type: ignore[operator]
         measured[key] = float(value) if ok else None  # type: ignore[arg-type]
     sync_every, fragments = integer("sync_every"), integer("num_fragments")
-    per_period = None
+    # Blocked time per H inner steps: the summary's own figure (P fragment syncs per H steps); a run written before
+    # it had that field gives it as blocked per outer step (= per fragment sync) x outer steps per H inner steps.
+    per_period = measured["blocked_per_period_s"]
     blocked = measured["blocked_per_outer_step_s"]
-    if blocked is not None:
+    if per_period is None and blocked is not None:
         workers = summary.get("per_worker")
         first = workers[0] if isinstance(workers, list) and workers else None
         inner = first.get("inner_steps") if isinstance(first, dict) else None
