@@ -78,8 +78,7 @@ def report(payload: dict[str, Any]) -> str:
         "",
         bl.md_table(header, rows),
     ]
-    if payload["failures"]:
-        lines += ["", f"Failed attempts: {len(payload['failures'])} (raw in the JSON)."]
+    lines += bl.failure_lines(payload, "variant")
     return "\n".join(lines)
 
 
@@ -107,15 +106,16 @@ def main(argv: list[str] | None = None) -> int:
                 *BASE, *VARIANTS[variant], "--compression", args.compression, *extra, "--steps", str(args.steps),
                 "--sync-every", str(args.sync_every), "--seed", "0", "--eval-every", "0",
             ]  # fmt: skip
-            try:
-                summary = bl.run_train_torchrun(
-                    lab, train_args, args.runs_dir / args.name / f"{variant}-{rate:g}mbit-r{rep}",
-                    port=args.port + (counter % 50), rdzv_id=f"{lab.prefix}-{counter}",
-                )  # fmt: skip
-            except RuntimeError as exc:
-                print(f"rep {rep} {rate:g} Mbit/s {variant}: failed:\n{exc}", flush=True)
-                payload["failures"].append({"variant": variant, "rate_mbit": rate, "repeat": rep,
-                                            "error": str(exc)[-3000:]})  # fmt: skip
+            summary = None
+            label = f"rep {rep} {rate:g} Mbit/s {variant}"
+            for attempt in bl.lab_attempts(payload, label, variant=variant, rate_mbit=rate, repeat=rep):
+                with attempt:
+                    summary = bl.run_train_torchrun(
+                        lab, train_args, args.runs_dir / args.name / f"{variant}-{rate:g}mbit-r{rep}",
+                        port=args.port + (counter % 50) + 100 * (attempt.number - 1),
+                        rdzv_id=f"{lab.prefix}-{counter}-{attempt.number}",
+                    )  # fmt: skip
+            if summary is None:
                 continue
             rec = record(variant, rate, rep, summary)
             payload["runs"].append(rec)

@@ -21,7 +21,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -186,6 +186,55 @@ def lab_payload(benchmark: str, args: Any, **fields: Any) -> dict[str, Any] | No
         "rates_mbit": args.rates, "steps": args.steps, "sync_every": args.sync_every, "repeats": args.repeats,
         "runs": [], "failures": [],
     }  # fmt: skip
+
+
+class LabAttempt:
+    """One try of a link-lab job (see :func:`lab_attempts`): ``with attempt:`` around the job; a RuntimeError
+    (a failed torchrun) is printed, recorded in the payload's failures and swallowed, anything else propagates."""
+
+    def __init__(self, number: int, failures: list[dict[str, Any]], label: str, fields: Mapping[str, Any]):
+        self.number = number
+        """1 for the first try, 2 for the retry."""
+        self.ok = False
+        self._failures, self._label, self._fields = failures, label, fields
+
+    def __enter__(self) -> LabAttempt:
+        return self
+
+    def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> bool:
+        if kind is None:
+            self.ok = True
+            return False
+        if not issubclass(kind, RuntimeError):
+            return False
+        print(f"{self._label}: attempt {self.number} failed:\n{exc}", flush=True)
+        self._failures.append({**self._fields, "attempt": self.number, "error": str(exc)[-3000:]})
+        return True
+
+
+def lab_attempts(payload: dict[str, Any], label: str, tries: int = 2, **fields: Any) -> Iterator[LabAttempt]:
+    """A link-lab job tried up to ``tries`` times (a failed job is reported, retried once, then recorded as
+    failed): ``for attempt in lab_attempts(payload, "rep 0 4 Mbit/s sync", method=..., rate_mbit=..., repeat=...):
+    with attempt: summary = run(...)``. Each failure lands in ``payload["failures"]`` with ``fields``; the loop
+    ends at the first attempt that raises nothing."""
+    for number in range(1, tries + 1):
+        attempt = LabAttempt(number, payload["failures"], label, fields)
+        yield attempt
+        if attempt.ok:
+            return
+
+
+def failure_lines(payload: Mapping[str, Any], what: str) -> list[str]:
+    """The report's lines on failed attempts (none if every job ran first time); ``what`` is the key that names
+    the job's variant or method."""
+    failures = payload.get("failures", [])
+    if not failures:
+        return []
+    return ["", f"Failed attempts (each job retried once; the tables hold the successful ones): {len(failures)}"] + [
+        f"- rep {f['repeat']}, {f['rate_mbit']:g} Mbit/s, {f[what]}, attempt {f['attempt']}: "
+        f"{f['error'].strip().splitlines()[-1][:200]}"
+        for f in failures
+    ]
 
 
 def median(values: Iterable[float]) -> float:

@@ -285,11 +285,7 @@ def report(payload: dict[str, Any]) -> str:
             f"to {full} steps, its CU is per step and needs no scaling; its blocked time per 'outer step' is per "
             "inner step.",
         ]
-    failures = payload.get("failures", [])
-    if failures:
-        lines += ["", f"Failed jobs (each retried once; the table holds the successful attempts): {len(failures)}"]
-        lines += [f"- rep {f['repeat']}, {f['rate_mbit']:g} Mbit/s, {f['method']}, attempt {f['attempt']}: "
-                  f"{f['error'].strip().splitlines()[-1][:200]}" for f in failures]  # fmt: skip
+    lines += bl.failure_lines(payload, "method")
     return "\n".join(lines) + "\n"
 
 
@@ -375,9 +371,10 @@ def main(argv: list[str] | None = None) -> int:
                 "--seed", "0", "--eval-every", "0",
             ]  # fmt: skip
             summary = None
-            for attempt in range(2):  # a failed job is reported, retried once, then recorded as failed
+            label = f"rep {rep} {rate:g} Mbit/s {method}"
+            for attempt in bl.lab_attempts(payload, label, method=method, rate_mbit=rate, repeat=rep):
                 counter += 1
-                try:
+                with attempt:
                     summary = bl.run_train_torchrun(
                         lab,
                         train_args,
@@ -385,11 +382,6 @@ def main(argv: list[str] | None = None) -> int:
                         port=args.port + (counter % 50),
                         rdzv_id=f"{lab.prefix}-{counter}",
                     )
-                    break
-                except RuntimeError as exc:
-                    print(f"rep {rep} {rate:g} Mbit/s {method}: attempt {attempt + 1} failed:\n{exc}", flush=True)
-                    payload["failures"].append({"method": method, "rate_mbit": rate, "repeat": rep,
-                                                "attempt": attempt + 1, "error": str(exc)[-3000:]})  # fmt: skip
             if summary is None:
                 continue
             rec = record(method, rate, rep, steps, args.steps, summary)

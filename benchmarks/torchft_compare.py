@@ -439,11 +439,7 @@ def report(payload: dict[str, Any]) -> str:
             "",
             bl.md_table(cmp_header, cmp_rows),
         ]
-    failures = payload.get("failures", [])
-    if failures:
-        lines += ["", f"Failed jobs (each retried once; the tables hold the successful attempts): {len(failures)}"]
-        lines += [f"- rep {f['repeat']}, {f['rate_mbit']:g} Mbit/s, {f['variant']}, attempt {f['attempt']}: "
-                  f"{f['error'].strip().splitlines()[-1][:200]}" for f in failures]  # fmt: skip
+    lines += bl.failure_lines(payload, "variant")
     crashed = [r for r in payload["runs"] if r.get("exit_error")]
     if crashed:
         lines += ["", f"Jobs that crashed after writing their summary (counted): "
@@ -498,21 +494,18 @@ def main(argv: list[str] | None = None) -> int:
             out_dir = runs_dir / f"{variant}-{rate:g}mbit-r{rep}"
             port = args.port + 2 * (counter % 50)
             rec = None
-            for attempt in range(2):  # a failed job is reported, retried once, then listed as failed
-                try:
+            label = f"rep {rep} {rate:g} Mbit/s {variant}"
+            for attempt in bl.lab_attempts(payload, label, variant=variant, rate_mbit=rate, repeat=rep):
+                retry = attempt.number - 1
+                with attempt:
                     if library == "eagerloco":
-                        rdzv = f"{lab.prefix}-{counter}-{attempt}"
-                        summary = run_eagerloco(lab, train_args, out_dir, port=port + 100 * attempt, rdzv_id=rdzv)
+                        rdzv = f"{lab.prefix}-{counter}-{retry}"
+                        summary = run_eagerloco(lab, train_args, out_dir, port=port + 100 * retry, rdzv_id=rdzv)
                         rec = record_eagerloco(variant, rate, rep, args.steps, summary)
                         rec["exit_error"] = summary.get("exit_error")
                     else:
-                        reps = run_torchft(lab, train_args, out_dir, port=port + 100 * attempt)
+                        reps = run_torchft(lab, train_args, out_dir, port=port + 100 * retry)
                         rec = record_torchft(variant, rate, rep, args.steps, reps)
-                    break
-                except RuntimeError as exc:
-                    print(f"rep {rep} {rate:g} Mbit/s {variant}: attempt {attempt + 1} failed:\n{exc}", flush=True)
-                    payload["failures"].append({"variant": variant, "rate_mbit": rate, "repeat": rep,
-                                                "attempt": attempt + 1, "error": str(exc)[-3000:]})  # fmt: skip
             if rec is None:
                 continue
             payload["runs"].append(rec)

@@ -61,6 +61,39 @@ def test_a_benchmark_point_that_runs_again_gets_an_empty_run_directory(tmp_path)
     assert bl.fresh_run_dir(run_dir) == run_dir  # nothing to remove
 
 
+def test_a_lab_job_is_retried_once_and_each_failure_recorded(capsys):
+    """lab_attempts: a failed torchrun (RuntimeError) is printed, recorded with its fields and tried once more; the
+    first success ends the loop; other exceptions propagate; the report names each failed attempt."""
+    payload = {"failures": []}
+    outcomes = iter([RuntimeError("rank 1 exited 1\nlast line"), "summary"])
+    got = []
+    for attempt in bl.lab_attempts(payload, "rep 0 4 Mbit/s sync", method="sync", rate_mbit=4.0, repeat=0):
+        with attempt:
+            outcome = next(outcomes)
+            if isinstance(outcome, Exception):
+                raise outcome
+            got.append((attempt.number, outcome))
+    assert got == [(2, "summary")]
+    assert payload["failures"] == [{"method": "sync", "rate_mbit": 4.0, "repeat": 0, "attempt": 1,
+                                    "error": "rank 1 exited 1\nlast line"}]  # fmt: skip
+    assert "rep 0 4 Mbit/s sync: attempt 1 failed:" in capsys.readouterr().out
+    assert bl.failure_lines(payload, "method") == [
+        "", "Failed attempts (each job retried once; the tables hold the successful ones): 1",
+        "- rep 0, 4 Mbit/s, sync, attempt 1: last line",
+    ]  # fmt: skip
+    tries = []
+    for attempt in bl.lab_attempts(payload, "job", method="dp", rate_mbit=8.0, repeat=1):
+        tries.append(attempt.number)
+        with attempt:
+            raise RuntimeError("down")
+    assert tries == [1, 2] and [f["attempt"] for f in payload["failures"][1:]] == [1, 2]
+    with pytest.raises(KeyError):
+        for attempt in bl.lab_attempts(payload, "job", method="dp", rate_mbit=8.0, repeat=2):
+            with attempt:
+                raise KeyError("a bug, not a failed job")
+    assert len(payload["failures"]) == 3 and bl.failure_lines({"failures": []}, "method") == []
+
+
 def test_first_crossing_interpolates_between_evaluations():
     curve = [(30, 3.0), (60, 2.5), (90, 2.0)]
     assert ttt.first_crossing(curve, 3.5) == 30.0
