@@ -2,6 +2,7 @@
 
     sudo .venv/bin/python benchmarks/auto_overlap_lab.py                # 2 rates x (auto, τ = 1) x 2 repeats
     sudo .venv/bin/python benchmarks/auto_overlap_lab.py --compression fp4 --rates 4 --name auto_overlap_lab_fp4
+    sudo .venv/bin/python benchmarks/auto_overlap_lab.py --compression fp4 --rates 4 --variants tau5 tau6  # fixed τ
     sudo .venv/bin/python benchmarks/auto_overlap_lab.py --smoke        # seconds: tiny model, one rate, auto only
 
 The link lab of ``cu_bandwidth.py`` (two network namespaces, veth + bridge, ``tc tbf`` at the rate, one torchrun
@@ -26,7 +27,18 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib as bl
 
-VARIANTS = {"auto": ["--overlap-steps", "auto"], "tau1": ["--overlap-steps", "1"]}
+
+def parse_variant(name: str) -> str:
+    """argparse type of ``--variants``: 'auto', or 'tau<N>' for a fixed τ = N >= 1 (the CLI's is tau1)."""
+    if name == "auto" or (name.startswith("tau") and name[3:].isdigit() and int(name[3:]) >= 1):
+        return name
+    raise argparse.ArgumentTypeError(f"variant {name!r}: must be 'auto' or 'tau<N>' with N >= 1, e.g. tau1")
+
+
+def variant_flags(name: str) -> list[str]:
+    return ["--overlap-steps", "auto" if name == "auto" else name[3:]]
+
+
 BASE = ["--mode", "overlap", "--num-fragments", "2"]
 
 
@@ -36,7 +48,7 @@ def record(variant: str, rate: float, rep: int, summary: dict[str, Any]) -> dict
         "variant": variant,
         "rate_mbit": rate,
         "repeat": rep,
-        "tau": auto.get("overlap_steps", 1),
+        "tau": auto["overlap_steps"] if auto else int(variant[3:]),
         "probe_s": auto.get("probe_s"),
         "probe_link_mbit": auto.get("link_mbit"),
         "predicted_cu": auto.get("predicted_cu"),
@@ -86,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     bl.add_lab_arguments(ap, name="auto_overlap_lab", rates=[4.0, 6.0], port=29700,
                          smoke="seconds-long: tiny model, one rate, auto only")  # fmt: skip
-    ap.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=["auto", "tau1"])
+    ap.add_argument("--variants", nargs="+", type=parse_variant, default=["auto", "tau1"],
+                    help="'auto' and fixed τ as 'tau<N>' (default: auto tau1)")  # fmt: skip
     ap.add_argument("--compression", default="none", help="the outer gradients' codec (train --compression)")
     args = ap.parse_args(argv)
     extra: list[str] = []
@@ -103,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             if lab.rates[0] != rate:
                 lab.set_rate(rate)
             train_args = [
-                *BASE, *VARIANTS[variant], "--compression", args.compression, *extra, "--steps", str(args.steps),
+                *BASE, *variant_flags(variant), "--compression", args.compression, *extra, "--steps", str(args.steps),
                 "--sync-every", str(args.sync_every), "--seed", "0", "--eval-every", "0",
             ]  # fmt: skip
             summary = None

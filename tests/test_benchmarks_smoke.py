@@ -225,6 +225,24 @@ def test_auto_overlap_lab_smoke(tmp_path):
     assert 0 < run["cu_run"] <= 1 and 0 < run["predicted_cu"] <= 1
 
 
+def test_auto_overlap_lab_variants_are_auto_or_a_fixed_tau():
+    import argparse
+
+    import auto_overlap_lab as lab
+
+    assert [lab.variant_flags(lab.parse_variant(v)) for v in ("auto", "tau1", "tau12")] == [
+        ["--overlap-steps", "auto"], ["--overlap-steps", "1"], ["--overlap-steps", "12"],
+    ]  # fmt: skip
+    for bad in ("tau0", "tau", "tau-1", "t5", "auto1"):
+        with pytest.raises(argparse.ArgumentTypeError, match=f"variant '{bad}': must be 'auto' or 'tau<N>'"):
+            lab.parse_variant(bad)
+    summary = {"inner_step_time_s": 0.15, "utilization": 0.9, "steady_utilization": 0.95, "blocked_per_period_s": 0.1,
+               "wall_s": 20.0, "eval_loss": 3.0, "ns_tx_bytes": [1, 2]}  # fmt: skip
+    assert lab.record("tau5", 4.0, 0, summary)["tau"] == 5
+    auto = {"overlap_steps": 4, "probe_s": 7.4, "link_mbit": 3.5, "predicted_cu": 1.0, "hides": True}
+    assert lab.record("auto", 4.0, 0, summary | {"overlap_auto": auto})["tau"] == 4
+
+
 @pytest.mark.parametrize("method", sorted(bl.METHODS))
 def test_every_method_has_a_simulated_cu(method):
     # cu_bandwidth.py writes the simulator's CU beside each measured one: a method it can run without a simulator
