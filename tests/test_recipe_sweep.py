@@ -29,14 +29,17 @@ def test_point_key_and_train_flags():
     assert p.train_args() == [
         "--mode", "eager", "--delay", "1", "--launch", "simulated", "--link-mbit", "0", "--threads", "1",
         "--workers", "2", "--steps", "900", "--seed", "0", "--outer-lr", "0.7", "--outer-momentum", "0.9",
-        "--nesterov",
+        "--nesterov", "--lr", "0.003",
     ]  # fmt: skip
     q = rs.Point("sync", 1.0, 0.0, True, seed=2, workers=4, steps=600, own_weight=1.0)
     assert q.key == "sync_w1_M4_T600_lr1_m0_s2"  # Nesterov means nothing without momentum
-    assert q.train_args()[-3:] == ["--no-nesterov", "--eager-own-weight", "1"]
+    assert q.train_args()[-5:] == ["--no-nesterov", "--eager-own-weight", "1", "--lr", "0.003"]
     h = rs.Point("streaming", 1.4, 0.9, False, extra=("--sync-every", "10"))
     assert h.key.startswith("streaming_M2_T900_lr1.4_m0.9_s0_x") and len(h.key.split("_x")[1]) == 8
-    assert h.train_args()[-3:] == ["--no-nesterov", "--sync-every", "10"]
+    assert h.train_args()[-5:] == ["--no-nesterov", "--lr", "0.003", "--sync-every", "10"]
+    # the study's inner lr (the CLI's default when its results were run) unless the point sets one itself
+    lr6 = rs.Point("sync", 0.7, 0.5, True, extra=("--lr=0.006",))
+    assert lr6.train_args()[-2:] == ["--nesterov", "--lr=0.006"] and lr6.key.startswith("sync_M2_T900_lr0.7_m0.5n_s0_x")
     assert rs.Point.from_dict(json.loads(json.dumps(h.to_dict()))) == h
     # Mid-run evaluations leave training unchanged: a point with --eval-every is in the same panel (not the same run)
     e = rs.Point("streaming", 1.4, 0.9, False, extra=("--eval-every", "90", "--sync-every", "10"))
@@ -244,7 +247,8 @@ def test_trends_plan_runs_each_method_at_its_measured_recipe_then_reports(tmp_pa
 def test_lookahead_plan_only_where_momentum_makes_it_differ():
     points = [p for _, p in rs.plan_points("lookahead", {})]
     assert len(points) == 3 * 8 and all(p.outer_momentum > 0 and p.extra == rs.LOOKAHEAD for p in points)
-    assert points[0].train_args()[-1] == "--eager-lookahead" and points[0].key.startswith("eager_M2_T900_lr0.7_m0.9n")
+    assert points[0].train_args()[-3:] == ["--lr", "0.003", "--eager-lookahead"]
+    assert points[0].key.startswith("eager_M2_T900_lr0.7_m0.9n")
     assert {p.own_weight for p in points[8:16]} == {1.0} and {(p.workers, p.steps) for p in points[16:]} == {(4, 600)}
 
 
