@@ -459,6 +459,33 @@ def test_resume_refusals_and_the_mode_switch_after_finalize(tmp_path, reference)
     assert summary["mode"] == "sync" and summary["eval_loss"] < 5.545
 
 
+def test_resume_says_which_inner_optimizer_settings_it_changes(tmp_path, reference, capsys):
+    """An inner optimizer setting may change on resume (AdamW continues with it), but the run says so, naming the
+    flag that keeps the checkpoint's value: a default that changes between versions must not change a run
+    silently. Nothing is said when every setting is the checkpoint's."""
+    mid = tmp_path / "mid"
+    shutil.copytree(reference, mid)
+    shutil.rmtree(mid / "checkpoints" / "step-000000060")
+    checkpoint = mid / "checkpoints" / "step-000000055"
+    saved = json.loads((reference / "config.json").read_text())["optim"]
+    capsys.readouterr()
+    cli_in_process(mid, "--resume", "--lr", "0.0123", "--warmup-steps", str(saved["warmup_steps"] + 1))
+    said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("eagerloco train --resume")]
+    assert said == [
+        f"eagerloco train --resume: optim.lr=0.0123 where checkpoint {checkpoint} was written with {saved['lr']!r}: "
+        f"the inner optimizer continues with the new value (pass --lr {saved['lr']!r} to keep the checkpoint's)",
+        f"eagerloco train --resume: optim.warmup_steps={saved['warmup_steps'] + 1} where checkpoint {checkpoint} was "
+        f"written with {saved['warmup_steps']}: the inner optimizer continues with the new value (pass --warmup-steps "
+        f"{saved['warmup_steps']} to keep the checkpoint's)",
+    ]
+    assert json.loads((mid / "config.json").read_text())["optim"]["lr"] == 0.0123
+    again = tmp_path / "again"
+    shutil.copytree(reference, again)
+    shutil.rmtree(again / "checkpoints" / "step-000000060")
+    cli_in_process(again, "--resume")
+    assert "eagerloco train --resume" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "content,message",
     [

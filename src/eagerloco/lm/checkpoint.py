@@ -190,6 +190,25 @@ def check_compatible(directory: Path, world_size: int, config: dict[str, Any] | 
     return manifest
 
 
+def inner_changes(directory: Path, config: dict[str, Any]) -> list[str]:
+    """One line per inner optimizer setting (``optim.*``: lr, schedule, AdamW's) that this resumed run changes from
+    the checkpoint's configuration. Accepted (AdamW continues from its state with the new value), but said: a
+    default that changed between eagerloco versions (the inner lr, 3e-3 until 2026-12-05, then 6e-3) would
+    otherwise change a resumed run silently. Each line names the flag that keeps the checkpoint's value."""
+    saved = read_manifest(directory).get("config")
+    if saved is None:
+        return []
+    old, new = _flat(saved), _flat(config)
+    lines = []
+    for key in sorted(k for k in new if k.startswith("optim.") and k in old and old[k] != new[k]):
+        flag = "--" + key.split(".", 1)[1].replace("_", "-")
+        lines.append(
+            f"{key}={new[key]!r} where checkpoint {directory} was written with {old[key]!r}: the inner optimizer "
+            f"continues with the new value (pass {flag} {old[key]!r} to keep the checkpoint's)"
+        )
+    return lines
+
+
 def _keep_hint(key: str, value: Any) -> str:
     """For an outer optimizer field left to the mode's recipe (which may have changed since the checkpoint was
     written): the flag that keeps the checkpoint's value."""
