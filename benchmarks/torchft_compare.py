@@ -17,8 +17,8 @@ rotated per (repeat, rate)):
   torchft's lighthouse (``torchft_lighthouse``) started fresh for the run in site 0's namespace.
 
 Both libraries train the same thing: the default GPT (820k parameters) from the same seed, the same per-worker
-batches, AdamW with the same schedule and clipping, outer SGD Nesterov (lr 0.7, momentum 0.9), H = 30, the same
-fragments (see ``torchft_worker.py``). Reported per (rate, variant), medians over repeats: tokens/s, compute
+batches, AdamW with the same lr, schedule and clipping, the same outer SGD (the mode's recipe of ``eagerloco
+train``, recorded per run), H = 30, the same fragments (see ``torchft_worker.py``). Reported per (rate, variant), medians over repeats: tokens/s, compute
 utilization (inner time / wall of the training loop, as eagerloco's engine measures it), time blocked, wall
 clock, bytes each site sent (``/proc/net/dev`` of ``lab0``, over the whole job, start-up included), eval loss of
 the outer / global parameters on the same validation batches; for torchft also its quorum, all-reduce wait and
@@ -67,8 +67,8 @@ DEFAULT_RATES = [20.0, 8.0]
 
 DIFFERENCES = """\
 What is the same in both libraries' runs: the model class, config and seed (bitwise identical initial parameters),
-each worker's batches, AdamW with the same warm-up + cosine schedule and clipping, outer SGD Nesterov (lr 0.7,
-momentum 0.9) with one outer optimizer per fragment, H, the parameters of each fragment, the sign and averaging of
+each worker's batches, AdamW with the same lr, warm-up + cosine schedule and clipping, the same outer SGD (the
+mode's recipe of `eagerloco train`; both read one config) with one outer optimizer per fragment, H, the parameters of each fragment, the sign and averaging of
 the outer gradient (sum over gloo, then / 2), the validation batches, and gloo over the same shaped link with one
 torch thread per worker. What differs, and could explain differences in the numbers:
 
