@@ -18,11 +18,11 @@ rotated per (repeat, rate)):
 
 Both libraries train the same thing: the default GPT (820k parameters) from the same seed, the same per-worker
 batches, AdamW with the same lr, schedule and clipping, the same outer SGD (the mode's recipe of ``eagerloco
-train``, recorded per run), H = 30, the same fragments (see ``torchft_worker.py``). Reported per (rate, variant), medians over repeats: tokens/s, compute
-utilization (inner time / wall of the training loop, as eagerloco's engine measures it), time blocked, wall
-clock, bytes each site sent (``/proc/net/dev`` of ``lab0``, over the whole job, start-up included), eval loss of
-the outer / global parameters on the same validation batches; for torchft also its quorum, all-reduce wait and
-commit time per sync.
+train``, recorded per run), H = 30, the same fragments (see ``torchft_worker.py``). Reported per (rate, variant),
+medians over repeats: tokens/s, compute utilization (inner time / wall of the training loop, as eagerloco's engine
+measures it), time blocked, wall clock, bytes each site sent (``/proc/net/dev`` of ``lab0``, over the whole job,
+start-up included), eval loss of the outer / global parameters on the same validation batches; for torchft also its
+quorum, all-reduce wait and commit time per sync.
 
 Writes ``benchmarks/results/<name>.json`` / ``.md``. Exits with status 2 and the reason where torchft is not
 installed or a lab can't be built (network namespaces need root).
@@ -68,9 +68,10 @@ DEFAULT_RATES = [20.0, 8.0]
 DIFFERENCES = """\
 What is the same in both libraries' runs: the model class, config and seed (bitwise identical initial parameters),
 each worker's batches, AdamW with the same lr, warm-up + cosine schedule and clipping, the same outer SGD (the
-mode's recipe of `eagerloco train`; both read one config) with one outer optimizer per fragment, H, the parameters of each fragment, the sign and averaging of
-the outer gradient (sum over gloo, then / 2), the validation batches, and gloo over the same shaped link with one
-torch thread per worker. What differs, and could explain differences in the numbers:
+mode's recipe of `eagerloco train`; both read one config) with one outer optimizer per fragment, H, the parameters
+of each fragment, the sign and averaging of the outer gradient (sum over gloo, then / 2), the validation batches,
+and gloo over the same shaped link with one torch thread per worker. What differs, and could explain differences in
+the numbers:
 
 * **torchft's control plane at every sync.** Each sync point calls `Manager.start_quorum` (a lighthouse round
   trip that returns only when both replicas have asked: a barrier, so one replica's lateness shows up as the
