@@ -34,8 +34,9 @@ def _streaming(tau: int) -> list[str]:
     return ["--mode", "overlap", "--num-fragments", "2", "--overlap-steps", str(tau), "--alpha", "0.5"]
 
 
-# The methods of issue 6, as `eagerloco train` flags (the model, optimizer and H are the CLI's defaults:
-# 820k-parameter GPT, AdamW lr 3e-3, H = 30, outer SGD Nesterov 0.9, outer lr 0.7).
+# The methods of issue 6, as `eagerloco train` flags (the model, optimizers and H are the CLI's defaults of the
+# checkout that trains: 820k-parameter GPT, H = 30, each mode's outer recipe, AdamW lr 6e-3 since 2026-12-05, 3e-3
+# before; outer SGD lr 0.7 / Nesterov 0.9 for every mode before the recipe study, BENCHMARKS.md 8).
 METHODS: dict[str, list[str]] = {
     "dp": ["--mode", "dp"],
     "dp_1mb": ["--mode", "dp", "--ddp-bucket-mb", "1"],  # DDP with 1 MB buckets: overlap within the backward pass
