@@ -71,9 +71,10 @@ class OptimConfig:
     """The inner optimizer (AdamW, one state per worker, never synchronised) and its schedule."""
 
     lr: float = 6e-3
-    """Peak inner learning rate (after warm-up). 6e-3: the best of 1.5e-3 to 1.2e-2 for every mode on the default job,
-    each at its outer recipe searched again there (BENCHMARKS.md 8, "The inner learning rate"; 3e-3 until
-    2026-12-05, which every figure measured before then used)."""
+    """Peak inner learning rate (after warm-up). 6e-3: better than 3e-3 for every mode on the default job, on every
+    seed, each at its outer recipe searched again there, and DiLoCo's and eager's best of 1.5e-3 to 1.2e-2
+    (BENCHMARKS.md 8, "The inner learning rate"; 3e-3 until 2026-12-05, which every figure measured before then
+    used)."""
     min_lr_ratio: float = 0.1
     """The cosine decay ends at lr x min_lr_ratio."""
     warmup_steps: int = 50
@@ -108,9 +109,9 @@ OUTER_RECIPES: dict[str, OuterRecipe] = {
     # The best of the recipe study on the default job (BENCHMARKS.md 8: outer lr x momentum per mode, then 3 seeds
     # at the best point), searched again at the default inner lr 6e-3 ("The default job at inner lr 6e-3"). Tuned
     # per mode, so that `--mode sync` is DiLoCo at its best, not a straw man, and eager is compared with it on
-    # equal terms. Eval losses below: 3-seed means on the default job at inner lr 6e-3.
+    # equal terms. Eval losses below: 3-seed means on the default job at inner lr 6e-3 (other points: seed 0).
     # DiLoCo: lr 0.7 with a little Nesterov momentum, 1.609 (lr 1: 1.628, 0.5: 1.642; the paper's 0.7 / 0.9:
-    # 1.720, seed 0). At the former inner lr 3e-3 its best was lr 1 / Nesterov 0.5: a larger inner step makes a
+    # 1.720). At the former inner lr 3e-3 its best was lr 1 / Nesterov 0.5: a larger inner step makes a
     # larger outer gradient, and the outer step that fits it is smaller.
     "sync": OuterRecipe(0.7, 0.5, True, "the best of the recipe study, BENCHMARKS.md 8"),
     # Eager weighs its own fresh outer gradient w = 0.75 in place of the paper's 1/M, which makes what it applies
