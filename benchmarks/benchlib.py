@@ -35,8 +35,8 @@ def _streaming(tau: int) -> list[str]:
 
 
 # The methods of issue 6, as `eagerloco train` flags (the model, optimizers and H are the CLI's defaults of the
-# checkout that trains: 820k-parameter GPT, H = 30, each mode's outer recipe, AdamW lr 6e-3 since 2026-12-05, 3e-3
-# before; outer SGD lr 0.7 / Nesterov 0.9 for every mode before the recipe study, BENCHMARKS.md 8).
+# checkout that trains: 820k-parameter GPT, AdamW lr 3e-3, H = 30, each mode's outer recipe; outer SGD lr 0.7 /
+# Nesterov 0.9 for every mode before the recipe study, BENCHMARKS.md 8).
 METHODS: dict[str, list[str]] = {
     "dp": ["--mode", "dp"],
     "dp_1mb": ["--mode", "dp", "--ddp-bucket-mb", "1"],  # DDP with 1 MB buckets: overlap within the backward pass

@@ -7,8 +7,8 @@
 
 Every run is the study's job, ``eagerloco train --launch simulated --link-mbit 0 --threads 1`` (900 inner steps,
 2 simulated workers, the 820k-parameter GPT, H = 30) with the point's method and outer optimizer, at inner AdamW lr
-3e-3 (:data:`STUDY_INNER_LR`, the CLI's default when the study began; a point whose ``--extra`` sets ``--lr``
-trains at that, e.g. ``--extra=--lr=0.006``, the CLI's default since 2026-12-05), and records
+3e-3 (:data:`STUDY_INNER_LR`, the CLI's default; a point whose ``--extra`` sets ``--lr`` trains at that, e.g.
+``--extra=--lr=0.006``), and records
 the eval loss of the outer parameters after ``finalize`` (and ``consolidate`` for eager) as one JSON file per run,
 ``<out>/runs/<key>.json``, written atomically when the run ends. A sweep that is stopped (Ctrl+C, a reboot, a
 killed process) resumes where it was: points whose JSON says ``ok`` or ``diverged`` (the run stopped on
@@ -72,7 +72,7 @@ OUT = bl.RESULTS / "recipe_sweep"
 STUDY_INNER_LR = 3e-3
 """The inner lr of every point that does not set ``--lr`` in its extra flags: the study's results on disk were run at
 the CLI's default of the time, 3e-3, and their keys name no inner lr; passing it explicitly keeps them meaning
-that whatever the training checkout's default (6e-3 since 2026-12-05, BENCHMARKS.md 8)."""
+that whatever the training checkout's default may become (6e-3 was measured better on this model, BENCHMARKS.md 8)."""
 LOCK = Path(tempfile.gettempdir()) / "eagerloco-recipe-sweep.lock"
 SWEEP_METHODS = ("sync", "streaming", "delayed", "eager", "eager2")
 LRS = (0.4, 0.7, 1.0, 1.4)

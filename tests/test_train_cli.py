@@ -254,13 +254,11 @@ def test_each_mode_gets_its_outer_recipe_unless_set(mode):
 
 
 def test_outer_recipes_as_measured():
-    """The table the CLI ships (BENCHMARKS.md 8, at the default inner lr 6e-3): sync at lr 0.7 with Nesterov 0.5;
-    eager with own weight 0.75 at lr 0.7 with Nesterov 0.5, and at lr 1 without momentum where it runs the paper's
-    rule; overlap at the DiLoCo paper's lr 0.7 / Nesterov 0.9; delayed at lr 0.7 without momentum; mode 'dp' has
-    no outer optimizer."""
-    assert TrainConfig().optim.lr == 6e-3
+    """The table the CLI ships (BENCHMARKS.md 8): sync at lr 1 with Nesterov 0.5; eager with own weight 0.75 at
+    lr 0.7 with Nesterov 0.5, and at lr 1 without momentum where it runs the paper's rule; overlap at lr 1 with
+    the DiLoCo paper's Nesterov 0.9; delayed at lr 0.7 without momentum; mode 'dp' has no outer optimizer."""
     assert {m: (*r[:3], r.own_weight) for m, r in OUTER_RECIPES.items()} == {
-        "sync": (0.7, 0.5, True, None), "eager": (0.7, 0.5, True, 0.75), "overlap": (0.7, 0.9, True, None),
+        "sync": (1.0, 0.5, True, None), "eager": (0.7, 0.5, True, 0.75), "overlap": (1.0, 0.9, True, None),
         "delayed": (0.7, 0.0, True, None),
     }  # fmt: skip
     assert (*EAGER_PAPER_RECIPE[:3], EAGER_PAPER_RECIPE.own_weight) == (1.0, 0.0, True, None)

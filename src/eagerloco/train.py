@@ -45,7 +45,7 @@ from eagerloco.report import MetricsLog, WorkerResult, log_membership
 
 def lr_at(step: int, config: TrainConfig) -> float:
     """Linear warm-up to lr over warmup_steps, then cosine decay to lr·min_lr_ratio at the last step."""
-    o, total = config.optim, config.run.steps  # defaults: lr 6e-3, 50 warm-up steps, floor 0.1·lr, 900 steps
+    o, total = config.optim, config.run.steps  # defaults: lr 3e-3, 50 warm-up steps, floor 0.1·lr, 900 steps
     if step < o.warmup_steps:
         return o.lr * (step + 1) / o.warmup_steps
     progress = (step - o.warmup_steps) / max(1, total - o.warmup_steps)
@@ -78,7 +78,7 @@ def train_worker(
     # Model: identical on every worker (same seed); the wrapper also broadcasts worker 0's φ_0 to be sure.
     model_cfg = GPTConfig(**{**config.model.to_dict(), "vocab_size": data.vocab_size})  # default: 820k params
     model = GPT(model_cfg, seed=config.run.seed).to(device)
-    o = config.optim  # AdamW, lr 6e-3, β = (0.9, 0.99), weight decay 0.1 on matrices, clip at norm 1.0
+    o = config.optim  # AdamW, lr 3e-3, β = (0.9, 0.99), weight decay 0.1 on matrices, clip at norm 1.0
     inner = torch.optim.AdamW(model.optimizer_groups(o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2))
     dp = config.outer.mode == "dp"  # default mode: eager, H = 30, k = 1, outer SGD lr 0.7 Nesterov 0.9
     timeout = config.outer.collective_timeout_s  # default: 300 s for any wait on a collective

@@ -193,7 +193,7 @@ def check_compatible(directory: Path, world_size: int, config: dict[str, Any] | 
 def inner_changes(directory: Path, config: dict[str, Any]) -> list[str]:
     """One line per inner optimizer setting (``optim.*``: lr, schedule, AdamW's) that this resumed run changes from
     the checkpoint's configuration. Accepted (AdamW continues from its state with the new value), but said: a
-    default that changed between eagerloco versions (the inner lr, 3e-3 until 2026-12-05, then 6e-3) would
+    default that changes between eagerloco versions (the mode's outer recipes have; the inner lr may) would
     otherwise change a resumed run silently. Each line names the flag that keeps the checkpoint's value."""
     saved = read_manifest(directory).get("config")
     if saved is None:

@@ -9,7 +9,7 @@ across sections so that flags stay short. The TOML file has one table per sectio
     sync_every = 30
 
     [optim]
-    lr = 6e-3
+    lr = 3e-3
 
 Unknown sections or keys, and values of the wrong type, are errors that name the key, the value and the rule.
 """
@@ -70,11 +70,10 @@ class DataConfig:
 class OptimConfig:
     """The inner optimizer (AdamW, one state per worker, never synchronised) and its schedule."""
 
-    lr: float = 6e-3
-    """Peak inner learning rate (after warm-up). 6e-3: better than 3e-3 for every mode on the default job, on every
-    seed, each at its outer recipe searched again there, and DiLoCo's and eager's best of 1.5e-3 to 1.2e-2
-    (BENCHMARKS.md 8, "The inner learning rate"; 3e-3 until 2026-12-05, which every figure measured before then
-    used)."""
+    lr: float = 3e-3
+    """Peak inner learning rate (after warm-up). 3e-3 holds up across the model sizes measured: on the default 820k
+    model 6e-3 is better for every mode (1-1.5 %, BENCHMARKS.md 8, "The default job at inner lr 6e-3"), but on the
+    2.7M model it is 3.5 % worse for DiLoCo and 6 % for eager; retune it with the model's size."""
     min_lr_ratio: float = 0.1
     """The cosine decay ends at lr x min_lr_ratio."""
     warmup_steps: int = 50
@@ -106,26 +105,21 @@ class OuterRecipe(NamedTuple):
 
 
 OUTER_RECIPES: dict[str, OuterRecipe] = {
-    # The best of the recipe study on the default job (BENCHMARKS.md 8: outer lr x momentum per mode, then 3 seeds
-    # at the best point), searched again at the default inner lr 6e-3 ("The default job at inner lr 6e-3"). Tuned
-    # per mode, so that `--mode sync` is DiLoCo at its best, not a straw man, and eager is compared with it on
-    # equal terms. Eval losses below: 3-seed means on the default job at inner lr 6e-3 (other points: seed 0).
-    # DiLoCo: lr 0.7 with a little Nesterov momentum, 1.609 (lr 1: 1.628, 0.5: 1.642; the paper's 0.7 / 0.9:
-    # 1.720). At the former inner lr 3e-3 its best was lr 1 / Nesterov 0.5: a larger inner step makes a
-    # larger outer gradient, and the outer step that fits it is smaller.
-    "sync": OuterRecipe(0.7, 0.5, True, "the best of the recipe study, BENCHMARKS.md 8"),
+    # The best of the recipe study on the default job (BENCHMARKS.md 8: outer lr {0.4, 0.7, 1.0, 1.4} x
+    # momentum {0, 0.5, 0.9}, then 3 seeds at the best point). Tuned per mode, so that `--mode sync` is
+    # DiLoCo at its best, not a straw man, and eager is compared with it on equal terms.
+    "sync": OuterRecipe(1.0, 0.5, True, "the best of the recipe study, BENCHMARKS.md 8"),
     # Eager weighs its own fresh outer gradient w = 0.75 in place of the paper's 1/M, which makes what it applies
-    # less stale; then a little Nesterov momentum helps it as it helps DiLoCo: 1.654 (2.8 % above DiLoCo) against
-    # the paper's rule at its best (lr 1 without momentum), 1.690 (5.0 %), every seed; at M = 4 1.749 against 1.865
-    # (seed 0). Also better at 3e-3, 3 seeds each, every seed: M = 2 1.670 vs 1.708, M = 4 1.772 vs 1.877; M = 8
-    # (seed 0) 1.849 vs 2.024.
+    # less stale; then a little Nesterov momentum helps it as it helps DiLoCo. Better than the paper's rule at each
+    # one's best, 3 seeds, every seed: M = 2 1.670 vs 1.708, M = 4 1.772 vs 1.877; M = 8 (seed 0) 1.849 vs 2.024
+    # (BENCHMARKS.md 8).
     "eager": OuterRecipe(0.7, 0.5, True, "the best of the recipe study, BENCHMARKS.md 8", own_weight=0.75),
-    # Overlap (streaming) is stale by τ inner steps only: the DiLoCo paper's lr 0.7 / Nesterov 0.9, 1.604 at τ = 1
-    # (0.3 % below DiLoCo; lr 0.5 1.616, lr 1 1.623, seed 0); at τ = 14 lr 0.7 and lr 1 tie, 1.627 vs 1.628 (3 seeds
-    # each, 1.1 % above DiLoCo). At 3e-3 its best was lr 1 / Nesterov 0.9.
-    "overlap": OuterRecipe(0.7, 0.9, True, "the best of the recipe study, BENCHMARKS.md 8"),
-    # Delayed applies only stale averages; momentum makes it oscillate (5.1 at lr 0.7 / Nesterov 0.9 at 3e-3): no
-    # momentum, 1.807 (12 % above DiLoCo; lr 0.5: 1.815, seed 0).
+    # Overlap (streaming) is stale by τ inner steps only: Nesterov 0.9 as in the DiLoCo paper, with DiLoCo's large
+    # step, lr 1. Better than the paper's lr 0.7 at τ = 1 (1.622 vs 1.625) and at τ = 14 (1.644 vs 1.660) over 3
+    # seeds, every seed; at τ = 3 (1.627 vs 1.630, 3 seeds), 5 and 7 (seed 0) too (BENCHMARKS.md 8).
+    "overlap": OuterRecipe(1.0, 0.9, True, "the best of the recipe study, BENCHMARKS.md 8"),
+    # Delayed applies only stale averages; momentum makes it oscillate (5.1 at lr 0.7 / Nesterov 0.9): no momentum
+    # (1.829 over 3 seeds, 12 % above DiLoCo).
     "delayed": OuterRecipe(0.7, 0.0, True, "the best of the recipe study, BENCHMARKS.md 8"),
 }
 """Each mode's default outer optimizer in ``eagerloco train`` (fields left unset take these values; flags and
@@ -150,8 +144,8 @@ class OuterConfig(DiLoCoConfig):
     sync_every: int = 30
     """H: inner steps between two sync points of a fragment (30 in the eager paper)."""
     outer_lr: float | None = None  # type: ignore[assignment]
-    """Outer SGD learning rate. Unset: the mode's recipe (``OUTER_RECIPES``: sync 0.7, eager 0.7 with its own weight
-    and 1.0 with the paper's rule, overlap 0.7, delayed 0.7; DiLoCo's paper uses 0.7, the streaming and eager papers
+    """Outer SGD learning rate. Unset: the mode's recipe (``OUTER_RECIPES``: sync 1.0, eager 0.7 with its own weight
+    and 1.0 with the paper's rule, overlap 1.0, delayed 0.7; DiLoCo's paper uses 0.7, the streaming and eager papers
     0.4 at scale)."""
     outer_momentum: float | None = None  # type: ignore[assignment]
     """Outer SGD momentum. Unset: the mode's recipe (sync 0.5; eager 0.5 with its own weight, 0 with the paper's
