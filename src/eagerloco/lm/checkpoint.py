@@ -201,10 +201,9 @@ def inner_changes(directory: Path, config: dict[str, Any]) -> list[str]:
     old, new = _flat(saved), _flat(config)
     lines = []
     for key in sorted(k for k in new if k.startswith("optim.") and k in old and old[k] != new[k]):
-        flag = "--" + key.split(".", 1)[1].replace("_", "-")
         lines.append(
             f"{key}={new[key]!r} where checkpoint {directory} was written with {old[key]!r}: the inner optimizer "
-            f"continues with the new value (pass {flag} {old[key]!r} to keep the checkpoint's)"
+            f"continues with the new value (pass {_flag_setting(key, old[key])} to keep the checkpoint's)"
         )
     return lines
 
@@ -215,12 +214,15 @@ def _keep_hint(key: str, value: Any) -> str:
     section, name = key.split(".", 1)
     if section != "outer" or name not in RECIPE_FIELDS:
         return ""
-    flag = "--" + name.replace("_", "-")
+    return f"; to keep the checkpoint's value, pass {_flag_setting(key, value)}"
+
+
+def _flag_setting(key: str, value: Any) -> str:
+    """The ``eagerloco train`` flag that sets config field ``key`` ("section.name") to ``value``."""
+    flag = "--" + key.split(".", 1)[1].replace("_", "-")
     if isinstance(value, bool):
-        spelled = flag if value else "--no-" + flag[2:]
-    else:
-        spelled = f"{flag} {value:g}" if isinstance(value, (int, float)) else f"{flag} {value}"
-    return f"; to keep the checkpoint's value, pass {spelled}"
+        return flag if value else "--no-" + flag[2:]
+    return f"{flag} {value:g}" if isinstance(value, (int, float)) else f"{flag} {value}"
 
 
 def _read(directory: Path, rank: int) -> dict[str, Any]:
