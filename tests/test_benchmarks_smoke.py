@@ -263,6 +263,7 @@ def test_a_link_lab_record_from_before_the_wait_count_is_restated():
     assert cu_bandwidth.loop_waits("eager", 120, 30) == (4, 3)
     assert cu_bandwidth.loop_waits("eager2", 120, 30) == (4, 2)
     assert cu_bandwidth.loop_waits("sync", 120, 30) == (4, 4)
+    assert cu_bandwidth.loop_waits("sync_fp4", 120, 30) == (4, 4)  # compressed, still blocking
     assert cu_bandwidth.loop_waits("streaming_t14", 120, 30) == (8, 7)
     assert cu_bandwidth.loop_waits("streaming_t3_fp4", 120, 30) == (8, 7)
     assert cu_bandwidth.loop_waits("dp", 120, 30) == (0, 0)
