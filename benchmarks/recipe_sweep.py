@@ -650,9 +650,33 @@ def trends_report(results: dict[str, dict[str, Any]]) -> list[str]:
     ]
 
 
+PLOT_MIN_POINTS = 3
+"""A method group gets a panel of the lr plot when it has at least this many (lr, momentum) points at seed 0 (a
+grid); single points (the trends, the variants' screens) are in recipe_sweep.md's tables."""
+PLOT_SPAN = 0.35
+"""Each panel's y range: its best loss to best + PLOT_SPAN; points above it sit on the top edge as ▲ with their value
+(a diverged recipe would otherwise flatten the rest)."""
+
+
+def lr_grids(results: dict[str, dict[str, Any]]) -> dict[tuple[Any, ...], list[dict[str, Any]]]:
+    """The finished seed-0 runs of every method group with at least ``PLOT_MIN_POINTS`` (lr, momentum) points: the
+    lr plot's panels."""
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for rec in results.values():
+        p = Point.from_dict(rec["point"])
+        if rec.get("status") == "ok" and p.seed == 0:
+            groups.setdefault(p.group, []).append(rec)
+    return {
+        g: recs
+        for g, recs in groups.items()
+        if len({Point.from_dict(r["point"]).recipe for r in recs}) >= PLOT_MIN_POINTS
+    }
+
+
 def plot(out: Path, path: Path) -> Path | None:
-    """Eval loss vs outer lr, one line per momentum setting, one panel per method group (seed 0). None when
-    matplotlib is missing or nothing finished."""
+    """Eval loss vs outer lr, one line per momentum setting, one panel per method group with a grid of at least
+    ``PLOT_MIN_POINTS`` points (seed 0), each panel on its own y range. None when matplotlib is missing or no grid
+    finished."""
     try:
         import matplotlib
 
@@ -660,34 +684,39 @@ def plot(out: Path, path: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    results = {k: r for k, r in load_results(out).items() if r.get("status") == "ok"}
-    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
-    for rec in results.values():
-        p = Point.from_dict(rec["point"])
-        if p.seed == 0:
-            groups.setdefault(p.group, []).append(rec)
+    groups = lr_grids(load_results(out))
     if not groups:
         return None
     order = {m: i for i, m in enumerate(SWEEP_METHODS)}
     keys = sorted(groups, key=lambda g: (g[2], g[3], order.get(g[0], 99), g[0], g[1] or 0.0, g[4]))
     cols = min(3, len(keys))
     nrows = math.ceil(len(keys) / cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(5 * cols, 3.8 * nrows), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(nrows, cols, figsize=(5 * cols, 3.6 * nrows), squeeze=False)
     colors = {col: f"C{i}" for i, col in enumerate(MOMENTUM_COLUMNS)}  # one colour per momentum in every panel
     for ax, g in zip(axes.flat, keys):
+        best = min(r["eval_loss"] for r in groups[g])
+        top = best + PLOT_SPAN
         for mom, nest in MOMENTUM_COLUMNS:
             pts = sorted(
                 (Point.from_dict(r["point"]).outer_lr, r["eval_loss"])
                 for r in groups[g]
                 if Point.from_dict(r["point"]).recipe[1:] == (mom, nest)
             )
-            if pts:
-                name = "momentum 0" if mom == 0 else f"{mom:g} {'Nesterov' if nest else 'heavy ball'}"
-                ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=name, color=colors[(mom, nest)])
+            if not pts:
+                continue
+            name = "momentum 0" if mom == 0 else f"{mom:g} {'Nesterov' if nest else 'heavy ball'}"
+            color = colors[(mom, nest)]
+            ax.plot([x for x, _ in pts], [min(y, top) for _, y in pts], marker="o", label=name, color=color)
+            for x, y in pts:
+                if y > top:  # off the panel's range: a ▲ on the edge, with the value
+                    ax.plot([x], [top], marker="^", markersize=9, color=color)
+                    ax.annotate(f"{y:.2f}", (x, top), textcoords="offset points", xytext=(4, -10), fontsize=7)
         lrs = sorted({Point.from_dict(r["point"]).outer_lr for r in groups[g]} | set(LRS))
         ax.set_xticks(lrs)
         ax.set_xlim(min(lrs) - 0.1, max(lrs) + 0.1)
-        ax.set_title(label(g), fontsize=9)
+        ax.set_ylim(best - 0.02, top + 0.02)
+        ax.axhline(best, color="grey", linewidth=0.8, linestyle=":")
+        ax.set_title(f"{label(g)}\nbest {best:.3f}", fontsize=9)
         ax.set_xlabel("outer lr")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
@@ -695,8 +724,12 @@ def plot(out: Path, path: Path) -> Path | None:
         ax.set_ylabel("eval loss (seed 0)")
     for ax in list(axes.flat)[len(keys) :]:
         ax.axis("off")
-    fig.suptitle("Recipe study (issue 11), partial: eval loss of the outer parameters vs outer lr", fontsize=10)
-    fig.tight_layout()
+    fig.suptitle(
+        f"Recipe study (issue 11): eval loss of the outer parameters vs outer lr, seed 0, every grid of "
+        f"{PLOT_MIN_POINTS} or more points (single points: recipe_sweep.md)",
+        fontsize=10,
+    )
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / (3.6 * nrows)))  # room for the suptitle
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

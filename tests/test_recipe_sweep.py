@@ -276,3 +276,21 @@ def test_group_label_names_the_run_s_tau_and_its_other_extras():
     assert rs.label(("eager", 0.75, 4, 600, ("--overlap-steps", "5"))) == (  # only streaming's name carries τ
         "eager k=1, own weight w=0.75 (M=4, 600 steps, --overlap-steps 5)"
     )
+
+
+def test_the_lr_plot_has_a_panel_per_grid_of_three_or_more_seed_0_points(tmp_path):
+    """A method group is a panel when it has >= 3 (lr, momentum) points at seed 0: two points, other seeds and failed
+    runs do not make one; a diverged point is drawn on its panel's top edge rather than stretching the axis."""
+    sync = [rs.Point("sync", lr, 0.5, True) for lr in (0.4, 0.7, 1.0)]
+    for p, loss in zip(sync, (1.72, 1.63, 1.63)):
+        write(tmp_path, p, "ok", loss)
+    write(tmp_path, rs.Point("eager", 1.0, 0.0, False), "ok", 1.70)
+    write(tmp_path, rs.Point("eager", 0.7, 0.9, True), "ok", 5.1)  # diverged
+    write(tmp_path, rs.Point("eager", 0.4, 0.9, True, seed=1), "ok", 1.8)  # seed 1: not in the plot
+    write(tmp_path, rs.Point("eager", 0.4, 0.5, True), "failed", None)
+    grids = rs.lr_grids(rs.load_results(tmp_path))
+    assert list(grids) == [sync[0].group] and sorted(r["eval_loss"] for r in grids[sync[0].group]) == [1.63, 1.63, 1.72]
+    write(tmp_path, rs.Point("eager", 0.4, 0.5, True), "ok", 1.76)  # the third eager point: now a grid
+    assert len(rs.lr_grids(rs.load_results(tmp_path))) == 2
+    assert rs.plot(tmp_path, tmp_path / "p.png") == tmp_path / "p.png"
+    assert rs.plot(tmp_path / "empty", tmp_path / "q.png") is None  # nothing finished: no figure
