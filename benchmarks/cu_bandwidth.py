@@ -156,6 +156,16 @@ def steady_record(run: dict[str, Any], sync_every: int) -> dict[str, Any]:
     }
 
 
+QUEUE_MS = 50.0
+"""netlab's default tbf queue (its ``latency``): 25 KB at 4 Mbit/s, so a sender that bursts above the rate loses
+packets and waits for TCP to resend them."""
+
+
+def shaper_drops(lab: Any) -> int:
+    """Packets dropped so far by the lab's shapers (both sites, upload and download)."""
+    return sum(q["drops"] for site in range(2) for q in lab.shaper_stats(site).values())
+
+
 def record(method: str, rate: float, rep: int, steps: int, full_steps: int, s: dict[str, Any]) -> dict[str, Any]:
     steady = bl.steady_state(s)
     wall = s["wall_s"]
@@ -233,7 +243,8 @@ def report(payload: dict[str, Any]) -> str:
     full = payload["steps"]
     lines = [
         f"CU vs bandwidth: 2 workers in 2 network namespaces, torchrun + gloo over a tbf-shaped link (rate up and "
-        f"down per site), {full} inner steps per worker (H = {payload['sync_every']}), 1 torch thread per worker, "
+        f"down per site, a {payload.get('queue_ms', QUEUE_MS):g} ms queue), {full} inner steps per worker "
+        f"(H = {payload['sync_every']}), 1 torch thread per worker, "
         f"repeats: {payload['repeats']} (medians; min-max of CU in brackets). One fp32 outer all-reduce = "
         f"{payload['runs'][0]['params'] * 4 / 1e6:.2f} MB; "
         f"inner step {payload.get('sim_step_time_s', float('nan')):.3f} s (median), "
@@ -335,6 +346,12 @@ def main(argv: list[str] | None = None) -> int:
                          smoke="seconds-long: tiny model, one rate, eager only")  # fmt: skip
     ap.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=sorted(bl.METHODS))
     ap.add_argument("--dp-budget-s", type=float, default=60.0, help="cap on a data-parallel run's predicted time")
+    ap.add_argument(
+        "--queue-ms",
+        type=float,
+        default=QUEUE_MS,
+        help=f"each tbf shaper's queue, in ms at the rate: packets beyond it are dropped (default {QUEUE_MS:g})",
+    )
     ap.add_argument("--no-plot", action="store_true")
     ap.add_argument("--report-only", action="store_true", help="rebuild <name>.md and .png from <name>.json")
     args = ap.parse_args(argv)
@@ -353,12 +370,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.methods == DEFAULT_METHODS:
             args.methods = ["eager"]
         args.steps, args.sync_every, args.repeats = min(args.steps, 10), 5, 1
-    payload = bl.lab_payload("cu_bandwidth", args, methods=args.methods)
+    if not args.queue_ms > 0:
+        ap.error(f"--queue-ms {args.queue_ms:g}: the tbf queue must be > 0 ms")
+    payload = bl.lab_payload("cu_bandwidth", args, methods=args.methods, queue_ms=args.queue_ms)
     if payload is None:
         return 2
     runs_dir = args.runs_dir / args.name
     counter = 0
-    with bl.netlab().Lab(num_sites=2, rate_mbit=args.rates[0]) as lab:
+    with bl.netlab().Lab(num_sites=2, rate_mbit=args.rates[0], queue_ms=args.queue_ms) as lab:
         print(f"lab {lab.prefix} up", flush=True)
         for rep, rate, method in bl.lab_schedule(args.methods, args.rates, args.repeats):
             if lab.rates[0] != rate:
@@ -371,6 +390,7 @@ def main(argv: list[str] | None = None) -> int:
                 "--seed", "0", "--eval-every", "0",
             ]  # fmt: skip
             summary = None
+            drops_before = shaper_drops(lab)
             label = f"rep {rep} {rate:g} Mbit/s {method}"
             for attempt in bl.lab_attempts(payload, label, method=method, rate_mbit=rate, repeat=rep):
                 counter += 1
@@ -385,11 +405,12 @@ def main(argv: list[str] | None = None) -> int:
             if summary is None:
                 continue
             rec = record(method, rate, rep, steps, args.steps, summary)
+            rec["shaper_drops"] = shaper_drops(lab) - drops_before  # packets the 4 shapers dropped (retry included)
             payload["runs"].append(rec)
             print(
                 f"rep {rep} {rate:>6g} Mbit/s {method:>10}: CU {rec['cu_run']:.3f} steady "
                 f"{rec['cu_steady']:.3f} blocked/outer {rec['blocked_per_outer_step_s']:.2f} s wall "
-                f"{rec['wall_s']:.1f} s ({steps} steps)",
+                f"{rec['wall_s']:.1f} s ({steps} steps), {rec['shaper_drops']} packets dropped",
                 flush=True,
             )
             bl.write_results(args.name, args.out, payload, report(payload))

@@ -278,3 +278,14 @@ def test_a_link_lab_record_from_before_the_wait_count_is_restated():
     assert cu_bandwidth.steady_record(counted, 30) == counted
     ttt_cu = {"sync_every": 30, "runs": [{**old, "rate_mbit": 4.0}]}
     assert ttt.seconds_per_step(ttt_cu, "eager", 4.0) == 31.0 / 120
+
+
+def test_cu_bandwidth_refuses_an_empty_tbf_queue_before_building_a_lab(capsys):
+    """--queue-ms sets each shaper's queue (tbf latency); 0 or less would drop every packet: refused at argparse
+    time with the value and the rule, before any namespace exists."""
+    import cu_bandwidth
+
+    with pytest.raises(SystemExit) as exc:
+        cu_bandwidth.main(["--queue-ms", "0", "--rates", "4"])
+    assert exc.value.code == 2
+    assert "--queue-ms 0: the tbf queue must be > 0 ms" in capsys.readouterr().err
