@@ -280,7 +280,7 @@ def test_group_label_names_the_run_s_tau_and_its_other_extras():
 
 def test_the_lr_plot_has_a_panel_per_grid_of_three_or_more_seed_0_points(tmp_path):
     """A method group is a panel when it has >= 3 (lr, momentum) points at seed 0: two points, other seeds and failed
-    runs do not make one; a diverged point is drawn on its panel's top edge rather than stretching the axis."""
+    runs do not make one; a diverged point stays in its grid (the plot draws it on the panel's top edge)."""
     sync = [rs.Point("sync", lr, 0.5, True) for lr in (0.4, 0.7, 1.0)]
     for p, loss in zip(sync, (1.72, 1.63, 1.63)):
         write(tmp_path, p, "ok", loss)
