@@ -1,10 +1,13 @@
 #!/usr/bin/env python3
-"""Time gloo all-reduces of a float32 tensor; meant to run under torchrun, one process per lab site.
+"""Time gloo all-reduces of a float32 tensor (or all-gathers of a byte payload); meant to run under torchrun, one
+process per lab site.
 
-Each rank all-reduces (sum) a tensor of ``--size-mb`` MB ``--iters`` times after one warm-up, checks the
-result, and prints one line ``PROBE {json}`` with:
+Each rank all-reduces (sum) a tensor of ``--size-mb`` MB ``--iters`` times after one warm-up (``--op all_gather``:
+all-gathers ``--size-mb`` MB of uint8 from every rank, as the compressed reducer sends its encoded outer
+gradients), checks the result, and prints one line ``PROBE {json}`` with:
 
-* ``sec_median`` / ``sec_min`` / ``sec_all``: seconds per all-reduce (each timed between barriers);
+* ``sec_median`` / ``sec_min`` / ``sec_all``: seconds per collective (each timed after a barrier; with
+  ``--idle-s S`` every rank first sleeps S seconds, as a training job's inner phase leaves the link idle);
 * ``algbw_mbit``: tensor bits / ``sec_median`` (the "effective rate" of one all-reduce);
 * ``tx_bytes_per_iter`` / ``rx_bytes_per_iter``: bytes the site interface (``GLOO_SOCKET_IFNAME``) sent and
   received per timed all-reduce, from ``/proc/net/dev`` inside this process's network namespace (barriers
@@ -42,6 +45,9 @@ def iface_bytes(iface: str) -> tuple[int, int]:
     return 0, 0
 
 
+OPS = ("all_reduce", "all_gather")
+
+
 def main() -> None:
     """Parse arguments, run the timed all-reduces and print the report."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -49,25 +55,44 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=5, help="timed all-reduces after one warm-up")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     ap.add_argument("--timeout-s", type=float, default=300.0, help="process-group timeout")
+    ap.add_argument("--op", choices=OPS, default="all_reduce", help="the collective timed (default all_reduce)")
+    ap.add_argument("--idle-s", type=float, default=0.0, help="seconds every rank sleeps before each collective")
     args = ap.parse_args()
+    if not args.idle_s >= 0:
+        ap.error(f"--idle-s {args.idle_s:g}: the idle time must be >= 0 s")
 
     torch.set_num_threads(args.threads)
     dist.init_process_group("gloo", timeout=timedelta(seconds=args.timeout_s))
     rank, world = dist.get_rank(), dist.get_world_size()
     iface = os.environ.get("GLOO_SOCKET_IFNAME", "lo")
-    numel = max(1, int(args.size_mb * 1e6) // 4)
-    t = torch.empty(numel, dtype=torch.float32)
-    expected = float(sum(range(1, world + 1)))
+    if args.op == "all_reduce":
+        numel = max(1, int(args.size_mb * 1e6) // 4)
+        t = torch.empty(numel, dtype=torch.float32)
+        expected = float(sum(range(1, world + 1)))
+    else:  # every rank's payload holds its rank + 1; row r of the gathered buffer must be rank r's
+        numel = max(1, int(args.size_mb * 1e6))
+        t = torch.empty(numel, dtype=torch.uint8)
+        gathered = torch.empty((world, numel), dtype=torch.uint8)
+
+    def collective() -> None:
+        if args.op == "all_reduce":
+            dist.all_reduce(t)
+            if not (float(t[0]) == expected and float(t[-1]) == expected):
+                raise RuntimeError(f"wrong all-reduce result {float(t[0])} != {expected}")
+        else:
+            dist.all_gather_into_tensor(gathered.view(-1), t)
+            rows = [(int(gathered[r, 0]), int(gathered[r, -1])) for r in range(world)]
+            if rows != [(r + 1, r + 1) for r in range(world)]:
+                raise RuntimeError(f"wrong all-gather result: first/last byte per row {rows}")
 
     def one() -> float:
-        t.fill_(float(rank + 1))
+        t.fill_(rank + 1)
+        if args.idle_s:
+            time.sleep(args.idle_s)
         dist.barrier()
         t0 = time.perf_counter()
-        dist.all_reduce(t)
-        dt = time.perf_counter() - t0
-        if not (float(t[0]) == expected and float(t[-1]) == expected):
-            raise RuntimeError(f"wrong all-reduce result {float(t[0])} != {expected}")
-        return dt
+        collective()
+        return time.perf_counter() - t0
 
     one()  # warm-up: connects every pair of ranks
     rx0, tx0 = iface_bytes(iface)
@@ -76,7 +101,7 @@ def main() -> None:
     dist.barrier()
 
     med = statistics.median(secs)
-    nbytes = numel * 4
+    nbytes = numel * t.element_size()
     tx_iter = (tx1 - tx0) / args.iters
     report = {
         "rank": rank,
@@ -84,6 +109,8 @@ def main() -> None:
         "site": int(os.environ.get("NETLAB_SITE", rank)),
         "addr": os.environ.get("NETLAB_ADDR", ""),
         "iface": iface,
+        "op": args.op,
+        "idle_s": args.idle_s,
         "bytes": nbytes,
         "iters": args.iters,
         "sec_median": med,
@@ -96,7 +123,7 @@ def main() -> None:
     }
     print("PROBE " + json.dumps(report), flush=True)
     print(
-        f"rank {rank}/{world} site {report['site']}: {nbytes / 1e6:.2f} MB all-reduce {med:.4f} s "
+        f"rank {rank}/{world} site {report['site']}: {nbytes / 1e6:.2f} MB {args.op} {med:.4f} s "
         f"(algbw {report['algbw_mbit']:.1f} Mbit/s, sent {tx_iter / 1e6:.3f} MB/iter = "
         f"{tx_iter / nbytes:.3f} x tensor, wire {report['wire_tx_mbit']:.1f} Mbit/s)",
         flush=True,

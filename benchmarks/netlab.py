@@ -696,15 +696,19 @@ def run_probe(
     port: int = DEFAULT_PORT,
     timeout: float = 300.0,
     threads: int = 1,
+    op: str = "all_reduce",
+    idle_s: float = 0.0,
 ) -> list[dict[str, Any]]:
-    """Run ``allreduce_probe.py`` on every site through torchrun; return each rank's JSON report.
+    """Run ``allreduce_probe.py`` on every site through torchrun (``op``: ``all_reduce`` of float32 or
+    ``all_gather`` of uint8, each after ``idle_s`` seconds of idle link); return each rank's JSON report.
 
     Each report also gets ``ns_tx_bytes``/``ns_rx_bytes``: the site interface's counters over the whole
     torchrun run (rendezvous and warm-up included), read from outside.
     """
     script = str(Path(__file__).with_name("allreduce_probe.py"))
     before = [lab.counters(s) for s in lab.site_ids]
-    args = [script, "--size-mb", f"{size_mb:g}", "--iters", str(iters), "--threads", str(threads)]
+    args = [script, "--size-mb", f"{size_mb:g}", "--iters", str(iters), "--threads", str(threads), "--op", op]
+    args += ["--idle-s", f"{idle_s:g}"]
     procs = [
         lab.popen(s, torchrun_argv(lab, s, args, port), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for s in lab.site_ids
@@ -737,6 +741,13 @@ def run_probe(
 
 # --------------------------------------------------------------------------------------------------------------
 # CLI
+
+
+def _idle_seconds(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{text}: the idle time must be >= 0 s")
+    return value
 
 
 def _parse_rates(text: str) -> list[float]:
@@ -781,17 +792,23 @@ def _cmd_probe(args: argparse.Namespace) -> int:
         return 2
     rates: list[float | None] = [*_parse_rates(args.rates)] if args.rates else [None]
     with Lab(args.sites, rates[0], prefix=args.prefix) as lab:
-        print(f"lab {lab.prefix}: {args.sites} sites; all-reduce of {args.size_mb:g} MB float32 x {args.iters}")
-        hdr = f"{'rate':>8} {'rank':>4} {'site':>4} {'s/allreduce':>12} {'expect s':>9} {'algbw Mb/s':>10}"
+        what = "all-reduce of {:g} MB float32" if args.op == "all_reduce" else "all-gather of {:g} MB per rank"
+        idle = f", {args.idle_s:g} s idle before each" if args.idle_s else ""
+        print(f"lab {lab.prefix}: {args.sites} sites; {what.format(args.size_mb)} x {args.iters}{idle}")
+        hdr = f"{'rate':>8} {'rank':>4} {'site':>4} {'s/' + args.op:>12} {'expect s':>9} {'algbw Mb/s':>10}"
         hdr += f" {'wire Mb/s':>9} {'tx/iter MB':>10} {'tx/S':>6} {'ns tx MB':>9} {'ns rx MB':>9}"
         print(hdr)
         for k, rate in enumerate(rates):
             lab.set_rate(rate)
-            reps = run_probe(lab, size_mb=args.size_mb, iters=args.iters, port=args.port + k, threads=args.threads)
+            reps = run_probe(
+                lab, size_mb=args.size_mb, iters=args.iters, port=args.port + k, threads=args.threads, op=args.op,
+                idle_s=args.idle_s,
+            )  # fmt: skip
             n = lab.num_sites
+            # Ring all-reduce: every rank sends 2(n-1)/n of the tensor over its upload; ring all-gather (n-1) times.
+            share = 2 * (n - 1) / n if args.op == "all_reduce" else n - 1
             for r in reps:
-                # Ring all-reduce: every rank sends 2(n-1)/n of the tensor over its upload.
-                expect = 2 * (n - 1) / n * r["bytes"] * 8 / (rate * 1e6) if rate else float("nan")
+                expect = share * r["bytes"] * 8 / (rate * 1e6) if rate else float("nan")
                 print(
                     f"{rate or 0:>8g} {r['rank']:>4} {r['site']:>4} {r['sec_median']:>12.4f} {expect:>9.4f}"
                     f" {r['algbw_mbit']:>10.1f} {r['wire_tx_mbit']:>9.1f} {r['tx_bytes_per_iter'] / 1e6:>10.3f}"
@@ -829,6 +846,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=DEFAULT_PORT)
     p.add_argument("--prefix", default=None)
     p.add_argument("--json", action="store_true", help="also print each rate's reports as a JSON line")
+    p.add_argument("--op", choices=("all_reduce", "all_gather"), default="all_reduce", help="the collective timed")
+    p.add_argument("--idle-s", type=_idle_seconds, default=0.0, help="seconds of idle link before each collective")
     p.set_defaults(fn=_cmd_probe)
     args = ap.parse_args(argv)
     try:

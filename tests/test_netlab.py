@@ -315,3 +315,31 @@ def test_torchrun_gloo_allreduce_across_sites(need_netns: None) -> None:
         # and it cannot beat the 100 Mbit/s link
         assert r["wire_tx_mbit"] <= 110, r
         assert r["ns_tx_bytes"] >= 3 * r["bytes"]  # warm-up + 2 timed all-reduces left the namespace
+
+
+@pytest.mark.parametrize("op", ["all_reduce", "all_gather"])
+def test_the_probe_times_checked_collectives_on_localhost(op: str) -> None:
+    """allreduce_probe.py under torchrun, 2 gloo processes on loopback (no namespace needed): each rank checks the
+    result and reports the collective it timed, the idle time it slept before each, its payload in bytes (float32
+    for the all-reduce, uint8 for the all-gather) and one time per iteration."""
+    pytest.importorskip("torch")
+    probe = [str(BENCH / "allreduce_probe.py"), "--op", op, "--size-mb", "0.01", "--iters", "2", "--idle-s", "0.05"]
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *probe]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    import json
+
+    decoder = json.JSONDecoder()  # the two ranks share torchrun's stdout: a report may not start a line
+    parts = proc.stdout.split("PROBE ")[1:]
+    reports = sorted((decoder.raw_decode(part)[0] for part in parts), key=lambda r: r["rank"])
+    assert [(r["rank"], r["world"], r["op"], r["idle_s"]) for r in reports] == [(0, 2, op, 0.05), (1, 2, op, 0.05)]
+    assert {r["bytes"] for r in reports} == {10_000}  # 0.01 MB: 2,500 float32 or 10,000 uint8
+    assert all(len(r["sec_all"]) == 2 and min(r["sec_all"]) > 0 for r in reports)
+
+
+def test_the_probe_refuses_a_negative_idle_time() -> None:
+    """netlab.py probe --idle-s -1: refused by argparse with the value and the rule, before any namespace."""
+    with pytest.raises(SystemExit) as exc:
+        netlab.main(["probe", "--idle-s", "-1"])
+    assert exc.value.code == 2
