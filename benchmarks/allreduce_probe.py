@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from netlab import PROBE_OPS  # this script's folder is on sys.path when run
 
 
 def iface_bytes(iface: str) -> tuple[int, int]:
@@ -45,9 +46,6 @@ def iface_bytes(iface: str) -> tuple[int, int]:
     return 0, 0
 
 
-OPS = ("all_reduce", "all_gather")
-
-
 def main() -> None:
     """Parse arguments, run the timed all-reduces and print the report."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -55,7 +53,7 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=5, help="timed all-reduces after one warm-up")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     ap.add_argument("--timeout-s", type=float, default=300.0, help="process-group timeout")
-    ap.add_argument("--op", choices=OPS, default="all_reduce", help="the collective timed (default all_reduce)")
+    ap.add_argument("--op", choices=PROBE_OPS, default="all_reduce", help="the collective timed (default all_reduce)")
     ap.add_argument("--idle-s", type=float, default=0.0, help="seconds every rank sleeps before each collective")
     args = ap.parse_args()
     if not args.idle_s >= 0:

@@ -156,11 +156,6 @@ def steady_record(run: dict[str, Any], sync_every: int) -> dict[str, Any]:
     }
 
 
-QUEUE_MS = 50.0
-"""netlab's default tbf queue (its ``latency``): 25 KB at 4 Mbit/s, so a sender that bursts above the rate loses
-packets and waits for TCP to resend them."""
-
-
 def shaper_drops(lab: Any) -> int:
     """Packets dropped so far by the lab's shapers (both sites, upload and download)."""
     return sum(q["drops"] for site in range(2) for q in lab.shaper_stats(site).values())
@@ -241,10 +236,11 @@ def report(payload: dict[str, Any]) -> str:
     rows = aggregate(payload)
     payload["table"] = rows
     full = payload["steps"]
+    queue_ms = payload.get("queue_ms", bl.netlab().DEFAULT_QUEUE_MS)  # records from before --queue-ms: the default
     lines = [
         f"CU vs bandwidth: 2 workers in 2 network namespaces, torchrun + gloo over a tbf-shaped link (rate up and "
-        f"down per site, a {payload.get('queue_ms', QUEUE_MS):g} ms queue), {full} inner steps per worker "
-        f"(H = {payload['sync_every']}), 1 torch thread per worker, "
+        f"down per site, a {queue_ms:g} ms queue), {full} inner steps per worker (H = {payload['sync_every']}), "
+        f"1 torch thread per worker, "
         f"repeats: {payload['repeats']} (medians; min-max of CU in brackets). One fp32 outer all-reduce = "
         f"{payload['runs'][0]['params'] * 4 / 1e6:.2f} MB; "
         f"inner step {payload.get('sim_step_time_s', float('nan')):.3f} s (median), "
@@ -349,8 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--queue-ms",
         type=float,
-        default=QUEUE_MS,
-        help=f"each tbf shaper's queue, in ms at the rate: packets beyond it are dropped (default {QUEUE_MS:g})",
+        default=bl.netlab().DEFAULT_QUEUE_MS,
+        help="each tbf shaper's queue, in ms at the rate: packets beyond it are dropped (default %(default)g)",
     )
     ap.add_argument("--no-plot", action="store_true")
     ap.add_argument("--report-only", action="store_true", help="rebuild <name>.md and .png from <name>.json")

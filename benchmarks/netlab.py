@@ -90,6 +90,10 @@ BRIDGE = "br0"
 DEFAULT_SUBNET = "fd00:e1::"
 #: Default rendezvous port for torchrun (free in a fresh namespace).
 DEFAULT_PORT = 29400
+#: Default queue of each shaper (tbf ``latency``), in ms at the rate: 25 KB at 4 Mbit/s.
+DEFAULT_QUEUE_MS = 50.0
+#: The collectives ``allreduce_probe.py`` times.
+PROBE_OPS = ("all_reduce", "all_gather")
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,39}$")
 _LAB_NS_RE = re.compile(r"^(?P<prefix>.+)-(?P<role>br|s\d+)$")
@@ -285,7 +289,7 @@ class Lab:
         prefix: str | None = None,
         subnet: str = DEFAULT_SUBNET,
         burst_bytes: int | None = None,
-        queue_ms: float = 50.0,
+        queue_ms: float = DEFAULT_QUEUE_MS,
         mtu: int = 1500,
         handle_signals: bool = True,
     ) -> None:
@@ -846,7 +850,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=DEFAULT_PORT)
     p.add_argument("--prefix", default=None)
     p.add_argument("--json", action="store_true", help="also print each rate's reports as a JSON line")
-    p.add_argument("--op", choices=("all_reduce", "all_gather"), default="all_reduce", help="the collective timed")
+    p.add_argument("--op", choices=PROBE_OPS, default="all_reduce", help="the collective timed")
     p.add_argument("--idle-s", type=_idle_seconds, default=0.0, help="seconds of idle link before each collective")
     p.set_defaults(fn=_cmd_probe)
     args = ap.parse_args(argv)
