@@ -3,7 +3,8 @@
 process per lab site.
 
 Each rank all-reduces (sum) a tensor of ``--size-mb`` MB ``--iters`` times after one warm-up (``--op all_gather``:
-all-gathers ``--size-mb`` MB of uint8 from every rank, as the compressed reducer sends its encoded outer
+gloo's all-gather of ``--size-mb`` MB of uint8 from every rank; ``--op exchange``: the same bytes by eagerloco's
+receive-first exchange, what its gloo communicator runs to gather the compressed reducer's encoded outer
 gradients), checks the result, and prints one line ``PROBE {json}`` with:
 
 * ``sec_median`` / ``sec_min`` / ``sec_all``: seconds per collective (each timed after a barrier; with
@@ -34,6 +35,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from netlab import PROBE_OPS  # this script's folder is on sys.path when run
+
+from eagerloco.comm.torch_dist import exchange_all_gather
 
 
 def iface_bytes(iface: str) -> tuple[int, int]:
@@ -78,7 +81,10 @@ def main() -> None:
             if not (float(t[0]) == expected and float(t[-1]) == expected):
                 raise RuntimeError(f"wrong all-reduce result {float(t[0])} != {expected}")
         else:
-            dist.all_gather_into_tensor(gathered.view(-1), t)
+            if args.op == "exchange":  # what eagerloco's gloo communicator runs for an all-gather
+                exchange_all_gather(gathered, t, rank, list(range(world)), None).wait()
+            else:
+                dist.all_gather_into_tensor(gathered.view(-1), t)
             rows = [(int(gathered[r, 0]), int(gathered[r, -1])) for r in range(world)]
             if rows != [(r + 1, r + 1) for r in range(world)]:
                 raise RuntimeError(f"wrong all-gather result: first/last byte per row {rows}")

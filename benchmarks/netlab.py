@@ -93,7 +93,7 @@ DEFAULT_PORT = 29400
 #: Default queue of each shaper (tbf ``latency``), in ms at the rate: 25 KB at 4 Mbit/s.
 DEFAULT_QUEUE_MS = 50.0
 #: The collectives ``allreduce_probe.py`` times.
-PROBE_OPS = ("all_reduce", "all_gather")
+PROBE_OPS = ("all_reduce", "all_gather", "exchange")
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,39}$")
 _LAB_NS_RE = re.compile(r"^(?P<prefix>.+)-(?P<role>br|s\d+)$")

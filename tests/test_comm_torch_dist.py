@@ -1,7 +1,8 @@
 """The torch.distributed communicator's heartbeat (eagerloco.comm.torch_dist._Heartbeat) and its shutdown invariant:
 no heartbeat thread is inside a store call once the process group is destroyed or the interpreter exits (a daemon
 thread that takes the GIL back during finalization aborts the process with "terminate called without an active
-exception"). Each check runs in a fresh process: a gloo group of one on localhost."""
+exception"). Each check runs in a fresh process: a gloo group of one on localhost. And its all-gather over gloo, a
+receive-first pairwise exchange (exchange_all_gather), with three real processes."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -90,3 +92,79 @@ def test_a_worker_exits_cleanly_with_or_without_destroy_process_group(destroy):
         if {destroy}:
             dist.destroy_process_group()
     """)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The gloo all-gather: a pairwise exchange that posts every receive before any send (exchange_all_gather)
+
+
+def _exchange_worker(argv: list[str]) -> None:
+    """``python test_comm_torch_dist.py RANK WORLD PORT exchange OUT``: all-gathers through the communicator on
+    the world group and on the subgroup of global ranks [0, 2] (group ranks differ from global ones), with the ranks
+    launching apart and two gathers in flight at once; records the results and the order of the point-to-point
+    calls."""
+    import torch
+    import torch.distributed as dist
+
+    from _toy import init_gloo
+    from eagerloco.comm import TorchDistributedCommunicator
+
+    rank, world_size, port, out = int(argv[0]), int(argv[1]), int(argv[2]), argv[3]
+    init_gloo(rank, world_size, port)
+    calls: list[tuple[str, int]] = []
+    irecv, isend = dist.irecv, dist.isend
+    dist.irecv = lambda t, src, **kw: calls.append(("recv", src)) or irecv(t, src, **kw)
+    dist.isend = lambda t, dst, **kw: calls.append(("send", dst)) or isend(t, dst, **kw)
+    sub = dist.new_group([0, 2])
+    results: dict[str, object] = {}
+    try:
+        comm = TorchDistributedCommunicator(timeout=60)
+        payload = lambda k: torch.arange(5, dtype=torch.uint8) + 10 * rank + k  # noqa: E731
+        time.sleep(0.3 * rank)  # the ranks launch apart, as workers whose inner phases end apart
+        outputs = [torch.zeros(world_size, 5, dtype=torch.uint8) for _ in range(2)]
+        works = [comm.all_gather(outputs[k], payload(k)) for k in range(2)]  # two in flight
+        works[1].wait()  # waited out of order
+        works[0].wait()
+        results["world"] = outputs
+        results["world_calls"] = list(calls)
+        results["done"] = [w.is_completed() for w in works]
+        if rank in (0, 2):
+            calls.clear()
+            sub_comm = TorchDistributedCommunicator(group=sub, timeout=60)
+            got = torch.zeros(2, 3, dtype=torch.float32)
+            sub_comm.all_gather(got, torch.full((3,), float(rank))).wait()
+            results["sub"] = got
+            results["sub_calls"] = list(calls)
+        dist.barrier()
+        torch.save(results, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gloo_all_gather_is_a_receive_first_exchange_with_the_same_result(tmp_path):
+    """Three gloo processes: every row holds its rank's bytes with the ranks launching 0.3 s apart and two gathers
+    in flight (waited out of order); on a subgroup the peers are addressed by global rank; and every rank posts
+    all its receives before any send (the invariant that keeps a slow link's two directions busy together)."""
+    import torch
+
+    from _toy import launch_ranks
+
+    world_size = 3
+    results = launch_ranks(__file__, world_size, tmp_path, "exchange", timeout=120)
+    for rank, got in enumerate(results):
+        for k in range(2):
+            want = torch.stack([torch.arange(5, dtype=torch.uint8) + 10 * r + k for r in range(world_size)])
+            assert torch.equal(got["world"][k], want), (rank, k)
+        assert got["done"] == [True, True]
+        peers = [(rank + 1) % 3, (rank + 2) % 3]
+        one_gather = [("recv", p) for p in peers] + [("send", p) for p in peers]
+        assert got["world_calls"] == one_gather * 2, rank
+    for rank, other in ((0, 2), (2, 0)):
+        sub = results[rank]
+        assert torch.equal(sub["sub"], torch.tensor([[0.0] * 3, [2.0] * 3]))
+        assert sub["sub_calls"] == [("recv", other), ("send", other)]  # global ranks
+    assert "sub" not in results[1]
+
+
+if __name__ == "__main__":  # launch_ranks: SCRIPT RANK WORLD PORT exchange OUT
+    _exchange_worker([*sys.argv[1:4], sys.argv[5]])

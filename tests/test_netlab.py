@@ -317,7 +317,7 @@ def test_torchrun_gloo_allreduce_across_sites(need_netns: None) -> None:
         assert r["ns_tx_bytes"] >= 3 * r["bytes"]  # warm-up + 2 timed all-reduces left the namespace
 
 
-@pytest.mark.parametrize("op", ["all_reduce", "all_gather"])
+@pytest.mark.parametrize("op", ["all_reduce", "all_gather", "exchange"])
 def test_the_probe_times_checked_collectives_on_localhost(op: str) -> None:
     """allreduce_probe.py under torchrun, 2 gloo processes on loopback (no namespace needed): each rank checks the
     result and reports the collective it timed, the idle time it slept before each, its payload in bytes (float32

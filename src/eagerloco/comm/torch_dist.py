@@ -166,6 +166,59 @@ class TorchWork:
         return self._done or bool(self._work.is_completed())
 
 
+EXCHANGE_TAG = 0x10C0
+"""The point-to-point tag of :func:`exchange_all_gather` (one tag: every worker posts its exchanges in the same
+order and gloo matches a pair's messages of one tag in that order)."""
+
+
+class _WorkGroup:
+    """Several ``torch.distributed`` works as one: ``wait`` waits for all of them within one deadline."""
+
+    def __init__(self, works: list[Any]) -> None:
+        self._works = works
+
+    def wait(self, timeout: timedelta | None = None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout.total_seconds()
+        for work in self._works:
+            if deadline is None:
+                work.wait()
+            else:  # what is left of the deadline (at least a millisecond: a zero timeout means "no limit")
+                work.wait(timeout=timedelta(seconds=max(deadline - time.monotonic(), 1e-3)))
+        return True
+
+    def is_completed(self) -> bool:
+        return all(work.is_completed() for work in self._works)
+
+
+def exchange_all_gather(
+    output: torch.Tensor, tensor: torch.Tensor, rank: int, global_ranks: list[int], group: dist.ProcessGroup | None
+) -> _WorkGroup:
+    """All-gather as a pairwise exchange: every rank receives each peer's ``tensor`` into ``output[peer]`` and
+    sends its own to every peer, **posting all of its receives before any send**. Returns at once (the sends and
+    receives proceed on gloo's transport); ``wait`` on the result completes them all.
+
+    Why not gloo's ``all_gather_into_tensor``: gloo's transport sends a buffer only after the receiver has told
+    it that the matching receive is posted, and that notice travels in the same TCP stream as the data. gloo's
+    all-gather posts its send before its receive, so on a slow link the rank that starts second (or whose notice
+    loses the race) queues its notice *behind its own payload*: the other rank may start sending only once that
+    whole payload has crossed, and the two directions of the link run one after the other instead of together.
+    On the 4 Mbit/s link lab a 0.44 MB all-gather (the default model's fp4 outer gradient) then completes 1.35-1.7 s
+    after the later launch on one rank, against 0.9 s for this exchange on both (BENCHMARKS.md section 8, "4-bit
+    DiLoCo"). Posting the receives first puts every notice on the wire before any payload.
+
+    Bytes: each rank sends its tensor to each of the M − 1 others, what a ring all-gather sends. Deadlock freedom:
+    nothing here waits, and every rank posts its exchanges in the order the engine issues collectives (the same on
+    all ranks), which is the order gloo matches a pair's messages of :data:`EXCHANGE_TAG`."""
+    world_size = len(global_ranks)
+    flat = tensor.reshape(-1)
+    rows = output.view(world_size, -1)  # row r: rank r's contribution (contiguous)
+    rows[rank].copy_(flat)
+    peers = [(rank + k) % world_size for k in range(1, world_size)]  # each rank starts with a different peer
+    works = [dist.irecv(rows[r], src=global_ranks[r], group=group, tag=EXCHANGE_TAG) for r in peers]
+    works += [dist.isend(flat, dst=global_ranks[r], group=group, tag=EXCHANGE_TAG) for r in peers]
+    return _WorkGroup(works)
+
+
 class TorchDistributedCommunicator(Communicator):
     """A :class:`Communicator` over a ``torch.distributed`` process group.
 
@@ -215,11 +268,16 @@ class TorchDistributedCommunicator(Communicator):
         return self._wrap(work, f"all_reduce of {tensor.numel()} x {tensor.dtype}")
 
     def all_gather(self, output: torch.Tensor, tensor: torch.Tensor) -> Work:
+        """On gloo, a pairwise exchange that posts every receive before any send (:func:`exchange_all_gather`:
+        gloo's own all-gather serializes the two directions of a slow link); elsewhere (NCCL) the backend's
+        ``all_gather_into_tensor``. Either way rank r's contribution lands in ``output[r]``, the same bytes."""
         self.stats.record("all_gather", tensor.numel() * tensor.element_size(), self.world_size)
-        # all_gather_into_tensor is one collective on every recent backend (gloo included); the rows of
-        # `output` are contiguous, so rank r's contribution lands in output[r].
+        what = f"all_gather of {tensor.numel()} x {tensor.dtype}"
+        if self._backend == "gloo":
+            return self._wrap(exchange_all_gather(output, tensor, self.rank, self._global_ranks, self.group), what)
+        # The rows of `output` are contiguous, so rank r's contribution lands in output[r].
         work = dist.all_gather_into_tensor(output.view(-1), tensor.reshape(-1), group=self.group, async_op=True)
-        return self._wrap(work, f"all_gather of {tensor.numel()} x {tensor.dtype}")
+        return self._wrap(work, what)
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> Work:
         self.stats.record("broadcast", tensor.numel() * tensor.element_size(), self.world_size, self.rank == src)
