@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 from netlab import PROBE_OPS  # this script's folder is on sys.path when run
 
-from eagerloco.comm.torch_dist import exchange_all_gather
+from eagerloco.comm.torch_dist import EXCHANGE_TAG, exchange_all_gather
 
 
 def iface_bytes(iface: str) -> tuple[int, int]:
@@ -82,7 +82,13 @@ def main() -> None:
                 raise RuntimeError(f"wrong all-reduce result {float(t[0])} != {expected}")
         else:
             if args.op == "exchange":  # what eagerloco's gloo communicator runs for an all-gather
-                exchange_all_gather(gathered, t, rank, list(range(world)), None).wait()
+                exchange_all_gather(
+                    gathered,
+                    t,
+                    rank,
+                    lambda buffer, peer: dist.irecv(buffer, src=peer, tag=EXCHANGE_TAG),
+                    lambda payload, peer: dist.isend(payload, dst=peer, tag=EXCHANGE_TAG),
+                ).wait()
             else:
                 dist.all_gather_into_tensor(gathered.view(-1), t)
             rows = [(int(gathered[r, 0]), int(gathered[r, -1])) for r in range(world)]

@@ -59,6 +59,7 @@ import re
 import secrets
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import threading
@@ -703,8 +704,9 @@ def run_probe(
     op: str = "all_reduce",
     idle_s: float = 0.0,
 ) -> list[dict[str, Any]]:
-    """Run ``allreduce_probe.py`` on every site through torchrun (``op``: ``all_reduce`` of float32 or
-    ``all_gather`` of uint8, each after ``idle_s`` seconds of idle link); return each rank's JSON report.
+    """Run ``allreduce_probe.py`` on every site through torchrun (``op``: ``all_reduce`` of float32, or
+    ``all_gather`` / ``exchange`` of uint8, each after ``idle_s`` seconds of idle link); return each rank's JSON
+    report.
 
     Each report also gets ``ns_tx_bytes``/``ns_rx_bytes``: the site interface's counters over the whole
     torchrun run (rendezvous and warm-up included), read from outside.
@@ -741,6 +743,12 @@ def run_probe(
                 rep.update(ns_tx_bytes=d.tx_bytes, ns_rx_bytes=d.rx_bytes)
                 reports.append(rep)
     return sorted(reports, key=lambda r: r["rank"])
+
+
+def collective_seconds(reports: Sequence[Mapping[str, Any]]) -> list[float]:
+    """Per timed iteration, the slowest rank's seconds: when the collective was done everywhere (every rank starts
+    it after the same barrier). A per-rank median hides a collective that one rank always finishes late."""
+    return [max(times) for times in zip(*(r["sec_all"] for r in reports), strict=True)]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -797,6 +805,7 @@ def _cmd_probe(args: argparse.Namespace) -> int:
     rates: list[float | None] = [*_parse_rates(args.rates)] if args.rates else [None]
     with Lab(args.sites, rates[0], prefix=args.prefix) as lab:
         what = "all-reduce of {:g} MB float32" if args.op == "all_reduce" else "all-gather of {:g} MB per rank"
+        what += " (receive-first exchange)" if args.op == "exchange" else ""
         idle = f", {args.idle_s:g} s idle before each" if args.idle_s else ""
         print(f"lab {lab.prefix}: {args.sites} sites; {what.format(args.size_mb)} x {args.iters}{idle}")
         hdr = f"{'rate':>8} {'rank':>4} {'site':>4} {'s/' + args.op:>12} {'expect s':>9} {'algbw Mb/s':>10}"
@@ -819,6 +828,9 @@ def _cmd_probe(args: argparse.Namespace) -> int:
                     f" {r['tx_bytes_per_iter'] / r['bytes']:>6.3f} {r['ns_tx_bytes'] / 1e6:>9.2f}"
                     f" {r['ns_rx_bytes'] / 1e6:>9.2f}"
                 )
+            slowest = collective_seconds(reps)
+            print(f"{rate or 0:>8g} {'all':>4} {'-':>4} {statistics.median(slowest):>12.4f}  (slowest rank per "
+                  f"{args.op}, median of {len(slowest)}: done everywhere)")  # fmt: skip
             if args.json:
                 print("JSON " + json.dumps({"rate_mbit": rate, "sites": n, "reports": reps}))
     return 0

@@ -343,3 +343,12 @@ def test_the_probe_refuses_a_negative_idle_time() -> None:
     with pytest.raises(SystemExit) as exc:
         netlab.main(["probe", "--idle-s", "-1"])
     assert exc.value.code == 2
+
+
+def test_a_collective_is_done_when_its_slowest_rank_is() -> None:
+    """collective_seconds: per iteration the max over ranks (the probe's row 'all'), so a collective that one
+    rank always finishes late shows, where each rank's own median would hide it half the time."""
+    reports = [{"sec_all": [0.9, 1.4, 0.95]}, {"sec_all": [1.5, 0.92, 0.97]}]
+    assert netlab.collective_seconds(reports) == [1.5, 1.4, 0.97]
+    with pytest.raises(ValueError):  # ranks that timed different numbers of iterations: refused
+        netlab.collective_seconds([{"sec_all": [1.0]}, {"sec_all": [1.0, 2.0]}])

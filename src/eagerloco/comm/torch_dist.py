@@ -27,6 +27,7 @@ from __future__ import annotations
 import atexit
 import threading
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any, ClassVar
 
@@ -191,31 +192,38 @@ class _WorkGroup:
 
 
 def exchange_all_gather(
-    output: torch.Tensor, tensor: torch.Tensor, rank: int, global_ranks: list[int], group: dist.ProcessGroup | None
+    output: torch.Tensor,
+    tensor: torch.Tensor,
+    rank: int,
+    post_recv: Callable[[torch.Tensor, int], Any],
+    post_send: Callable[[torch.Tensor, int], Any],
 ) -> _WorkGroup:
     """All-gather as a pairwise exchange: every rank receives each peer's ``tensor`` into ``output[peer]`` and
-    sends its own to every peer, **posting all of its receives before any send**. Returns at once (the sends and
-    receives proceed on gloo's transport); ``wait`` on the result completes them all.
+    sends its own to every peer, **posting all of its receives before any send**. ``post_recv(buffer, peer)`` and
+    ``post_send(tensor, peer)`` start one point-to-point transfer with the process group's own calls (peers are
+    ranks of ``output``'s rows) and return its work. Returns at once (the transfers proceed on the transport);
+    ``wait`` on the result completes them all.
 
     Why not gloo's ``all_gather_into_tensor``: gloo's transport sends a buffer only after the receiver has told
     it that the matching receive is posted, and that notice travels in the same TCP stream as the data. gloo's
     all-gather posts its send before its receive, so on a slow link the rank that starts second (or whose notice
     loses the race) queues its notice *behind its own payload*: the other rank may start sending only once that
     whole payload has crossed, and the two directions of the link run one after the other instead of together.
-    On the 4 Mbit/s link lab a 0.44 MB all-gather (the default model's fp4 outer gradient) then completes 1.35-1.7 s
-    after the later launch on one rank, against 0.9 s for this exchange on both (BENCHMARKS.md section 8, "4-bit
-    DiLoCo"). Posting the receives first puts every notice on the wire before any payload.
+    On the 4 Mbit/s link lab a 0.44 MB all-gather (the default model's fp4 outer gradient) then completed
+    1.35-1.7 s after the later launch on one site, against 0.9 s for this exchange on both (BENCHMARKS.md section
+    8, "DiLoCo with 4-bit outer gradients"). Posting the receives first puts every notice on the wire before any
+    payload.
 
     Bytes: each rank sends its tensor to each of the M − 1 others, what a ring all-gather sends. Deadlock freedom:
     nothing here waits, and every rank posts its exchanges in the order the engine issues collectives (the same on
-    all ranks), which is the order gloo matches a pair's messages of :data:`EXCHANGE_TAG`."""
-    world_size = len(global_ranks)
+    all ranks), which is the order gloo matches a pair's messages of one tag (:data:`EXCHANGE_TAG`)."""
+    rows = output.view(output.shape[0], -1)  # row r: rank r's contribution (contiguous)
     flat = tensor.reshape(-1)
-    rows = output.view(world_size, -1)  # row r: rank r's contribution (contiguous)
     rows[rank].copy_(flat)
+    world_size = rows.shape[0]
     peers = [(rank + k) % world_size for k in range(1, world_size)]  # each rank starts with a different peer
-    works = [dist.irecv(rows[r], src=global_ranks[r], group=group, tag=EXCHANGE_TAG) for r in peers]
-    works += [dist.isend(flat, dst=global_ranks[r], group=group, tag=EXCHANGE_TAG) for r in peers]
+    works = [post_recv(rows[peer], peer) for peer in peers]
+    works += [post_send(flat, peer) for peer in peers]
     return _WorkGroup(works)
 
 
@@ -274,7 +282,15 @@ class TorchDistributedCommunicator(Communicator):
         self.stats.record("all_gather", tensor.numel() * tensor.element_size(), self.world_size)
         what = f"all_gather of {tensor.numel()} x {tensor.dtype}"
         if self._backend == "gloo":
-            return self._wrap(exchange_all_gather(output, tensor, self.rank, self._global_ranks, self.group), what)
+            ranks, group = self._global_ranks, self.group  # torch's point-to-point calls take global ranks
+            work = exchange_all_gather(
+                output,
+                tensor,
+                self.rank,
+                lambda buffer, peer: dist.irecv(buffer, src=ranks[peer], group=group, tag=EXCHANGE_TAG),
+                lambda payload, peer: dist.isend(payload, dst=ranks[peer], group=group, tag=EXCHANGE_TAG),
+            )
+            return self._wrap(work, what)
         # The rows of `output` are contiguous, so rank r's contribution lands in output[r].
         work = dist.all_gather_into_tensor(output.view(-1), tensor.reshape(-1), group=self.group, async_op=True)
         return self._wrap(work, what)

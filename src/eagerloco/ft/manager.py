@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from eagerloco.comm.base import CommStats, Communicator, Work
-from eagerloco.comm.torch_dist import TorchWork
+from eagerloco.comm.torch_dist import EXCHANGE_TAG, TorchWork, exchange_all_gather
 from eagerloco.engine.config import ConfigError
 from eagerloco.ft._deps import require_torchft
 
@@ -144,11 +144,17 @@ class FaultTolerantCommunicator(Communicator):
         return self._wrap(self._ft.pg.allreduce([tensor], opts), f"all_reduce of {tensor.numel()} x {tensor.dtype}")
 
     def all_gather(self, output: torch.Tensor, tensor: torch.Tensor) -> Work:
-        from torch.distributed.distributed_c10d import AllgatherOptions
-
+        """The receive-first exchange of :func:`~eagerloco.comm.torch_dist.exchange_all_gather` over the quorum's
+        gloo group (gloo's own all-gather serializes the two directions of a slow link)."""
         self.stats.record("all_gather", tensor.numel() * tensor.element_size(), self.world_size)
-        rows = list(output.reshape(self.world_size, -1).unbind(0))  # views: gloo writes rank r's bytes into row r
-        work = self._ft.pg.allgather([rows], [tensor.reshape(-1)], AllgatherOptions())
+        pg = self._ft.pg
+        work = exchange_all_gather(
+            output,
+            tensor,
+            self.rank,
+            lambda buffer, peer: pg.recv([buffer], peer, EXCHANGE_TAG),
+            lambda payload, peer: pg.send([payload], peer, EXCHANGE_TAG),
+        )
         return self._wrap(work, f"all_gather of {tensor.numel()} x {tensor.dtype}")
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> Work:
