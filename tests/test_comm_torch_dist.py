@@ -1,8 +1,8 @@
 """The torch.distributed communicator's heartbeat (eagerloco.comm.torch_dist._Heartbeat) and its shutdown invariant:
 no heartbeat thread is inside a store call once the process group is destroyed or the interpreter exits (a daemon
 thread that takes the GIL back during finalization aborts the process with "terminate called without an active
-exception"). Each check runs in a fresh process: a gloo group of one on localhost. And its all-gather over gloo, a
-receive-first pairwise exchange (exchange_all_gather), with three real processes."""
+exception"). Each check runs in a fresh process: a gloo group of one on localhost. And its all-gather of two gloo ranks,
+a receive-first pairwise exchange (exchange_all_gather), with three real processes."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -95,19 +96,21 @@ def test_a_worker_exits_cleanly_with_or_without_destroy_process_group(destroy):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The gloo all-gather: a pairwise exchange that posts every receive before any send (exchange_all_gather)
+# The gloo all-gather of two ranks: a pairwise exchange that posts every receive before any send
 
 
 def _exchange_worker(argv: list[str]) -> None:
-    """``python test_comm_torch_dist.py RANK WORLD PORT exchange OUT``: all-gathers through the communicator on
-    the world group and on the subgroup of global ranks [0, 2] (group ranks differ from global ones), with the ranks
-    launching apart and two gathers in flight at once; records the results and the order of the point-to-point
+    """``python test_comm_torch_dist.py RANK WORLD PORT exchange OUT`` (3 ranks): exchange_all_gather itself on the
+    world group, with the ranks launching apart and two exchanges in flight at once; the communicator's all-gather
+    on the world group (3 ranks: gloo's own) and on the subgroup of global ranks [0, 2] (2 ranks: the exchange,
+    whose group ranks differ from the global ones). Records the results and the order of the point-to-point
     calls."""
     import torch
     import torch.distributed as dist
 
     from _toy import init_gloo
     from eagerloco.comm import TorchDistributedCommunicator
+    from eagerloco.comm.torch_dist import EXCHANGE_TAG, exchange_all_gather
 
     rank, world_size, port, out = int(argv[0]), int(argv[1]), int(argv[2]), argv[3]
     init_gloo(rank, world_size, port)
@@ -118,16 +121,30 @@ def _exchange_worker(argv: list[str]) -> None:
     sub = dist.new_group([0, 2])
     results: dict[str, object] = {}
     try:
-        comm = TorchDistributedCommunicator(timeout=60)
         payload = lambda k: torch.arange(5, dtype=torch.uint8) + 10 * rank + k  # noqa: E731
         time.sleep(0.3 * rank)  # the ranks launch apart, as workers whose inner phases end apart
         outputs = [torch.zeros(world_size, 5, dtype=torch.uint8) for _ in range(2)]
-        works = [comm.all_gather(outputs[k], payload(k)) for k in range(2)]  # two in flight
+        works = [
+            exchange_all_gather(
+                outputs[k],
+                payload(k),
+                rank,
+                lambda buffer, peer: dist.irecv(buffer, src=peer, tag=EXCHANGE_TAG),
+                lambda data, peer: dist.isend(data, dst=peer, tag=EXCHANGE_TAG),
+            )
+            for k in range(2)
+        ]  # two in flight
         works[1].wait()  # waited out of order
-        works[0].wait()
-        results["world"] = outputs
-        results["world_calls"] = list(calls)
+        works[0].wait(timedelta(seconds=30))
+        results["exchange"] = outputs
+        results["exchange_calls"] = list(calls)
         results["done"] = [w.is_completed() for w in works]
+        calls.clear()
+        comm = TorchDistributedCommunicator(timeout=60)
+        gathered = torch.zeros(world_size, 2, dtype=torch.int64)
+        comm.all_gather(gathered, torch.tensor([rank, -rank])).wait()
+        results["world"] = gathered
+        results["world_calls"] = list(calls)
         if rank in (0, 2):
             calls.clear()
             sub_comm = TorchDistributedCommunicator(group=sub, timeout=60)
@@ -141,10 +158,11 @@ def _exchange_worker(argv: list[str]) -> None:
         dist.destroy_process_group()
 
 
-def test_gloo_all_gather_is_a_receive_first_exchange_with_the_same_result(tmp_path):
-    """Three gloo processes: every row holds its rank's bytes with the ranks launching 0.3 s apart and two gathers
-    in flight (waited out of order); on a subgroup the peers are addressed by global rank; and every rank posts
-    all its receives before any send (the invariant that keeps a slow link's two directions busy together)."""
+def test_the_two_rank_gloo_all_gather_is_a_receive_first_exchange(tmp_path):
+    """Three gloo processes. exchange_all_gather: every row holds its rank's bytes with the ranks launching 0.3 s
+    apart and two exchanges in flight (waited out of order), and every rank posts all its receives before any send
+    (the invariant that keeps a slow link's two directions busy together). The communicator uses it for a group of
+    two (a subgroup: peers addressed by global rank) and gloo's own all-gather for three (no point-to-point call)."""
     import torch
 
     from _toy import launch_ranks
@@ -154,11 +172,13 @@ def test_gloo_all_gather_is_a_receive_first_exchange_with_the_same_result(tmp_pa
     for rank, got in enumerate(results):
         for k in range(2):
             want = torch.stack([torch.arange(5, dtype=torch.uint8) + 10 * r + k for r in range(world_size)])
-            assert torch.equal(got["world"][k], want), (rank, k)
+            assert torch.equal(got["exchange"][k], want), (rank, k)
         assert got["done"] == [True, True]
         peers = [(rank + 1) % 3, (rank + 2) % 3]
-        one_gather = [("recv", p) for p in peers] + [("send", p) for p in peers]
-        assert got["world_calls"] == one_gather * 2, rank
+        one_exchange = [("recv", p) for p in peers] + [("send", p) for p in peers]
+        assert got["exchange_calls"] == one_exchange * 2, rank
+        assert torch.equal(got["world"], torch.tensor([[0, 0], [1, -1], [2, -2]]))
+        assert got["world_calls"] == []
     for rank, other in ((0, 2), (2, 0)):
         sub = results[rank]
         assert torch.equal(sub["sub"], torch.tensor([[0.0] * 3, [2.0] * 3]))

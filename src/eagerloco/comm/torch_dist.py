@@ -214,6 +214,12 @@ def exchange_all_gather(
     8, "DiLoCo with 4-bit outer gradients"). Posting the receives first puts every notice on the wire before any
     payload.
 
+    Only for two ranks: there gloo's ring sends data and notices both ways on the one connection between them.
+    From three ranks on, a ring rank sends its data to the next rank and its notices to the previous one, so no
+    notice waits behind data, and this exchange's M − 1 concurrent streams per link were slower on the link lab
+    (3 sites at 4 Mbit/s, 0.3 MB per rank: done everywhere in a median of 1.53-1.55 s against 1.35-1.40 s for
+    gloo's ring; BENCHMARKS.md section 7).
+
     Bytes: each rank sends its tensor to each of the M − 1 others, what a ring all-gather sends. Deadlock freedom:
     nothing here waits, and every rank posts its exchanges in the order the engine issues collectives (the same on
     all ranks), which is the order gloo matches a pair's messages of one tag (:data:`EXCHANGE_TAG`)."""
@@ -276,12 +282,12 @@ class TorchDistributedCommunicator(Communicator):
         return self._wrap(work, f"all_reduce of {tensor.numel()} x {tensor.dtype}")
 
     def all_gather(self, output: torch.Tensor, tensor: torch.Tensor) -> Work:
-        """On gloo, a pairwise exchange that posts every receive before any send (:func:`exchange_all_gather`:
-        gloo's own all-gather serializes the two directions of a slow link); elsewhere (NCCL) the backend's
+        """Two gloo ranks: a pairwise exchange that posts every receive before any send (:func:`exchange_all_gather`:
+        gloo's own all-gather serializes the two directions of a slow link between them); otherwise the backend's
         ``all_gather_into_tensor``. Either way rank r's contribution lands in ``output[r]``, the same bytes."""
         self.stats.record("all_gather", tensor.numel() * tensor.element_size(), self.world_size)
         what = f"all_gather of {tensor.numel()} x {tensor.dtype}"
-        if self._backend == "gloo":
+        if self._backend == "gloo" and self.world_size == 2:
             ranks, group = self._global_ranks, self.group  # torch's point-to-point calls take global ranks
             work = exchange_all_gather(
                 output,

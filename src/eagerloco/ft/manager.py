@@ -144,18 +144,25 @@ class FaultTolerantCommunicator(Communicator):
         return self._wrap(self._ft.pg.allreduce([tensor], opts), f"all_reduce of {tensor.numel()} x {tensor.dtype}")
 
     def all_gather(self, output: torch.Tensor, tensor: torch.Tensor) -> Work:
-        """The receive-first exchange of :func:`~eagerloco.comm.torch_dist.exchange_all_gather` over the quorum's
-        gloo group (gloo's own all-gather serializes the two directions of a slow link)."""
+        """A quorum of two: the receive-first exchange of :func:`~eagerloco.comm.torch_dist.exchange_all_gather`
+        (gloo's own all-gather serializes the two directions of a slow link between two ranks); larger quorums:
+        gloo's all-gather."""
+        from torch.distributed.distributed_c10d import AllgatherOptions
+
         self.stats.record("all_gather", tensor.numel() * tensor.element_size(), self.world_size)
+        what = f"all_gather of {tensor.numel()} x {tensor.dtype}"
         pg = self._ft.pg
-        work = exchange_all_gather(
-            output,
-            tensor,
-            self.rank,
-            lambda buffer, peer: pg.recv([buffer], peer, EXCHANGE_TAG),
-            lambda payload, peer: pg.send([payload], peer, EXCHANGE_TAG),
-        )
-        return self._wrap(work, f"all_gather of {tensor.numel()} x {tensor.dtype}")
+        if self.world_size == 2:
+            work = exchange_all_gather(
+                output,
+                tensor,
+                self.rank,
+                lambda buffer, peer: pg.recv([buffer], peer, EXCHANGE_TAG),
+                lambda payload, peer: pg.send([payload], peer, EXCHANGE_TAG),
+            )
+            return self._wrap(work, what)
+        rows = list(output.reshape(self.world_size, -1).unbind(0))  # views: gloo writes rank r's bytes into row r
+        return self._wrap(pg.allgather([rows], [tensor.reshape(-1)], AllgatherOptions()), what)
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> Work:
         from torch.distributed.distributed_c10d import BroadcastOptions
