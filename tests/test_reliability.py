@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
@@ -52,28 +53,31 @@ def final_phi(tmp_path: Path, job: dict, rank: int) -> dict[str, torch.Tensor]:
 # ------------------------------------------------------------------------------------------------ kill -9
 
 
-def kill_jobs(tmp_path: Path, seeds: range) -> tuple[list[dict], list[tuple[int, int, int, dict]]]:
+def kill_jobs(
+    tmp_path: Path, seeds: Iterable[int], compression: str = "none", world: int | None = None
+) -> tuple[list[dict], list[tuple[int, int, int, dict]]]:
     """Per seed: a run whose victim is killed at a random point, then its resume; one uninterrupted reference
-    per (mode, workers, fragments). Returns the jobs and (seed, kill job, resume job, reference job) indices."""
+    per (mode, workers, fragments). ``world``: every run with that many workers (default 2 or 3 by seed).
+    Returns the jobs and (seed, kill job, resume job, reference job) indices."""
     phases = ("before", "during", "after", "checkpoint", "inner")
     jobs: list[dict] = []
     references: dict[tuple, int] = {}
     plan = []
     for seed in seeds:
         rng = random.Random(seed)
-        mode, world = MODES[seed % 4], 2 + seed % 2
+        mode, workers = MODES[seed % 4], world or 2 + seed % 2
         fragments = 2 if seed % 3 == 2 else 1
         phase = phases[seed % 5]
-        base = {"kind": "train", "mode": mode, "world": world, "steps": 24, "sync_every": 4,
-                "fragments": fragments, "timeout": TIMEOUT}  # fmt: skip
-        key = (mode, world, fragments)
+        base = {"kind": "train", "mode": mode, "world": workers, "steps": 24, "sync_every": 4,
+                "fragments": fragments, "timeout": TIMEOUT, "compression": compression}  # fmt: skip
+        key = (mode, workers, fragments)
         if key not in references:
             references[key] = len(jobs)
-            jobs.append({**base, "run_dir": str(tmp_path / f"ref-{mode}-{world}-{fragments}")})
+            jobs.append({**base, "run_dir": str(tmp_path / f"ref-{mode}-{workers}-{fragments}")})
         sync_points, between = [8, 12, 16, 20], [t for t in range(5, 21) if t % 4]
         kill_at = rng.choice(between if phase == "inner" else sync_points)
         run_dir = str(tmp_path / f"seed{seed}")
-        victim = rng.randrange(world)
+        victim = rng.randrange(workers)
         jobs.append({**base, "run_dir": run_dir, "victim": victim, "kill_at": kill_at, "phase": phase})
         jobs.append({**base, "run_dir": run_dir, "resume": True})
         plan.append((seed, len(jobs) - 2, len(jobs) - 1, references[key]))
@@ -86,7 +90,23 @@ def test_kill_minus_9_survivors_fail_fast_and_resume_is_bitwise(tmp_path):
     the clear error, within the timeout, naming the dead rank; restarting from the last checkpoint finishes with
     final parameters bitwise equal to the uninterrupted run's."""
     jobs, plan = kill_jobs(tmp_path, range(10))
-    results = run_driver(jobs, tmp_path)
+    phases_seen = check_kills(tmp_path, jobs, plan, run_driver(jobs, tmp_path))
+    assert phases_seen == {"before", "during", "after", "checkpoint", "inner"}
+
+
+def test_kill_minus_9_with_4bit_outer_gradients_between_two_workers(tmp_path):
+    """The same with fp4 outer gradients between two gloo workers, whose all-gather is the receive-first exchange
+    (point-to-point sends and receives, not a gloo collective): a worker killed before, during or after the
+    exchange of an outer gradient, in every mode; the survivor fails fast naming it, the resume is bitwise."""
+    jobs, plan = kill_jobs(tmp_path, [1, 6, 16, 7, 0], compression="fp4", world=2)
+    phases_seen = check_kills(tmp_path, jobs, plan, run_driver(jobs, tmp_path))
+    assert {"before", "during", "after"} <= phases_seen
+    assert {jobs[k]["mode"] for _, k, _, _ in plan} == set(MODES)
+
+
+def check_kills(tmp_path: Path, jobs: list[dict], plan: list[tuple[int, int, int, int]], results: list) -> set[str]:
+    """Assert what test_kill_minus_9_survivors_fail_fast_and_resume_is_bitwise promises for every planned kill;
+    return the phases the kills hit."""
     phases_seen = set()
     for seed, kill_index, resume_index, ref_index in plan:
         job, killed, resumed = jobs[kill_index], results[kill_index], results[resume_index]
@@ -116,7 +136,7 @@ def test_kill_minus_9_survivors_fail_fast_and_resume_is_bitwise(tmp_path):
             mine = final_phi(tmp_path, jobs[resume_index], rank)
             for name in reference:
                 assert torch.equal(mine[name], reference[name]), (context, rank, name)
-    assert phases_seen == {"before", "during", "after", "checkpoint", "inner"}
+    return phases_seen
 
 
 # ------------------------------------------------------------------------------------------------ NaN / Inf
