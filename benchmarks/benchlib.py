@@ -46,6 +46,8 @@ METHODS: dict[str, list[str]] = {
     # in fp32 at H = 30; τ = 3 with 4-bit outer gradients (7.5x fewer bytes) hides r <= 0.2, about 4 Mbit/s
     "streaming_t14": _streaming(14),
     "streaming_t3_fp4": [*_streaming(3), "--compression", "fp4", "--error-feedback"],
+    # ... and τ = 7 with 4-bit outer gradients hides r <= 0.47, about 2 Mbit/s (where τ = 3 blocks)
+    "streaming_t7_fp4": [*_streaming(7), "--compression", "fp4", "--error-feedback"],
     # DiLoCo with 4-bit outer gradients: blocking, on 7.5x fewer bytes (the compressed baseline eager fp4 must beat)
     "sync_fp4": ["--mode", "sync", "--compression", "fp4", "--error-feedback"],
     "delayed": ["--mode", "delayed", "--delay", "1"],
@@ -67,6 +69,7 @@ LABELS: dict[str, str] = {
     "streaming": "streaming, P=2, τ=1, α=0.5",
     "streaming_t14": "streaming, P=2, τ=14, α=0.5",
     "streaming_t3_fp4": "streaming, P=2, τ=3, α=0.5, fp4 + EF",
+    "streaming_t7_fp4": "streaming, P=2, τ=7, α=0.5, fp4 + EF",
     "delayed": "delayed k=1 (naive)",
     "eager": "eager k=1",
     "eager2": "eager k=2",
