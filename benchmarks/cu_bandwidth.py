@@ -158,7 +158,7 @@ def steady_record(run: dict[str, Any], sync_every: int) -> dict[str, Any]:
 
 def shaper_drops(lab: Any) -> int:
     """Packets dropped so far by the lab's shapers (both sites, upload and download)."""
-    return sum(q["drops"] for site in range(2) for q in lab.shaper_stats(site).values())
+    return sum(q["drops"] for site in lab.site_ids for q in lab.shaper_stats(site).values())
 
 
 def record(method: str, rate: float, rep: int, steps: int, full_steps: int, s: dict[str, Any]) -> dict[str, Any]:

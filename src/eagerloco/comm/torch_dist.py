@@ -191,6 +191,16 @@ class _WorkGroup:
         return all(work.is_completed() for work in self._works)
 
 
+def gathers_by_exchange(world_size: int) -> bool:
+    """Whether a gloo all-gather among ``world_size`` ranks should be :func:`exchange_all_gather`: only for two.
+    There gloo's ring sends data and notices both ways on the one connection between them, the race the exchange
+    removes. From three ranks on, a ring rank sends its data to the next rank and its notices to the previous one,
+    so no notice waits behind data, and the exchange's M − 1 concurrent streams per link were slower on the link lab
+    (3 sites at 4 Mbit/s, 0.3 MB per rank: done everywhere in a median of 1.53-1.55 s against 1.35-1.40 s for
+    gloo's ring; BENCHMARKS.md section 7)."""
+    return world_size == 2
+
+
 def exchange_all_gather(
     output: torch.Tensor,
     tensor: torch.Tensor,
@@ -214,11 +224,7 @@ def exchange_all_gather(
     8, "DiLoCo with 4-bit outer gradients"). Posting the receives first puts every notice on the wire before any
     payload.
 
-    Only for two ranks: there gloo's ring sends data and notices both ways on the one connection between them.
-    From three ranks on, a ring rank sends its data to the next rank and its notices to the previous one, so no
-    notice waits behind data, and this exchange's M − 1 concurrent streams per link were slower on the link lab
-    (3 sites at 4 Mbit/s, 0.3 MB per rank: done everywhere in a median of 1.53-1.55 s against 1.35-1.40 s for
-    gloo's ring; BENCHMARKS.md section 7).
+    The communicators use it where :func:`gathers_by_exchange` says (two ranks).
 
     Bytes: each rank sends its tensor to each of the M − 1 others, what a ring all-gather sends. Deadlock freedom:
     nothing here waits, and every rank posts its exchanges in the order the engine issues collectives (the same on
@@ -287,7 +293,7 @@ class TorchDistributedCommunicator(Communicator):
         ``all_gather_into_tensor``. Either way rank r's contribution lands in ``output[r]``, the same bytes."""
         self.stats.record("all_gather", tensor.numel() * tensor.element_size(), self.world_size)
         what = f"all_gather of {tensor.numel()} x {tensor.dtype}"
-        if self._backend == "gloo" and self.world_size == 2:
+        if self._backend == "gloo" and gathers_by_exchange(self.world_size):
             ranks, group = self._global_ranks, self.group  # torch's point-to-point calls take global ranks
             work = exchange_all_gather(
                 output,

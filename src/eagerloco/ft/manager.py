@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from eagerloco.comm.base import CommStats, Communicator, Work
-from eagerloco.comm.torch_dist import EXCHANGE_TAG, TorchWork, exchange_all_gather
+from eagerloco.comm.torch_dist import EXCHANGE_TAG, TorchWork, exchange_all_gather, gathers_by_exchange
 from eagerloco.engine.config import ConfigError
 from eagerloco.ft._deps import require_torchft
 
@@ -144,15 +144,14 @@ class FaultTolerantCommunicator(Communicator):
         return self._wrap(self._ft.pg.allreduce([tensor], opts), f"all_reduce of {tensor.numel()} x {tensor.dtype}")
 
     def all_gather(self, output: torch.Tensor, tensor: torch.Tensor) -> Work:
-        """A quorum of two: the receive-first exchange of :func:`~eagerloco.comm.torch_dist.exchange_all_gather`
-        (gloo's own all-gather serializes the two directions of a slow link between two ranks); larger quorums:
-        gloo's all-gather."""
+        """The receive-first exchange of :func:`~eagerloco.comm.torch_dist.exchange_all_gather` where
+        :func:`~eagerloco.comm.torch_dist.gathers_by_exchange` says (a quorum of two), gloo's all-gather otherwise."""
         from torch.distributed.distributed_c10d import AllgatherOptions
 
         self.stats.record("all_gather", tensor.numel() * tensor.element_size(), self.world_size)
         what = f"all_gather of {tensor.numel()} x {tensor.dtype}"
         pg = self._ft.pg
-        if self.world_size == 2:
+        if gathers_by_exchange(self.world_size):
             work = exchange_all_gather(
                 output,
                 tensor,
