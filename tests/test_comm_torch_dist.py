@@ -2,7 +2,8 @@
 no heartbeat thread is inside a store call once the process group is destroyed or the interpreter exits (a daemon
 thread that takes the GIL back during finalization aborts the process with "terminate called without an active
 exception"). Each check runs in a fresh process: a gloo group of one on localhost. And its all-gather of two gloo ranks,
-a receive-first pairwise exchange (exchange_all_gather), with three real processes."""
+a receive-first pairwise exchange (exchange_all_gather), with three real processes, and its failure when the peer
+is already dead (at wait, as a collective's)."""
 
 from __future__ import annotations
 
@@ -186,5 +187,91 @@ def test_the_two_rank_gloo_all_gather_is_a_receive_first_exchange(tmp_path):
     assert "sub" not in results[1]
 
 
-if __name__ == "__main__":  # launch_ranks: SCRIPT RANK WORLD PORT exchange OUT
-    _exchange_worker([*sys.argv[1:4], sys.argv[5]])
+def _dead_peer_worker(argv: list[str]) -> None:
+    """``python test_comm_torch_dist.py RANK 2 PORT dead-peer OUT``: one all-gather between the two ranks, then rank 1
+    exits; rank 0 waits until its gloo transport has seen the connection close, then launches the next all-gather.
+    Records where the failure surfaced."""
+    import torch
+
+    from _toy import init_gloo
+    from eagerloco.comm import TorchDistributedCommunicator
+    from eagerloco.comm.base import CollectiveTimeout
+
+    rank, world_size, port, out = int(argv[0]), int(argv[1]), int(argv[2]), argv[3]
+    init_gloo(rank, world_size, port)
+    comm = TorchDistributedCommunicator(timeout=10)
+    comm.all_gather(torch.zeros(2, 3), torch.ones(3)).wait()
+    if rank == 1:
+        torch.save({}, out)
+        os._exit(0)  # a dead peer: no goodbye to the process group
+    time.sleep(1.0)  # gloo's transport thread reads the close and marks the pair failed
+    result: dict[str, object] = {}
+    try:
+        work = comm.all_gather(torch.zeros(2, 3), torch.ones(3))
+        result["launched"] = True
+        work.wait()
+    except Exception as exc:
+        result.update(error=type(exc).__name__, message=str(exc), timeout=isinstance(exc, CollectiveTimeout))
+    torch.save(result, out)
+    os._exit(0)  # the group's peer is gone: no clean teardown to wait for
+
+
+def test_a_peer_dead_before_the_exchange_fails_at_wait_as_a_collective_timeout(tmp_path):
+    """Two gloo processes, the second gone before the first launches an all-gather (the exchange). gloo's
+    point-to-point calls raise on the caller's thread once the pair is known closed; the communicator still returns
+    a work, and its wait raises CollectiveTimeout naming the operation and the closed connection (where the engine
+    turns collective failures into its "outer step n failed ... peers that did not answer" error), not a bare
+    RuntimeError at launch (CI caught that one: a kill -9 run whose survivor exited with the wrong error)."""
+    from _toy import launch_ranks
+
+    got = launch_ranks(__file__, 2, tmp_path, "dead-peer", timeout=120)[0]
+    assert got.get("launched") is True, got
+    assert got["error"] == "CollectiveTimeout" and got["timeout"], got
+    assert got["message"].startswith("all_gather of 3 x torch.float32 on gloo rank 0/2 failed after"), got
+    assert "closed by peer" in got["message"].lower() or "reset by peer" in got["message"].lower(), got
+
+
+def test_the_exchange_defers_a_peer_failure_raised_while_posting_to_wait():
+    """exchange_all_gather with posting calls that raise: a peer failure (gloo's words) comes back as a work that is
+    complete and raises it from wait, wrapped by TorchWork as CollectiveTimeout; misuse raises at the call."""
+    import torch
+
+    from eagerloco.comm.base import CollectiveTimeout
+    from eagerloco.comm.torch_dist import TorchWork, exchange_all_gather
+
+    class Done:
+        def wait(self, timeout=None):
+            return True
+
+        def is_completed(self):
+            return True
+
+    def post_send_raising(error):
+        def post_send(payload, peer):
+            raise error
+
+        return post_send
+
+    closed = RuntimeError("[pair.cc:553] Connection closed by peer [127.0.0.1]:4242. This is typically caused by ...")
+    output = torch.zeros(2, 3)
+    work = exchange_all_gather(output, torch.ones(3), 1, lambda buffer, peer: Done(), post_send_raising(closed))
+    assert work.is_completed()
+    with pytest.raises(RuntimeError) as raised:
+        work.wait()
+    assert raised.value is closed
+    assert torch.equal(output[1], torch.ones(3))  # its own row is in place before anything is posted
+    wrapped = TorchWork(
+        exchange_all_gather(output, torch.ones(3), 1, lambda buffer, peer: Done(), post_send_raising(closed)),
+        "all_gather of 3 x torch.float32 on gloo rank 1/2",
+        4.0,
+    )
+    with pytest.raises(CollectiveTimeout, match=r"^all_gather of 3 x torch.float32 on gloo rank 1/2 failed after "):
+        wrapped.wait()
+    misuse = RuntimeError("Tensors must be CPU and dense")
+    with pytest.raises(RuntimeError, match="must be CPU and dense"):
+        exchange_all_gather(output, torch.ones(3), 1, lambda buffer, peer: Done(), post_send_raising(misuse))
+
+
+if __name__ == "__main__":  # launch_ranks: SCRIPT RANK WORLD PORT MODE OUT
+    worker = {"exchange": _exchange_worker, "dead-peer": _dead_peer_worker}[sys.argv[4]]
+    worker([*sys.argv[1:4], sys.argv[5]])

@@ -173,12 +173,16 @@ order and gloo matches a pair's messages of one tag in that order)."""
 
 
 class _WorkGroup:
-    """Several ``torch.distributed`` works as one: ``wait`` waits for all of them within one deadline."""
+    """Several ``torch.distributed`` works as one: ``wait`` waits for all of them within one deadline. ``error``: a
+    peer failure raised while posting them, which ``wait`` raises (where a collective's failure surfaces)."""
 
-    def __init__(self, works: list[Any]) -> None:
+    def __init__(self, works: list[Any], error: Exception | None = None) -> None:
         self._works = works
+        self._error = error
 
     def wait(self, timeout: timedelta | None = None) -> bool:
+        if self._error is not None:
+            raise self._error
         deadline = None if timeout is None else time.monotonic() + timeout.total_seconds()
         for work in self._works:
             if deadline is None:
@@ -188,7 +192,7 @@ class _WorkGroup:
         return True
 
     def is_completed(self) -> bool:
-        return all(work.is_completed() for work in self._works)
+        return self._error is not None or all(work.is_completed() for work in self._works)
 
 
 def gathers_by_exchange(world_size: int) -> bool:
@@ -228,14 +232,25 @@ def exchange_all_gather(
 
     Bytes: each rank sends its tensor to each of the M − 1 others, what a ring all-gather sends. Deadlock freedom:
     nothing here waits, and every rank posts its exchanges in the order the engine issues collectives (the same on
-    all ranks), which is the order gloo matches a pair's messages of one tag (:data:`EXCHANGE_TAG`)."""
+    all ranks), which is the order gloo matches a pair's messages of one tag (:data:`EXCHANGE_TAG`).
+
+    Failures: gloo's point-to-point calls run on the caller's thread and raise at once when the connection to the
+    peer is already known to be closed (a peer that died before this launch). Such a peer failure
+    (:func:`is_peer_failure`) is raised by ``wait`` instead, where a collective's failure surfaces and callers
+    handle it; anything else (misuse) raises here."""
     rows = output.view(output.shape[0], -1)  # row r: rank r's contribution (contiguous)
     flat = tensor.reshape(-1)
     rows[rank].copy_(flat)
     world_size = rows.shape[0]
     peers = [(rank + k) % world_size for k in range(1, world_size)]  # each rank starts with a different peer
-    works = [post_recv(rows[peer], peer) for peer in peers]
-    works += [post_send(flat, peer) for peer in peers]
+    works: list[Any] = []
+    try:
+        works += [post_recv(rows[peer], peer) for peer in peers]
+        works += [post_send(flat, peer) for peer in peers]
+    except RuntimeError as exc:
+        if not is_peer_failure(exc):
+            raise
+        return _WorkGroup(works, error=exc)
     return _WorkGroup(works)
 
 
