@@ -233,7 +233,8 @@ def test_a_peer_dead_before_the_exchange_fails_at_wait_as_a_collective_timeout(t
 
 def test_the_exchange_defers_a_peer_failure_raised_while_posting_to_wait():
     """exchange_all_gather with posting calls that raise: a peer failure (gloo's words) comes back as a work that is
-    complete and raises it from wait, wrapped by TorchWork as CollectiveTimeout; misuse raises at the call."""
+    complete and raises it from wait, wrapped by TorchWork as CollectiveTimeout; misuse raises at the call, unless
+    the caller's rule (``is_failure``) counts every error as a failure."""
     import torch
 
     from eagerloco.comm.base import CollectiveTimeout
@@ -270,6 +271,12 @@ def test_the_exchange_defers_a_peer_failure_raised_while_posting_to_wait():
     misuse = RuntimeError("Tensors must be CPU and dense")
     with pytest.raises(RuntimeError, match="must be CPU and dense"):
         exchange_all_gather(output, torch.ones(3), 1, lambda buffer, peer: Done(), post_send_raising(misuse))
+    # The fault-tolerant communicator's rule: every failure of its group surfaces at wait.
+    deferred = exchange_all_gather(
+        output, torch.ones(3), 1, lambda buffer, peer: Done(), post_send_raising(misuse), lambda exc: True
+    )
+    with pytest.raises(RuntimeError, match="must be CPU and dense"):
+        deferred.wait()
 
 
 if __name__ == "__main__":  # launch_ranks: SCRIPT RANK WORLD PORT MODE OUT

@@ -211,6 +211,7 @@ def exchange_all_gather(
     rank: int,
     post_recv: Callable[[torch.Tensor, int], Any],
     post_send: Callable[[torch.Tensor, int], Any],
+    is_failure: Callable[[Exception], bool] = TorchWork.is_failure,
 ) -> _WorkGroup:
     """All-gather as a pairwise exchange: every rank receives each peer's ``tensor`` into ``output[peer]`` and
     sends its own to every peer, **posting all of its receives before any send**. ``post_recv(buffer, peer)`` and
@@ -235,9 +236,10 @@ def exchange_all_gather(
     all ranks), which is the order gloo matches a pair's messages of one tag (:data:`EXCHANGE_TAG`).
 
     Failures: gloo's point-to-point calls run on the caller's thread and raise at once when the connection to the
-    peer is already known to be closed (a peer that died before this launch). Such a peer failure
-    (:func:`is_peer_failure`) is raised by ``wait`` instead, where a collective's failure surfaces and callers
-    handle it; anything else (misuse) raises here."""
+    peer is already known to be closed (a peer that died before this launch). Such a failure (``is_failure``: by
+    default :meth:`TorchWork.is_failure`, a peer's failure; the caller's own rule where its works have another) is
+    raised by ``wait`` instead, where a collective's failure surfaces and callers handle it; anything else (misuse)
+    raises here."""
     rows = output.view(output.shape[0], -1)  # row r: rank r's contribution (contiguous)
     flat = tensor.reshape(-1)
     rows[rank].copy_(flat)
@@ -247,8 +249,8 @@ def exchange_all_gather(
     try:
         works += [post_recv(rows[peer], peer) for peer in peers]
         works += [post_send(flat, peer) for peer in peers]
-    except RuntimeError as exc:
-        if not is_peer_failure(exc):
+    except Exception as exc:
+        if not is_failure(exc):
             raise
         return _WorkGroup(works, error=exc)
     return _WorkGroup(works)

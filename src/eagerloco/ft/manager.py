@@ -158,6 +158,7 @@ class FaultTolerantCommunicator(Communicator):
                 self.rank,
                 lambda buffer, peer: pg.recv([buffer], peer, EXCHANGE_TAG),
                 lambda payload, peer: pg.send([payload], peer, EXCHANGE_TAG),
+                _FTWork.is_failure,  # any failure while posting surfaces at wait, as this group's failures all do
             )
             return self._wrap(work, what)
         rows = list(output.reshape(self.world_size, -1).unbind(0))  # views: gloo writes rank r's bytes into row r
