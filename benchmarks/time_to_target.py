@@ -91,6 +91,36 @@ def recipe_runs(paths: list[Path]) -> dict[str, Any]:
             "seeds": sorted({r["seed"] for r in runs})}  # fmt: skip
 
 
+def plot(payload: dict[str, Any], path: Path) -> None:
+    """Eval loss against wall seconds on the link, one line per method (its mean curve, each evaluation's step x
+    its seconds per inner step), the target dashed and each method's crossing marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    timed = [r for r in payload["rows"] if r["seconds_per_step"] is not None]
+    for i, row in enumerate(timed):
+        color = colors[i % len(colors)]
+        xs = [step * row["seconds_per_step"] for step, _ in row["curve"]]
+        ax.plot(xs, [loss for _, loss in row["curve"]], "-o", markersize=3, color=color, label=row["label"])
+        if row["wall_s"] is not None:
+            ax.plot([row["wall_s"]], [payload["target"]], "x", color=color, markersize=9, markeredgewidth=2)
+    ax.axhline(payload["target"], color="black", linestyle="--", linewidth=1, label="DiLoCo's final loss (target)")
+    ax.set_xlabel(f"wall seconds on the {payload['rate_mbit']:g} Mbit/s link (inner steps x measured s / step)")
+    ax.set_ylabel("eval loss (mean over seeds)")
+    losses = [loss for r in timed for _, loss in r["curve"]]
+    ax.set_ylim(min(losses) - 0.02, payload["target"] + 0.5)  # the approach to the target, not the first steps
+    ax.grid(True, alpha=0.3)
+    ax.set_title(f"Time to DiLoCo's final loss at {payload['rate_mbit']:g} Mbit/s (x: where each reaches it)")
+    ax.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--loss", type=Path, default=bl.RESULTS / "loss_parity.json")
@@ -99,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rate", type=float, default=None, help="Mbit/s (default: the slowest rate measured)")
     ap.add_argument("--name", default="time_to_target")
     ap.add_argument("--out", type=Path, default=bl.RESULTS)
+    ap.add_argument("--no-plot", action="store_true", help="skip NAME.png (loss against wall seconds)")
     args = ap.parse_args(argv)
     missing = [str(p) for p in (args.cu, *(args.runs or [args.loss])) if not p.is_file()]
     if missing:  # before any work: one line naming the files
@@ -122,10 +153,11 @@ def main(argv: list[str] | None = None) -> int:
         base, variant = runs[0]["method"], runs[0].get("variant", "")
         per_step = seconds_per_step(cu, base, rate)  # the own weight does not change the step (same bytes)
         wall = step * per_step if step is not None and per_step is not None else None
-        rows.append({"method": method, "step": step, "seconds_per_step": per_step, "wall_s": wall,
-                     "final_mean_loss": curve[-1][1]})  # fmt: skip
+        label = bl.LABELS.get(base, base) + (f", own weight {variant}" if variant else "")
+        rows.append({"method": method, "label": label, "seeds": len(runs), "step": step, "seconds_per_step": per_step,
+                     "wall_s": wall, "final_mean_loss": curve[-1][1], "curve": curve})  # fmt: skip
         table.append([
-            bl.LABELS.get(base, base) + (f", own weight {variant}" if variant else ""),
+            label,
             f"{curve[-1][1]:.3f}",
             f"{step:.0f}" if step is not None else f"not in {curve[-1][0]}",
             f"{per_step:.3f}" if per_step is not None else "not measured",
@@ -149,7 +181,9 @@ def main(argv: list[str] | None = None) -> int:
                "sources": [*map(str, args.runs or [args.loss]), str(args.cu)]}  # fmt: skip
     jpath, mpath = bl.write_results(args.name, args.out, payload, text)
     print(mpath.read_text())
-    print(f"wrote {jpath} and {mpath}")
+    if not args.no_plot:
+        plot(payload, args.out / f"{args.name}.png")
+    print(f"wrote {jpath} and {mpath}" + ("" if args.no_plot else f", {args.out / (args.name + '.png')}"))
     return 0
 
 

@@ -127,6 +127,8 @@ def test_time_to_target_combines_loss_curves_and_link_timing(tmp_path):
     assert rows["eager"]["step"] == 20.0 and rows["eager"]["wall_s"] == pytest.approx(22.0)
     assert rows["delayed"]["step"] is None and rows["delayed"]["wall_s"] is None
     assert "not in 30" in (tmp_path / "time_to_target.md").read_text()
+    assert rows["eager"]["curve"] == [[10, 2.9], [20, 2.1], [30, 2.0]] and rows["eager"]["seeds"] == 2  # the plot's
+    assert (tmp_path / "time_to_target.png").stat().st_size > 0  # loss against wall seconds
 
 
 def test_time_to_target_from_recipe_sweep_runs(tmp_path):
@@ -146,7 +148,8 @@ def test_time_to_target_from_recipe_sweep_runs(tmp_path):
     cu = {"sync_every": 10, "runs": [{"method": m, "rate_mbit": 4.0, "steps": 30, "wall_steady_s": w, **counted}
                                      for m, w in [("sync", 60.0), ("eager", 30.0)]]}  # fmt: skip
     (tmp_path / "cu.json").write_text(json.dumps(cu))
-    assert ttt.main(["--runs", *paths, "--cu", str(tmp_path / "cu.json"), "--out", str(tmp_path)]) == 0
+    assert ttt.main(["--runs", *paths, "--cu", str(tmp_path / "cu.json"), "--out", str(tmp_path), "--no-plot"]) == 0
+    assert not (tmp_path / "time_to_target.png").exists()
     out = json.loads((tmp_path / "time_to_target.json").read_text())
     rows = {r["method"]: r for r in out["rows"]}
     assert out["target"] == pytest.approx(2.1) and rows["sync"]["wall_s"] == pytest.approx(60.0)
