@@ -174,7 +174,7 @@ order and gloo matches a pair's messages of one tag in that order)."""
 
 class _WorkGroup:
     """Several ``torch.distributed`` works as one: ``wait`` waits for all of them within one deadline. ``error``: a
-    peer failure raised while posting them, which ``wait`` raises (where a collective's failure surfaces)."""
+    failure raised while posting them, which ``wait`` raises (where a collective's failure surfaces)."""
 
     def __init__(self, works: list[Any], error: Exception | None = None) -> None:
         self._works = works
@@ -247,8 +247,10 @@ def exchange_all_gather(
     peers = [(rank + k) % world_size for k in range(1, world_size)]  # each rank starts with a different peer
     works: list[Any] = []
     try:
-        works += [post_recv(rows[peer], peer) for peer in peers]
-        works += [post_send(flat, peer) for peer in peers]
+        for peer in peers:
+            works.append(post_recv(rows[peer], peer))
+        for peer in peers:
+            works.append(post_send(flat, peer))
     except Exception as exc:
         if not is_failure(exc):
             raise
