@@ -3,9 +3,11 @@
     sudo .venv/bin/python benchmarks/cu_bandwidth.py                 # 6 methods x 4 rates x 2 repeats, ~45 min
     sudo .venv/bin/python benchmarks/cu_bandwidth.py --smoke         # seconds: tiny model, one rate, eager only
 
-Builds a 2-site link lab (``netlab.py``: one namespace per worker, veth + bridge, ``tc tbf`` up and down at
-the rate), and for every rate and method runs ``eagerloco train`` as a 2-node torchrun job, one worker per
-namespace, gloo over the shaped link, 1 torch thread per worker, no emulated link (``--link-mbit 0``). The
+Builds a link lab of ``--sites`` sites, 2 by default (``netlab.py``: one namespace per worker, veth + bridge,
+``tc tbf`` up and down at the rate), and for every rate and method runs ``eagerloco train`` as a torchrun job of
+one node per site, one worker per namespace, gloo over the shaped links, 1 torch thread per worker (so more sites
+than cores share them: the inner step slows, and the simulator is given the measured one), no emulated link
+(``--link-mbit 0``). The
 default model (820k parameters, 3.3 MB of fp32), H = 30, ``--steps`` inner steps per worker (120 = 4 outer
 steps; data-parallel runs fewer steps on slow links, see ``--dp-budget-s``, and its wall clock is scaled to the
 same tokens). Order: repeat loop outermost, rates alternately up and down, methods rotated per (repeat, rate).
@@ -50,23 +52,28 @@ def dp_steps(rate_mbit: float, steps: int, budget_s: float, step_s: float = 0.2)
     return max(8, min(steps, int(budget_s / per_step)))
 
 
-def simulated_cu(method: str, rate_mbit: float, step_s: float, layers: int, params: int, sync_every: int) -> float:
-    """The simulator's steady-state CU for this method at ``rate_mbit`` (M = 2, no latency)."""
+def simulated_cu(
+    method: str, rate_mbit: float, step_s: float, layers: int, params: int, sync_every: int, workers: int = 2
+) -> float:
+    """The simulator's steady-state CU for this method at ``rate_mbit`` among ``workers`` sites (no latency)."""
     from eagerloco.simulator.config import LinkSpec, ModelSpec
     from eagerloco.simulator.events import simulate
 
     model = ModelSpec(name="default-gpt", params=float(params), layers=layers, step_time_s=step_s)
-    return simulate(model, simulated_method(method, sync_every), LinkSpec(bandwidth_gbps=rate_mbit / 1e3)).cu
+    link = LinkSpec(bandwidth_gbps=rate_mbit / 1e3, workers=workers)
+    return simulate(model, simulated_method(method, sync_every), link).cu
 
 
-def measured_link_mbit(blocked_s: float, step_s: float, layers: int, params: int, sync_every: int) -> float:
+def measured_link_mbit(
+    blocked_s: float, step_s: float, layers: int, params: int, sync_every: int, workers: int = 2
+) -> float:
     """The rate in Mbit/s at which the simulator's sync all-reduce takes ``blocked_s``: what DiLoCo's measured
     blocked time per outer step says the link delivered (``eagerloco simulate --link-mbit measured``)."""
     from eagerloco.simulator.config import ModelSpec
     from eagerloco.simulator.search import link_rate_from_blocked
 
     model = ModelSpec(name="default-gpt", params=float(params), layers=layers, step_time_s=step_s)
-    return 1e3 * link_rate_from_blocked(model, simulated_method("sync", sync_every), blocked_s)
+    return 1e3 * link_rate_from_blocked(model, simulated_method("sync", sync_every), blocked_s, workers=workers)
 
 
 @functools.cache
@@ -157,7 +164,7 @@ def steady_record(run: dict[str, Any], sync_every: int) -> dict[str, Any]:
 
 
 def shaper_drops(lab: Any) -> int:
-    """Packets dropped so far by the lab's shapers (both sites, upload and download)."""
+    """Packets dropped so far by the lab's shapers (every site, upload and download)."""
     return sum(q["drops"] for site in lab.site_ids for q in lab.shaper_stats(site).values())
 
 
@@ -203,6 +210,7 @@ def aggregate(payload: dict[str, Any]) -> list[dict[str, Any]]:
     if math.isnan(step_s):
         step_s = bl.median(r["inner_step_time_s"] for r in runs)
     params, layers, h = runs[0]["params"], runs[0]["num_layers"], runs[0]["sync_every"]
+    sites = payload.get("sites", 2)  # records from before --sites: two
     keys = (
         "cu_run", "cu_steady", "blocked_per_outer_step_s", "blocked_s", "wall_s", "wall_same_tokens_s",
         "tokens_per_s", "inner_step_time_s", "eval_loss", "payload_bytes_per_worker",
@@ -215,14 +223,14 @@ def aggregate(payload: dict[str, Any]) -> list[dict[str, Any]]:
         sync = [r for r in runs if r["rate_mbit"] == rate and r["method"] == "sync"]
         blocked = bl.median(r["blocked_per_outer_step_s"] for r in sync)
         if not math.isnan(blocked) and blocked > 0:
-            measured[rate] = measured_link_mbit(blocked, step_s, layers, params, h)
+            measured[rate] = measured_link_mbit(blocked, step_s, layers, params, h, sites)
 
     def sim(row: dict[str, Any], _: Any) -> dict[str, float | None]:
         link = measured.get(row["rate_mbit"])
         return {
-            "cu_sim": simulated_cu(row["method"], row["rate_mbit"], step_s, layers, params, h),
+            "cu_sim": simulated_cu(row["method"], row["rate_mbit"], step_s, layers, params, h, sites),
             "cu_sim_measured_link": (
-                None if link is None else simulated_cu(row["method"], link, step_s, layers, params, h)
+                None if link is None else simulated_cu(row["method"], link, step_s, layers, params, h, sites)
             ),
         }
 
@@ -233,14 +241,17 @@ def aggregate(payload: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def report(payload: dict[str, Any]) -> str:
+    if not payload["runs"]:  # every job failed: what failed, not a table
+        return "\n".join(["No run finished.", "", f"Command: `{payload['command']}`", "",
+                          *bl.failure_lines(payload, "method")]) + "\n"  # fmt: skip
     rows = aggregate(payload)
     payload["table"] = rows
-    full = payload["steps"]
+    full, sites = payload["steps"], payload.get("sites", 2)
     queue_ms = payload.get("queue_ms", bl.netlab().DEFAULT_QUEUE_MS)  # records from before --queue-ms: the default
     lines = [
-        f"CU vs bandwidth: 2 workers in 2 network namespaces, torchrun + gloo over a tbf-shaped link (rate up and "
-        f"down per site, a {queue_ms:g} ms queue), {full} inner steps per worker (H = {payload['sync_every']}), "
-        f"1 torch thread per worker, "
+        f"CU vs bandwidth: {sites} workers in {sites} network namespaces, torchrun + gloo over a tbf-shaped link "
+        f"(rate up and down per site, a {queue_ms:g} ms queue), {full} inner steps per worker "
+        f"(H = {payload['sync_every']}), 1 torch thread per worker, "
         f"repeats: {payload['repeats']} (medians; min-max of CU in brackets). One fp32 outer all-reduce = "
         f"{payload['runs'][0]['params'] * 4 / 1e6:.2f} MB; "
         f"inner step {payload.get('sim_step_time_s', float('nan')):.3f} s (median), "
@@ -302,7 +313,7 @@ def plot(payload: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = payload["table"]
+    rows, sites = payload["table"], payload.get("sites", 2)
     methods = [m for m in payload["methods"] if any(r["method"] == m for r in rows)]
     rates = sorted({r["rate_mbit"] for r in rows})
     grid = [10 ** (math.log10(min(rates) / 2) + i * (math.log10(max(rates) * 2) - math.log10(min(rates) / 2)) / 80)
@@ -319,7 +330,7 @@ def plot(payload: dict[str, Any], path: Path) -> None:
         lo = [r["cu_steady"] - r["cu_steady_min"] for r in pts]
         hi = [r["cu_steady_max"] - r["cu_steady"] for r in pts]
         ax.errorbar(xs, ys, yerr=[lo, hi], fmt="o", color=color, capsize=3, label=f"{bl.LABELS.get(method, method)}")
-        sim = [simulated_cu(method, g, step_s, r0["num_layers"], r0["params"], r0["sync_every"]) for g in grid]
+        sim = [simulated_cu(method, g, step_s, r0["num_layers"], r0["params"], r0["sync_every"], sites) for g in grid]
         ax.plot(grid, sim, "--", color=color, linewidth=1, alpha=0.8)
     ax.set_xscale("log")
     ax.set_xlabel("link rate per site (Mbit/s, tc tbf up and down)")
@@ -328,7 +339,7 @@ def plot(payload: dict[str, Any], path: Path) -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.set_title(
         f"Measured (points, median and range of {payload['repeats']}) vs simulator (dashed)\n"
-        f"{r0['params']:,}-parameter GPT, 2 workers, H = {r0['sync_every']}, inner step {step_s:.3f} s"
+        f"{r0['params']:,}-parameter GPT, {sites} workers, H = {r0['sync_every']}, inner step {step_s:.3f} s"
     )
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
@@ -348,6 +359,7 @@ def main(argv: list[str] | None = None) -> int:
         default=bl.netlab().DEFAULT_QUEUE_MS,
         help="each tbf shaper's queue, in ms at the rate: packets beyond it are dropped (default %(default)g)",
     )
+    ap.add_argument("--sites", type=int, default=2, help="sites (workers), one namespace each (default 2)")
     ap.add_argument("--no-plot", action="store_true")
     ap.add_argument("--report-only", action="store_true", help="rebuild <name>.md and .png from <name>.json")
     args = ap.parse_args(argv)
@@ -368,12 +380,14 @@ def main(argv: list[str] | None = None) -> int:
         args.steps, args.sync_every, args.repeats = min(args.steps, 10), 5, 1
     if not args.queue_ms > 0:
         ap.error(f"--queue-ms {args.queue_ms:g}: the tbf queue must be > 0 ms")
-    payload = bl.lab_payload("cu_bandwidth", args, methods=args.methods, queue_ms=args.queue_ms)
+    if args.sites < 2:
+        ap.error(f"--sites {args.sites}: a lab needs at least 2 sites (one worker each)")
+    payload = bl.lab_payload("cu_bandwidth", args, methods=args.methods, queue_ms=args.queue_ms, sites=args.sites)
     if payload is None:
         return 2
     runs_dir = args.runs_dir / args.name
     counter = 0
-    with bl.netlab().Lab(num_sites=2, rate_mbit=args.rates[0], queue_ms=args.queue_ms) as lab:
+    with bl.netlab().Lab(num_sites=args.sites, rate_mbit=args.rates[0], queue_ms=args.queue_ms) as lab:
         print(f"lab {lab.prefix} up", flush=True)
         for rep, rate, method in bl.lab_schedule(args.methods, args.rates, args.repeats):
             if lab.rates[0] != rate:
@@ -383,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
                 steps = args.steps
             train_args = [
                 *bl.METHODS[method], *extra, "--steps", str(steps), "--sync-every", str(args.sync_every),
-                "--seed", "0", "--eval-every", "0",
+                "--seed", "0", "--eval-every", "0", "--workers", str(args.sites),
             ]  # fmt: skip
             summary = None
             drops_before = shaper_drops(lab)
@@ -401,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
             if summary is None:
                 continue
             rec = record(method, rate, rep, steps, args.steps, summary)
-            rec["shaper_drops"] = shaper_drops(lab) - drops_before  # packets the 4 shapers dropped (retry included)
+            rec["shaper_drops"] = shaper_drops(lab) - drops_before  # every site's 2 shapers (retry included)
             payload["runs"].append(rec)
             print(
                 f"rep {rep} {rate:>6g} Mbit/s {method:>10}: CU {rec['cu_run']:.3f} steady "

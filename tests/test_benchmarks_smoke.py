@@ -291,3 +291,30 @@ def test_cu_bandwidth_refuses_an_empty_tbf_queue_before_building_a_lab(capsys):
         cu_bandwidth.main(["--queue-ms", "0", "--rates", "4"])
     assert exc.value.code == 2
     assert "--queue-ms 0: the tbf queue must be > 0 ms" in capsys.readouterr().err
+
+
+def test_cu_bandwidth_simulates_the_lab_s_number_of_sites(capsys):
+    """--sites M: the simulator's CU and the link rate read from DiLoCo's blocked time are for M workers (a ring
+    all-reduce sends 2(M - 1)/M of the data per site: 1.5x at M = 4 against 1x at M = 2); fewer than 2 sites are
+    refused before any namespace exists."""
+    import cu_bandwidth
+
+    from eagerloco.simulator.config import LinkSpec, ModelSpec
+    from eagerloco.simulator.events import simulate
+
+    model = ModelSpec(name="default-gpt", params=820_352.0, layers=4, step_time_s=0.2)
+    for workers in (2, 4):
+        sync = simulate(model, cu_bandwidth.simulated_method("sync", 30), LinkSpec(4e-3, workers=workers))
+        assert cu_bandwidth.simulated_cu("sync", 4.0, 0.2, 4, 820_352, 30, workers) == sync.cu
+        blocked = sync.blocked_s_per_period
+        assert cu_bandwidth.measured_link_mbit(blocked, 0.2, 4, 820_352, 30, workers) == pytest.approx(4.0, rel=1e-6)
+    assert cu_bandwidth.simulated_cu("sync", 4.0, 0.2, 4, 820_352, 30, 4) < cu_bandwidth.simulated_cu(
+        "sync", 4.0, 0.2, 4, 820_352, 30
+    )
+    with pytest.raises(SystemExit) as exc:
+        cu_bandwidth.main(["--sites", "1", "--rates", "4"])
+    assert exc.value.code == 2
+    assert "--sites 1: a lab needs at least 2 sites (one worker each)" in capsys.readouterr().err
+    failed = {"method": "sync", "rate_mbit": 4.0, "repeat": 0, "attempt": 2, "error": "torchrun job failed\nboom"}
+    text = cu_bandwidth.report({"runs": [], "command": "cu_bandwidth.py --sites 4", "failures": [failed]})
+    assert text.startswith("No run finished.") and "- rep 0, 4 Mbit/s, sync, attempt 2: boom" in text
