@@ -115,6 +115,13 @@ TREND_METHODS: tuple[tuple[str, float | None, tuple[float, float, bool]], ...] =
 SMOKE_EXTRA: tuple[str, ...] = (*bl.SMOKE_ARGS, "--sync-every", "3", "--eval-every", "0")
 
 
+def paper_rule(workers: int) -> str:
+    """``--eager-own-weight`` for the eager paper's rule w = 1/M: the number where 1/M is a power of two (bitwise
+    the rule, ALGORITHMS.md 4.1, and a value every engine since the own weight accepts, the sweeps' pinned ones
+    included), the CLI's "1/M" otherwise."""
+    return f"{1 / workers:g}" if workers & (workers - 1) == 0 else "1/M"
+
+
 @dataclass(frozen=True)
 class Point:
     """One training run of the study. ``extra`` are further train flags (part of the key, as a short hash)."""
@@ -162,6 +169,8 @@ class Point:
         ]  # fmt: skip
         if self.own_weight is not None:
             args += ["--eager-own-weight", f"{self.own_weight:g}"]
+        elif "eager" in bl.METHODS[self.method]:  # the paper's rule, said: the CLI's eager default is w = 0.75
+            args += ["--eager-own-weight", paper_rule(self.workers)]
         if not any(a == "--lr" or a.startswith("--lr=") for a in self.extra):
             args += ["--lr", f"{STUDY_INNER_LR:g}"]
         return [*args, *self.extra]

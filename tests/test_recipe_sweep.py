@@ -29,8 +29,11 @@ def test_point_key_and_train_flags():
     assert p.train_args() == [
         "--mode", "eager", "--delay", "1", "--launch", "simulated", "--link-mbit", "0", "--threads", "1",
         "--workers", "2", "--steps", "900", "--seed", "0", "--outer-lr", "0.7", "--outer-momentum", "0.9",
-        "--nesterov", "--lr", "0.003",
+        "--nesterov", "--eager-own-weight", "0.5", "--lr", "0.003",
     ]  # fmt: skip
+    # the paper's rule said explicitly (the CLI's own eager default is w = 0.75): 1/M where exact, else "1/M"
+    assert [rs.paper_rule(m) for m in (1, 2, 3, 4, 8)] == ["1", "0.5", "1/M", "0.25", "0.125"]
+    assert "--eager-own-weight" not in rs.Point("sync", 1.0, 0.5, True).train_args()
     q = rs.Point("sync", 1.0, 0.0, True, seed=2, workers=4, steps=600, own_weight=1.0)
     assert q.key == "sync_w1_M4_T600_lr1_m0_s2"  # Nesterov means nothing without momentum
     assert q.train_args()[-5:] == ["--no-nesterov", "--eager-own-weight", "1", "--lr", "0.003"]
