@@ -88,6 +88,12 @@ SMOKE_ARGS: list[str] = [
 ]  # fmt: skip
 
 
+def is_eager(method: str) -> bool:
+    """Whether ``METHODS[method]`` trains mode eager (the methods an own weight applies to); unknown names: no."""
+    args = METHODS.get(method, [])
+    return "--mode" in args and args[args.index("--mode") + 1] == "eager"
+
+
 def python() -> str:
     """The interpreter running the driver (the project's .venv when started as ``.venv/bin/python``)."""
     return sys.executable

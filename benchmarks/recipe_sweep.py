@@ -169,7 +169,7 @@ class Point:
         ]  # fmt: skip
         if self.own_weight is not None:
             args += ["--eager-own-weight", f"{self.own_weight:g}"]
-        elif "eager" in bl.METHODS[self.method]:  # the paper's rule, said: the CLI's eager default is w = 0.75
+        elif bl.is_eager(self.method):  # the paper's rule, said: the CLI's eager default is w = 0.75
             args += ["--eager-own-weight", paper_rule(self.workers)]
         if not any(a == "--lr" or a.startswith("--lr=") for a in self.extra):
             args += ["--lr", f"{STUDY_INNER_LR:g}"]

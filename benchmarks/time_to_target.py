@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         base, variant = runs[0]["method"], runs[0].get("variant", "")
         per_step = seconds_per_step(cu, base, rate)  # the own weight does not change the step (same bytes)
         wall = step * per_step if step is not None and per_step is not None else None
-        rule = ", the paper's rule" if "eager" in bl.METHODS.get(base, []) else ""  # eager without an own weight
+        rule = ", the paper's rule" if bl.is_eager(base) else ""  # eager without an own weight
         label = bl.LABELS.get(base, base) + (f", own weight {variant}" if variant else rule)
         rows.append({"method": method, "label": label, "seeds": len(runs), "step": step, "seconds_per_step": per_step,
                      "wall_s": wall, "final_mean_loss": curve[-1][1], "curve": curve})  # fmt: skip
