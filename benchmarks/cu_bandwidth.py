@@ -45,10 +45,12 @@ DEFAULT_RATES = [100.0, 20.0, 8.0, 4.0]
 MODEL_BYTES = 820_352 * 4
 
 
-def dp_steps(rate_mbit: float, steps: int, budget_s: float, step_s: float = 0.2) -> int:
-    """Data-parallel steps at this rate: all of ``steps`` if the predicted run (one fp32 all-reduce of the model
-    per step at about 0.85 of the rate, plus compute) fits ``budget_s``, else fewer, at least 8."""
-    per_step = MODEL_BYTES * 8 / (0.85 * rate_mbit * 1e6) + step_s
+def dp_steps(rate_mbit: float, steps: int, budget_s: float, step_s: float = 0.2, sites: int = 2) -> int:
+    """Data-parallel steps at this rate: all of ``steps`` if the predicted run fits ``budget_s``, else fewer, at
+    least 8. Per step: compute plus one fp32 ring all-reduce of the model among ``sites``, in which each site
+    sends 2·(sites − 1)/sites model sizes through its own link, at about 0.85 of the rate."""
+    sent_bytes = MODEL_BYTES * 2 * (sites - 1) / sites
+    per_step = sent_bytes * 8 / (0.85 * rate_mbit * 1e6) + step_s
     return max(8, min(steps, int(budget_s / per_step)))
 
 
@@ -392,7 +394,9 @@ def main(argv: list[str] | None = None) -> int:
         for rep, rate, method in bl.lab_schedule(args.methods, args.rates, args.repeats):
             if lab.rates[0] != rate:
                 lab.set_rate(rate)
-            steps = dp_steps(rate, args.steps, args.dp_budget_s) if method.startswith("dp") else args.steps
+            steps = args.steps
+            if method.startswith("dp"):
+                steps = dp_steps(rate, args.steps, args.dp_budget_s, sites=args.sites)
             if args.smoke:
                 steps = args.steps
             train_args = [

@@ -282,6 +282,21 @@ def test_a_link_lab_record_from_before_the_wait_count_is_restated():
     assert ttt.seconds_per_step(ttt_cu, "eager", 4.0) == 31.0 / 120
 
 
+def test_data_parallel_steps_fit_the_budget_for_the_lab_s_number_of_sites():
+    """A data-parallel run's step count: compute plus one fp32 ring all-reduce per step, in which each of M sites
+    sends 2(M - 1)/M model sizes (1x at M = 2, 1.5x at M = 4) at 0.85 of the rate; all steps where they fit the
+    budget, never fewer than 8."""
+    import cu_bandwidth
+
+    # 100 Mbit/s, 2 sites: 3,281,408 B x 8 / 85e6 b/s = 0.3088 s + 0.2 s compute = 0.5088 s per step: 117 in 60 s
+    assert cu_bandwidth.dp_steps(100.0, 120, 60.0) == 117
+    assert cu_bandwidth.dp_steps(100.0, 120, 60.0, sites=2) == 117
+    # 4 sites send 1.5x the bytes: 0.4633 + 0.2 = 0.6633 s per step: 90 in 60 s
+    assert cu_bandwidth.dp_steps(100.0, 120, 60.0, sites=4) == 90
+    assert cu_bandwidth.dp_steps(1000.0, 120, 60.0, sites=4) == 120  # fits: every step
+    assert cu_bandwidth.dp_steps(4.0, 120, 60.0, sites=4) == 8  # a floor of 8 steps
+
+
 def test_cu_bandwidth_refuses_an_empty_tbf_queue_before_building_a_lab(capsys):
     """--queue-ms sets each shaper's queue (tbf latency); 0 or less would drop every packet: refused at argparse
     time with the value and the rule, before any namespace exists."""
