@@ -134,6 +134,8 @@ class Point:
     workers: int = 2
     steps: int = 900
     own_weight: float | None = None
+    smoothing: float | None = None
+    """Eager's smoothing β (``--eager-smoothing``, ALGORITHMS.md 4.4); None: not passed (the CLI's default)."""
     extra: tuple[str, ...] = ()
 
     @property
@@ -143,16 +145,18 @@ class Point:
         parts = [self.method]
         if self.own_weight is not None:
             parts.append(f"w{self.own_weight:g}")
+        if self.smoothing is not None:
+            parts.append(f"b{self.smoothing:g}")
         parts += [f"M{self.workers}", f"T{self.steps}", f"lr{self.outer_lr:g}", mom, f"s{self.seed}"]
         if self.extra:
             parts.append("x" + hashlib.sha1(" ".join(self.extra).encode()).hexdigest()[:8])
         return "_".join(parts)
 
     @property
-    def group(self) -> tuple[str, float | None, int, int, tuple[str, ...]]:
+    def group(self) -> tuple[str, float | None, float | None, int, int, tuple[str, ...]]:
         """The panel a point belongs to: everything but the outer optimizer, the seed and ``--eval-every`` (mid-run
         evaluations do not change training: a run gives the same final eval loss, bitwise, with or without them)."""
-        return (self.method, self.own_weight, self.workers, self.steps, _without_eval_every(self.extra))
+        return (self.method, self.own_weight, self.smoothing, self.workers, self.steps, _without_eval_every(self.extra))
 
     @property
     def recipe(self) -> tuple[float, float, bool]:
@@ -171,6 +175,8 @@ class Point:
             args += ["--eager-own-weight", f"{self.own_weight:g}"]
         elif bl.is_eager(self.method):  # the paper's rule, said: the CLI's eager default is w = 0.75
             args += ["--eager-own-weight", paper_rule(self.workers)]
+        if self.smoothing is not None:
+            args += ["--eager-smoothing", f"{self.smoothing:g}"]
         if not any(a == "--lr" or a.startswith("--lr=") for a in self.extra):
             args += ["--lr", f"{STUDY_INNER_LR:g}"]
         return [*args, *self.extra]
@@ -202,8 +208,8 @@ def _without_eval_every(extra: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(out)
 
 
-def label(group: tuple[str, float | None, int, int, tuple[str, ...]]) -> str:
-    method, w, workers, steps, extra = group
+def label(group: tuple[str, float | None, float | None, int, int, tuple[str, ...]]) -> str:
+    method, w, beta, workers, steps, extra = group
     text = bl.LABELS.get(method, method)
     if method == "streaming" and "--overlap-steps" in extra[:-1]:  # the run's τ in the name, not beside τ = 1
         i = max(k for k, a in enumerate(extra[:-1]) if a == "--overlap-steps")  # the last wins, as in argparse
@@ -211,6 +217,8 @@ def label(group: tuple[str, float | None, int, int, tuple[str, ...]]) -> str:
         extra = extra[:i] + extra[i + 2 :]
     if w is not None:
         text += f", own weight w={w:g}"
+    if beta is not None:
+        text += f", smoothing β={beta:g}"
     text += f" (M={workers}, {steps} steps"
     if extra:
         text += ", " + " ".join(extra)
@@ -258,6 +266,7 @@ def plan_points(
                 workers=args.workers,
                 steps=args.steps,
                 own_weight=args.own_weight,
+                smoothing=args.smoothing,
                 extra=extra,
             )
             if args.heavy_ball:
@@ -534,7 +543,7 @@ def report(out: Path) -> str:
     # a point of the trends with its own flags (H, size, data) has its own section, unless more was run there
     groups = {g: recs for g, recs in groups.items() if not all(r["key"] in own_trends for r in recs)}
     order = {m: i for i, m in enumerate(SWEEP_METHODS)}
-    keys = sorted(groups, key=lambda g: (g[2], g[3], order.get(g[0], 99), g[0], g[1] or 0.0, g[4]))
+    keys = sorted(groups, key=lambda g: (g[3], g[4], order.get(g[0], 99), g[0], g[1] or 0.0, g[2] or 0.0, g[5]))
     commits = sorted({r.get("source", {}).get("commit", "")[:10] for r in finished.values()} - {""})
     lines = [
         "# Recipe study (issue 11): eval loss of the outer parameters",
@@ -572,8 +581,8 @@ def report(out: Path) -> str:
         ok = [r["eval_loss"] for r in same if r["status"] == "ok"]
         mean = f"{sum(ok) / len(ok):.3f}" if len(ok) == len(same) else "-"
         s0 = results[best.key]["eval_loss"]
-        sync_extra = tuple(x for x in g[4] if x not in LOOKAHEAD)  # the variant's flag: compared with plain sync
-        ref = best_point(results, ("sync", None, g[2], g[3], sync_extra))
+        sync_extra = tuple(x for x in g[5] if x not in LOOKAHEAD)  # the variant's flag: compared with plain sync
+        ref = best_point(results, ("sync", None, None, g[3], g[4], sync_extra))
         vs = f"{(s0 / results[ref.key]['eval_loss'] - 1) * 100:+.1f} %" if ref is not None else "-"
         seed_list = ", ".join(map(str, seeds))
         rows.append([label(g), recipe_label(best.recipe), f"{s0:.3f}", vs, mean, seed_list, len(groups[g])])
@@ -697,7 +706,7 @@ def plot(out: Path, path: Path) -> Path | None:
     if not groups:
         return None
     order = {m: i for i, m in enumerate(SWEEP_METHODS)}
-    keys = sorted(groups, key=lambda g: (g[2], g[3], order.get(g[0], 99), g[0], g[1] or 0.0, g[4]))
+    keys = sorted(groups, key=lambda g: (g[3], g[4], order.get(g[0], 99), g[0], g[1] or 0.0, g[2] or 0.0, g[5]))
     cols = min(3, len(keys))
     nrows = math.ceil(len(keys) / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(5 * cols, 3.6 * nrows), squeeze=False)
@@ -857,6 +866,7 @@ def main(argv: list[str] | None = None) -> int:
     custom.add_argument("--workers", type=int, default=2)
     custom.add_argument("--steps", type=int, default=900)
     custom.add_argument("--own-weight", type=float, default=None, help="eager own-contribution weight w")
+    custom.add_argument("--smoothing", type=float, default=None, help="eager smoothing β (ALGORITHMS.md 4.4)")
     args = ap.parse_args(argv)
     args.extra_args = [x for e in args.extra for x in e.split("=", 1)]
     if args.smoke:

@@ -28,6 +28,11 @@ CASES = {
     "delayed_k2": DiLoCoConfig(mode="delayed", sync_every=4, delay=2),
     "eager_k2_p2": DiLoCoConfig(mode="eager", sync_every=4, delay=2, num_fragments=2),
     "eager_async_save": DiLoCoConfig(mode="eager", sync_every=4, delay=1),
+    # smoothing (ALGORITHMS.md 4.4): at STOP fragment 1's newest own term holds a deferred instalment of Δ(6), used
+    # when Δ(10) arrives at 14
+    "eager_smoothed_p2": DiLoCoConfig(
+        mode="eager", sync_every=4, delay=1, num_fragments=2, eager_own_weight=0.75, eager_smoothing=0.5
+    ),
 }
 STEPS, STOP, BATCH = 14, 10, 16  # at STOP = 10 (H = 4): 2 averages in flight for delayed/eager k = 2, 1 for overlap
 

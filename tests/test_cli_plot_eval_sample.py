@@ -81,6 +81,9 @@ def test_run_label():
     assert run_label({"outer": {"mode": "eager", "delay": 1, "sync_every": 30, "eager_own_weight": "1/M"}}) == (
         "eager k=1 w=1/M H=30"
     )
+    smoothed = {"mode": "eager", "delay": 1, "sync_every": 30, "eager_own_weight": 0.875, "eager_smoothing": 0.5}
+    assert run_label({"outer": smoothed}) == "eager k=1 w=0.875 β=0.5 H=30"
+    assert run_label({"outer": {**smoothed, "eager_smoothing": 0.0}}) == "eager k=1 w=0.875 H=30"
     assert run_label({"outer": {"mode": "sync", "sync_every": 30}}) == "sync H=30"
     assert run_label({"outer": {"mode": "dp", "sync_every": 30}}) == "dp"
     assert run_label({"outer": {"mode": "overlap", "overlap_steps": 1, "sync_every": 10}}) == "overlap τ=1 H=10"

@@ -1,4 +1,4 @@
-"""Opt-in variants of the eager rule (ALGORITHMS.md section 4, "Own-contribution weight"), exact.
+"""Opt-in variants of the eager rule (ALGORITHMS.md 4.1, the own-contribution weight; 4.4, smoothing), exact.
 
 The own-contribution weight w ∈ [1/M, 1]: Δ̃_m(t) = Δ(t − kH) + w·(Δ_m(t) − Δ_m(t − kH)); w = 1/M (the default,
 ``eager_own_weight=None``) is the paper's rule. The toy: worker m holds one scalar θ with loss 0.5·(θ − a_m)²,
@@ -18,9 +18,9 @@ from eagerloco.engine.strategies import make_strategy
 from eagerloco.ft.resize import resize_outer_states
 
 
-def run_quadratic(world_size: int, steps: int, **overrides) -> list[dict]:
+def run_quadratic(world_size: int, steps: int, nan_at: tuple[int, int] | None = None, **overrides) -> list[dict]:
     """Per worker: φ and θ at every inner step, Δ_m(t) and the applied g_m(t) at every sync point, φ after
-    finalize."""
+    finalize. ``nan_at`` = (worker, inner step): that worker's target is NaN at that step (its θ goes NaN)."""
     values = {"mode": "eager", "sync_every": 2, "outer_lr": 0.5, "outer_momentum": 0.0, **overrides}
     config = DiLoCoConfig(**values)
 
@@ -30,8 +30,9 @@ def run_quadratic(world_size: int, steps: int, **overrides) -> list[dict]:
         loco = DiLoCo(model, inner, config, comm=comm)
         target = torch.tensor([4.0 * comm.rank])
         trace = {"delta": {}, "applied": {}}
-        for _ in range(steps):
-            model(target).backward()
+        for step in range(1, steps + 1):
+            bad = nan_at == (comm.rank, step)
+            model(torch.tensor([float("nan")]) if bad else target).backward()
             inner.step()
             inner.zero_grad()
             phi_before, theta = loco.states[0].phi.item(), model.theta.item()
@@ -86,6 +87,63 @@ def test_rule_mean_and_telescoping(world_size, weight, delay):
     assert [tr["final"] for tr in traces] == [expected] * world_size
 
 
+@pytest.mark.parametrize("beta", [0.25, 0.5, 1.0])
+@pytest.mark.parametrize("delay", [1, 2])
+@pytest.mark.parametrize(("world_size", "weight"), [(2, None), (2, 0.75), (4, 0.25), (4, 0.75)])
+def test_smoothing_rule_mean_and_telescoping(world_size, weight, delay, beta):
+    """ALGORITHMS.md 4.4: every worker applies exactly w·Δ_m(t) + (1 − β)·R_m(t − kH) + β·R_m(t − 2kH), with
+    R_m(s) = Δ(s) − w·Δ_m(s) the rest of the average launched at s (0 before the first sync point); the mean over
+    workers is w·Δ(t) + (1 − w)·[(1 − β)·Δ(t − kH) + β·Δ(t − 2kH)]; after finalize every φ_m is
+    φ_0 − lr·Σ_t Δ(t): each contribution applied exactly once, the deferred instalments included."""
+    steps = 8  # four sync points: with k = 1 instalments from two averages; all short binary fractions (exact)
+    traces = run_quadratic(world_size, steps, eager_own_weight=weight, delay=delay, eager_smoothing=beta)
+    w = 1 / world_size if weight is None else weight
+    sync_points = list(range(2, steps + 1, 2))
+    avg = {t: sum(tr["delta"][t] for tr in traces) / world_size for t in sync_points}
+
+    def rest(tr, s):
+        return avg[s] - w * tr["delta"][s] if s in avg else 0.0
+
+    for t in sync_points:
+        old, older = t - 2 * delay, t - 4 * delay
+        for tr in traces:
+            assert tr["applied"][t] == w * tr["delta"][t] + (1 - beta) * rest(tr, old) + beta * rest(tr, older), t
+        mean_applied = sum(tr["applied"][t] for tr in traces) / world_size
+        stale = (1 - beta) * avg.get(old, 0.0) + beta * avg.get(older, 0.0)
+        assert mean_applied == w * avg[t] + (1 - w) * stale
+    expected = 0.0 - 0.5 * sum(avg.values())
+    assert [tr["final"] for tr in traces] == [expected] * world_size
+
+
+def test_smoothing_hand_computed():
+    # M = 2, w = 1, β = 0.5, H = 2, k = 1. t=2: θ = (0, 3), Δ_m = (0, −3), nothing arrived: g = own = (0, −3),
+    #   φ = (0, 1.5).
+    # t=4: Δ(2) = −1.5 arrives; rests R_m(2) = Δ(2) − Δ_m(2) = (−1.5, 1.5); half of each is deferred.
+    #   worker 0 from 0: Δ_0 = 0, g_0 = 0 + 0.5·(−1.5) = −0.75: φ_0 = 0.375.
+    #   worker 1 from 1.5: θ = 3.375, Δ_1 = −1.875, g_1 = −1.875 + 0.5·1.5 = −1.125: φ_1 = 2.0625.
+    # finalize: Δ(4) = −0.9375, R_m(4) = (−0.9375, 0.9375), plus the deferred halves of R_m(2), (−0.75, 0.75):
+    #   g = (−1.6875, 1.6875): φ_0 = 0.375 + 0.84375 = 1.21875 = φ_1 = 2.0625 − 0.84375 (telescoping, as β = 0).
+    w0, w1 = run_quadratic(2, 4, eager_own_weight=1.0, eager_smoothing=0.5)
+    assert (w0["applied"], w1["applied"]) == ({2: 0.0, 4: -0.75}, {2: -3.0, 4: -1.125})
+    assert (w0["delta"], w1["delta"]) == ({2: 0.0, 4: 0.0}, {2: -3.0, 4: -1.875})
+    assert w0["final"] == w1["final"] == 1.21875
+
+
+def test_smoothing_a_skipped_average_still_applies_the_instalment_deferred_into_it():
+    """nonfinite='skip' drops Δ(4) (worker 1's Δ_1(4) is NaN) when it arrives at t = 6: nothing of it is applied,
+    but the half of R_m(2) that each worker deferred into own(4) is, with its fresh own term. M = 2, w = 1, β = 0.5."""
+    w0, w1 = run_quadratic(2, 8, nan_at=(1, 4), eager_own_weight=1.0, eager_smoothing=0.5, nonfinite="skip")
+    avg2 = (w0["delta"][2] + w1["delta"][2]) / 2
+    rest2 = [avg2 - w0["delta"][2], avg2 - w1["delta"][2]]  # R_m(2) = Δ(2) − w·Δ_m(2)
+    # t = 4: half of R_m(2) now; the bad worker's own term is 0 (its Δ_1(4) is not finite), the other's Δ_0(4)
+    assert [w0["applied"][4], w1["applied"][4]] == [w0["delta"][4] + rest2[0] / 2, rest2[1] / 2]
+    # t = 6: Δ(4) skipped: own(6) = Δ_m(6) and the deferred half of R_m(2), nothing deferred further
+    assert [w0["applied"][6], w1["applied"][6]] == [w0["delta"][6] + rest2[0] / 2, w1["delta"][6] + rest2[1] / 2]
+    # t = 8: Δ(6) arrives whole (R_m(6), nothing was deferred into own(6)); half of it deferred again
+    avg6 = (w0["delta"][6] + w1["delta"][6]) / 2
+    assert [w0["applied"][8], w1["applied"][8]] == [tr["delta"][8] + (avg6 - tr["delta"][6]) / 2 for tr in (w0, w1)]
+
+
 def run_tinynet(world_size: int, steps: int, restart_at: int | None = None, **overrides) -> list[dict]:
     """TinyNet with Nesterov momentum 0.9 (not exact by hand: compared bitwise across configurations)."""
     values = {"mode": "eager", "sync_every": 3, "outer_lr": 0.7, "outer_momentum": 0.9, **overrides}
@@ -109,6 +167,20 @@ def test_weight_one_over_m_is_the_papers_rule_bitwise(world_size, weight):
     assert_bitwise(run_tinynet(world_size, 9, eager_own_weight=weight), run_tinynet(world_size, 9))
 
 
+@pytest.mark.parametrize("weight", [None, 0.75])
+def test_smoothing_zero_is_the_rule_bitwise_and_smoothing_changes_it(weight):
+    assert_bitwise(run_tinynet(2, 12, eager_own_weight=weight, eager_smoothing=0.0),
+                   run_tinynet(2, 12, eager_own_weight=weight))  # fmt: skip
+    smoothed = run_tinynet(2, 12, eager_own_weight=weight, eager_smoothing=0.25)
+    assert not torch.equal(smoothed[0]["final"], run_tinynet(2, 12, eager_own_weight=weight)[0]["final"])
+
+
+@pytest.mark.parametrize(("beta", "delay"), [(0.25, 1), (1.0, 2)])
+def test_smoothing_one_worker_is_sync_bitwise(beta, delay):
+    # M = 1: the rest R = Δ − w·Δ_m is exactly 0 (w = 1), so nothing is deferred
+    assert_bitwise(run_tinynet(1, 12, eager_smoothing=beta, delay=delay), run_tinynet(1, 12, mode="sync"))
+
+
 def test_weight_one_differs_from_the_papers_rule():
     a, b = run_tinynet(2, 9, eager_own_weight=1.0), run_tinynet(2, 9)
     assert not torch.equal(a[0]["final"], b[0]["final"])
@@ -120,6 +192,14 @@ def test_checkpoint_round_trip_is_bitwise(weight, delay):
     for restart in (6, 7):
         resumed = run_tinynet(2, 12, restart_at=restart, eager_own_weight=weight, delay=delay)
         assert_bitwise(resumed, run_tinynet(2, 12, eager_own_weight=weight, delay=delay))
+
+
+@pytest.mark.parametrize(("weight", "beta", "delay"), [(0.75, 0.25, 1), (None, 0.5, 2)])
+def test_smoothing_checkpoint_round_trip_is_bitwise(weight, beta, delay):
+    # the deferred instalments travel with the checkpoint: right after a sync point and mid-phase
+    for restart in (6, 7, 9):
+        resumed = run_tinynet(2, 15, restart_at=restart, eager_own_weight=weight, eager_smoothing=beta, delay=delay)
+        assert_bitwise(resumed, run_tinynet(2, 15, eager_own_weight=weight, eager_smoothing=beta, delay=delay))
 
 
 def _same(a, b) -> bool:
@@ -188,6 +268,11 @@ def test_a_checkpoint_of_a_removed_variant_is_refused_and_one_without_it_loads(k
         ({"eager_own_weight": float("nan")}, r"^eager_own_weight=nan: "),
         ({"eager_own_weight": True}, r"^eager_own_weight=True: "),
         ({"eager_own_weight": 1.0, "mode": "sync"}, r"^eager_own_weight=1\.0: .*mode 'eager' only"),
+        ({"eager_smoothing": -0.25}, r"^eager_smoothing=-0\.25: .*must be a number in \[0, 1\]$"),
+        ({"eager_smoothing": 1.5}, r"^eager_smoothing=1\.5: "),
+        ({"eager_smoothing": float("nan")}, r"^eager_smoothing=nan: "),
+        ({"eager_smoothing": None}, r"^eager_smoothing=None: "),
+        ({"eager_smoothing": 0.5, "mode": "overlap"}, r"^eager_smoothing=0\.5: applies to mode 'eager' only"),
     ],
 )
 def test_invalid_weight_is_one_line_error(overrides, message):

@@ -142,3 +142,16 @@ def test_resize_refuses_an_incomplete_or_mixed_set() -> None:
         resize_outer_states([saved[0], {**saved[1], "inner_step": 3}], 2)
     with pytest.raises(ValueError, match="no saved outer states"):
         resize_outer_states([], 2)
+
+
+@pytest.mark.parametrize("new_m", [1, 3], ids=["fewer", "more"])
+def test_resume_eager_with_smoothing_with_another_number_of_workers_is_exact(new_m: int) -> None:
+    """Eager smoothing (ALGORITHMS.md 4.4): the saved own term holds a deferred instalment of the average before
+    (Δ(4) arrived at 8); applying Δ(8) − own_m(8) applies it too, exactly as finalize() does."""
+    extra = {"eager_smoothing": 0.5}  # the paper's own weight 1/M: valid for M' = 1 too
+    saved, refs = saved_run("eager", 2, **extra)
+    assert all(f["in_flight"][0]["deferred"] is not None for s in saved for f in s["fragments"])
+    consolidated = [(refs[0]["phi"][p] + refs[1]["phi"][p]) / 2 for p in range(len(refs[0]["phi"]))]
+    for worker in resumed_run("eager", resize_outer_states(saved, new_m), steps=2 * H, **extra):
+        assert all(torch.equal(got, want) for got, want in zip(worker["phi"], refs[0]["phi"]))
+        assert all(torch.allclose(got, want) for got, want in zip(worker["phi"], consolidated))

@@ -22,6 +22,7 @@ EXPECTED_IN_FLIGHT = {  # at STOP = 10, H = 4: what each case has in flight per 
     "delayed_k2": [2],
     "eager_k2_p2": [2, 2],
     "eager_async_save": [1],
+    "eager_smoothed_p2": [1, 1],
 }
 
 
@@ -83,6 +84,9 @@ def test_keys_are_parameter_names_with_per_worker_keys_only_in_eager(one_rank_pe
         assert own <= eager and means <= eager
         assert {f"worker{rank}.phi.{n}" for n in params} <= eager  # φ_m differs between eager workers
         assert not any(k.startswith("phi.") for k in eager)
+        assert not any(".deferred." in k for k in eager)  # no smoothing: no slots for deferred instalments
+        smoothed = set(saved["eager_smoothed_p2"]["keys"])
+        assert {f"worker{rank}.in_flight.0.deferred.{n}" for n in params} <= smoothed
 
 
 def test_safetensors_export_of_a_plain_module_and_a_loco(tmp_path):

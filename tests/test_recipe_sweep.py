@@ -48,6 +48,13 @@ def test_point_key_and_train_flags():
     e = rs.Point("streaming", 1.4, 0.9, False, extra=("--eval-every", "90", "--sync-every", "10"))
     assert e.group == h.group and e.key != h.key
     assert rs.Point("sync", 1.0, 0.5, True, extra=("--eval-every=90",)).group == rs.Point("sync", 1.0, 0.5, True).group
+    # eager's smoothing β (ALGORITHMS.md 4.4): in the key after the own weight, passed to the CLI, its own panel
+    b = rs.Point("eager", 0.7, 0.5, True, own_weight=0.875, smoothing=0.5)
+    assert b.key == "eager_w0.875_b0.5_M2_T900_lr0.7_m0.5n_s0"
+    assert b.train_args()[-6:] == ["--eager-own-weight", "0.875", "--eager-smoothing", "0.5", "--lr", "0.003"]
+    assert b.group != rs.Point("eager", 0.7, 0.5, True, own_weight=0.875).group
+    assert rs.Point.from_dict(json.loads(json.dumps(b.to_dict()))) == b
+    assert rs.label(b.group) == "eager k=1, own weight w=0.875, smoothing β=0.5 (M=2, 900 steps)"
 
 
 def test_main_plan_order_and_seed_stage(tmp_path):
@@ -82,7 +89,8 @@ def test_variant_plan_interleaves_m4():
 
 def custom_args(**kw):
     args = rs.argparse.Namespace(methods=["sync", "eager"], lrs=[0.4, 0.7], momenta=[0.0, 0.9], seeds=[0],
-                                 workers=2, steps=10, own_weight=None, heavy_ball=False, extra_args=[])  # fmt: skip
+                                 workers=2, steps=10, own_weight=None, smoothing=None, heavy_ball=False,
+                                 extra_args=[])  # fmt: skip
     for k, v in kw.items():
         setattr(args, k, v)
     return args
@@ -269,14 +277,14 @@ def test_lookahead_plan_runs_only_with_src(tmp_path, capsys):
 
 
 def test_group_label_names_the_run_s_tau_and_its_other_extras():
-    assert rs.label(("sync", None, 2, 900, ())) == "DiLoCo (sync) (M=2, 900 steps)"
-    assert rs.label(("streaming", None, 2, 900, ("--overlap-steps", "14"))) == (
+    assert rs.label(("sync", None, None, 2, 900, ())) == "DiLoCo (sync) (M=2, 900 steps)"
+    assert rs.label(("streaming", None, None, 2, 900, ("--overlap-steps", "14"))) == (
         "streaming, P=2, τ=14, α=0.5 (M=2, 900 steps)"
     )
-    assert rs.label(("streaming", None, 2, 900, ("--overlap-steps", "5", "--sync-every", "10"))) == (
+    assert rs.label(("streaming", None, None, 2, 900, ("--overlap-steps", "5", "--sync-every", "10"))) == (
         "streaming, P=2, τ=5, α=0.5 (M=2, 900 steps, --sync-every 10)"
     )
-    assert rs.label(("eager", 0.75, 4, 600, ("--overlap-steps", "5"))) == (  # only streaming's name carries τ
+    assert rs.label(("eager", 0.75, None, 4, 600, ("--overlap-steps", "5"))) == (  # only streaming's name carries τ
         "eager k=1, own weight w=0.75 (M=4, 600 steps, --overlap-steps 5)"
     )
 

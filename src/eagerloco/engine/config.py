@@ -67,6 +67,12 @@ class DiLoCoConfig:
     average on arrival, so the mean over workers of what they apply is DiLoCo's fresh Δ(t) at any M
     (ALGORITHMS.md section 4.1). A w below 1/M is refused when the engine learns M."""
 
+    eager_smoothing: float = 0.0
+    """β (mode 'eager' only, opt-in): the part of each arriving average Δ(t − kH) that the worker has not applied
+    yet, its rest R_m(t − kH) = Δ(t − kH) − w·Δ_m(t − kH), is applied in two instalments: (1 − β) on arrival and
+    β at the next arrival, one outer step later, so that Δ̃_m(t) = w·Δ_m(t) + (1 − β)·R_m(t − kH) + β·R_m(t − 2kH)
+    (ALGORITHMS.md section 4.4). β ∈ [0, 1]; 0: the rule of section 4 (or 4.1), bit for bit."""
+
     outer_lr: float = 0.7
     """Learning rate of the default outer optimizer (0.7 in DiLoCo; the streaming and eager papers use 0.4)."""
 
@@ -142,6 +148,13 @@ class DiLoCoConfig:
                 )
             if self.mode != "eager":
                 raise bad("eager_own_weight", f"applies to mode 'eager' only (mode={self.mode!r}): leave it None")
+        smoothing = self.eager_smoothing
+        number = isinstance(smoothing, (int, float)) and not isinstance(smoothing, bool)
+        if not (number and 0.0 <= smoothing <= 1.0):
+            raise bad("eager_smoothing", "β, the share of each average's rest applied one outer step later, must be a "
+                      "number in [0, 1]")  # fmt: skip
+        if smoothing != 0 and self.mode != "eager":
+            raise bad("eager_smoothing", f"applies to mode 'eager' only (mode={self.mode!r}): leave it 0")
         for name in ("outer_lr", "outer_momentum"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:

@@ -47,6 +47,10 @@ class InFlight:
     own: torch.Tensor | None = None
     """Eager only: this worker's contribution exactly as it was applied eagerly (w·Δ_m(t), w = 1/M by default,
     ALGORITHMS.md 4.1; zero when Δ_m(t) was not finite: nothing was applied). Set by the strategy."""
+    deferred: torch.Tensor | None = None
+    """Eager with β > 0 only (ALGORITHMS.md 4.4): β·R_m(t − kH), the instalment of the previous average's rest that
+    this worker took out of its own term ``own`` (own = w·Δ_m(t) − deferred), applied when this average arrives.
+    None: nothing deferred (β = 0, or no average had arrived at t)."""
     own_finite: bool = True
     """Whether this worker's own Δ_m(t) was finite (for the error message when the average is not)."""
 

@@ -64,6 +64,11 @@ class OuterStrategy:
         """ALGORITHMS.md section 6: g = Δ(t) for overlap and delayed."""
         return mean
 
+    def skipped_gradient(self, item: InFlight) -> torch.Tensor | None:
+        """What is still due when the average of ``item`` is skipped (non-finite, ``nonfinite='skip'``): nothing,
+        except for eager with smoothing (4.4)."""
+        return None
+
     def finalize(self, core: FragmentCore) -> None:
         """ALGORITHMS.md section 6: every average still in flight, oldest first, as one plain step at the outer
         learning rate, φ ← φ − lr·g (g from :meth:`final_gradient`), the outer optimizer's momentum untouched;
@@ -71,9 +76,12 @@ class OuterStrategy:
         while core.in_flight:
             item = core.in_flight.popleft()
             mean = core.wait(item)
-            if not core.check_average(item, mean):  # nonfinite='skip': nothing of it is applied
-                continue
-            g = self.final_gradient(item, mean)
+            if core.check_average(item, mean):
+                g = self.final_gradient(item, mean)
+            else:  # nonfinite='skip': nothing of it is applied (but what an earlier average deferred into it, 4.4)
+                g = self.skipped_gradient(item)
+                if g is None:
+                    continue
             core.check_finite(g, item.launch_step)
             core.phi.add_(g, alpha=-core.outer_lr)  # φ ← φ − lr·g
             core.record_plain_step()
@@ -172,19 +180,26 @@ class EagerStrategy(OuterStrategy):
     (1/M)·Δ_m(t), i.e. Δ̃_m(t) = Δ(t − kH) + w·(Δ_m(t) − Δ_m(t − kH)); kept and swapped exactly the same way.
     ``own_weight=None`` is the paper's rule (and divides by M, bit for bit as before). Under a membership that
     changes, the own term of an average launched in quorum Q uses w_Q = max(w, 1/M_Q) (a worker alone is sync).
+
+    Variant (section 4.4, opt-in ``eager_smoothing`` = β ∈ [0, 1]): the rest of each arriving average, R_m(t − kH)
+    = Δ(t − kH) − w·Δ_m(t − kH), is applied (1 − β) on arrival and β at the next arrival. The deferred instalment
+    β·R_m(t − kH) is taken out of the own term, own(t) = w·Δ_m(t) − β·R_m(t − kH) (kept in ``InFlight.deferred``),
+    so the swap of own(t) for Δ(t) at the next arrival applies it: Δ̃_m(t) = w·Δ_m(t) + (1 − β)·R_m(t − kH) +
+    β·R_m(t − 2kH), each contribution still applied exactly once. β = 0 is the rule above, bit for bit.
     """
 
     name = "eager"
     uniform_outer_state = False
 
-    def __init__(self, delay: int, own_weight: float | None = None) -> None:
+    def __init__(self, delay: int, own_weight: float | None = None, smoothing: float = 0.0) -> None:
         self.delay = delay
         self.own_weight = own_weight
+        self.smoothing = smoothing
         self._checked_world_size = False
 
     @classmethod
     def from_config(cls, config: DiLoCoConfig) -> EagerStrategy:
-        return cls(config.delay, config.eager_own_weight)
+        return cls(config.delay, config.eager_own_weight, config.eager_smoothing)
 
     def check_world_size(self, world_size: int, fixed_membership: bool = True) -> None:
         """w must be in [1/M, 1]: below 1/M a worker would weigh its own fresh contribution less than the average
@@ -219,7 +234,16 @@ class EagerStrategy(OuterStrategy):
             # be 1). Each contribution once: own(t − kH) went in at t − kH and is swapped for the average. A skipped
             # Δ(t − kH) leaves own(t): the others' part is never applied, the own part was, at t − kH (0 if bad).
             arrived = core.check_average(item, mean)
-            g = torch.sub(mean, item.own).add_(fresh.own) if arrived else fresh.own.clone()
+            if arrived:
+                g = torch.sub(mean, item.own)  # R_m(t − kH), plus the instalment own(t − kH) deferred (4.4)
+                if self.smoothing:
+                    rest = g if item.deferred is None else torch.sub(g, item.deferred)  # R_m(t − kH)
+                    fresh.deferred = rest.mul(self.smoothing)  # β·R_m(t − kH): applied when Δ(t) arrives
+                    fresh.own.sub_(fresh.deferred)  # own(t) = w·Δ_m(t) − β·R_m(t − kH)
+                g.add_(fresh.own)
+            else:
+                g = self.skipped_gradient(item)  # the deferred instalment of an earlier average, if any
+                g = fresh.own.clone() if g is None else g.add(fresh.own)
             core.outer_step(g, launched_at=item.launch_step)  # φ_m ← OuterOpt(φ_m, Δ̃_m(t))
         else:
             core.outer_step(fresh.own.clone(), launched_at=t)  # Δ̃_m(t) = own(t): nothing has arrived yet
@@ -227,9 +251,14 @@ class EagerStrategy(OuterStrategy):
 
     def final_gradient(self, item: InFlight, mean: torch.Tensor) -> torch.Tensor:
         """ALGORITHMS.md section 6: g = Δ(t) − own(t), own(t) = (1/M)·Δ_m(t) or w·Δ_m(t) as it was applied: the
-        rest of the average, the own part went in at t."""
+        rest of the average, the own part went in at t (with β > 0 also the instalment own(t) deferred, 4.4)."""
         assert item.own is not None
         return torch.sub(mean, item.own)
+
+    def skipped_gradient(self, item: InFlight) -> torch.Tensor | None:
+        """A skipped average (non-finite) applies nothing of itself, but the instalment of the average before it
+        that its own term deferred (4.4) is still due."""
+        return item.deferred
 
 
 STRATEGIES: dict[str, type[OuterStrategy]] = {

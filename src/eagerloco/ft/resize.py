@@ -6,7 +6,8 @@ have brought them, and handed to M' new workers with nothing in flight:
 
 1. on every saved worker, its saved in-flight averages are applied first, oldest first, as finalize applies them:
    the plain step φ ← φ − lr·g with g = Δ(t) (sync, overlap, delayed) or g = Δ(t) − own_m(t) (eager), the outer
-   optimizer's momentum untouched; a non-finite average is skipped (``nonfinite='skip'``) or refused (``'raise'``);
+   optimizer's momentum untouched; a non-finite average is skipped (``nonfinite='skip'``: only the instalment an
+   earlier average deferred into it, eager smoothing, ALGORITHMS.md 4.4, is applied) or refused (``'raise'``);
 2. sync, overlap, delayed: φ and the outer optimizer state of saved worker 0 (bit-identical on all of them);
    eager: φ = (1/M) Σ_m φ_m and every state tensor of the outer optimizer averaged the same way, summed in rank
    order like the in-process group's all-reduce (the consolidation);
@@ -106,7 +107,9 @@ def _drain(fragment: dict[str, Any], eager: bool, skip_nonfinite: bool, rank: in
     for item in fragment["in_flight"]:  # oldest first
         mean = item["mean"]
         if not bool(torch.isfinite(mean).all()):
-            if skip_nonfinite:
+            if skip_nonfinite:  # nothing of it, but the instalment of an earlier average deferred into it (4.4)
+                if eager and item.get("deferred") is not None:
+                    phi.add_(item["deferred"], alpha=-lr)
                 continue
             raise ValueError(
                 f"saved worker {rank}, fragment {index}: the average launched at inner step {item['launch_step']} "

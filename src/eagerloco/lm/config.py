@@ -222,6 +222,8 @@ class OuterConfig(DiLoCoConfig):
         if self.mode == "eager":
             w = self.eager_own_weight
             kind += ", own weight " + ("1/M (the eager paper's rule)" if w in (None, PAPER_RULE) else f"w = {w:g}")
+            if self.eager_smoothing:
+                kind += f", smoothing β = {self.eager_smoothing:g}"
         return f"SGD lr {self.outer_lr:g}, {kind} ({where})"
 
     def diloco(self, overlap_steps: int | None = None) -> DiLoCoConfig:

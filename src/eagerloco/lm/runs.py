@@ -79,8 +79,8 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
 def run_label(config: dict[str, Any]) -> str:
     """A short label of the method of a run from its ``config.json`` dict: ``dp``, ``sync H=30``,
     ``overlap τ=1 H=30``, ``delayed k=1 H=30``, ``eager k=1 H=30`` (the paper's rule) or ``eager k=1 w=0.75 H=30``
-    (an own weight, ALGORITHMS.md 4.1); `` P=4`` is appended for streaming (several fragments) and the codec for
-    compressed outer gradients (e.g. `` int8``)."""
+    (an own weight, ALGORITHMS.md 4.1; ``eager k=1 w=0.875 β=0.5 H=30`` with smoothing, 4.4); `` P=4`` is appended
+    for streaming (several fragments) and the codec for compressed outer gradients (e.g. `` int8``)."""
     outer = config.get("outer", {})
     mode = str(outer.get("mode", "?"))
     if mode == "dp":
@@ -94,6 +94,8 @@ def run_label(config: dict[str, Any]) -> str:
     weight = outer.get("eager_own_weight")
     if mode == "eager" and weight is not None:
         parts.append(f"w={weight}" if isinstance(weight, str) else f"w={weight:g}")  # "1/M": the paper's rule
+    if mode == "eager" and outer.get("eager_smoothing"):
+        parts.append(f"β={outer['eager_smoothing']:g}")  # smoothing, ALGORITHMS.md 4.4
     parts.append(f"H={H}")
     if (outer.get("num_fragments") or 1) > 1:
         parts.append(f"P={outer['num_fragments']}")
