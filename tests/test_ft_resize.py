@@ -150,7 +150,7 @@ def test_resume_eager_with_smoothing_with_another_number_of_workers_is_exact(new
     (Δ(4) arrived at 8); applying Δ(8) − own_m(8) applies it too, exactly as finalize() does."""
     extra = {"eager_smoothing": 0.5}  # the paper's own weight 1/M: valid for M' = 1 too
     saved, refs = saved_run("eager", 2, **extra)
-    assert all(f["in_flight"][0]["deferred"] is not None for s in saved for f in s["fragments"])
+    assert all(f["in_flight"][0]["share"] is not None for s in saved for f in s["fragments"])
     consolidated = [(refs[0]["phi"][p] + refs[1]["phi"][p]) / 2 for p in range(len(refs[0]["phi"]))]
     for worker in resumed_run("eager", resize_outer_states(saved, new_m), steps=2 * H, **extra):
         assert all(torch.equal(got, want) for got, want in zip(worker["phi"], refs[0]["phi"]))

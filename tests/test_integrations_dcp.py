@@ -84,9 +84,9 @@ def test_keys_are_parameter_names_with_per_worker_keys_only_in_eager(one_rank_pe
         assert own <= eager and means <= eager
         assert {f"worker{rank}.phi.{n}" for n in params} <= eager  # φ_m differs between eager workers
         assert not any(k.startswith("phi.") for k in eager)
-        assert not any(".deferred." in k for k in eager)  # no smoothing: no slots for deferred instalments
+        assert not any(".share." in k for k in eager)  # no smoothing: no slots for the own terms before it
         smoothed = set(saved["eager_smoothed_p2"]["keys"])
-        assert {f"worker{rank}.in_flight.0.deferred.{n}" for n in params} <= smoothed
+        assert {f"worker{rank}.in_flight.0.share.{n}" for n in params} <= smoothed
 
 
 def test_safetensors_export_of_a_plain_module_and_a_loco(tmp_path):

@@ -47,10 +47,11 @@ class InFlight:
     own: torch.Tensor | None = None
     """Eager only: this worker's contribution exactly as it was applied eagerly (w·Δ_m(t), w = 1/M by default,
     ALGORITHMS.md 4.1; zero when Δ_m(t) was not finite: nothing was applied). Set by the strategy."""
-    deferred: torch.Tensor | None = None
-    """Eager with β > 0 only (ALGORITHMS.md 4.4): β·R_m(t − kH), the instalment of the previous average's rest that
-    this worker took out of its own term ``own`` (own = w·Δ_m(t) − deferred), applied when this average arrives.
-    None: nothing deferred (β = 0, or no average had arrived at t)."""
+    share: torch.Tensor | None = None
+    """Eager with β > 0 only (ALGORITHMS.md 4.4): w·Δ_m(t), the own term before the instalment β·R_m(t − kH) of the
+    previous average's rest was taken out of it (own = share − β·R_m(t − kH)), so that this average's rest
+    R_m(t) = Δ(t) − share is exact on arrival. None: nothing was taken out (β = 0, or nothing had arrived at t), the
+    share is ``own``."""
     own_finite: bool = True
     """Whether this worker's own Δ_m(t) was finite (for the error message when the average is not)."""
 

@@ -421,7 +421,7 @@ class DiLoCo:
                         "launch_step": item.launch_step,
                         "mean": state.wait(item).clone(),
                         "own": None if item.own is None else item.own.clone(),
-                        "deferred": None if item.deferred is None else item.deferred.clone(),
+                        "share": None if item.share is None else item.share.clone(),
                         "own_finite": item.own_finite,
                         "payload_bytes": item.mean.payload_bytes,
                         "dropped": bool(getattr(item.mean, "dropped", False)),
@@ -500,7 +500,7 @@ class DiLoCo:
                     launch_step=item["launch_step"],
                     mean=_restored_mean(item, state.phi.device),
                     own=None if item["own"] is None else item["own"].to(state.phi.device),
-                    deferred=None if item.get("deferred") is None else item["deferred"].to(state.phi.device),
+                    share=None if item.get("share") is None else item["share"].to(state.phi.device),
                     own_finite=item.get("own_finite", True),
                 )
                 for item in saved_fragment["in_flight"]

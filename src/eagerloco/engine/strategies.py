@@ -183,7 +183,7 @@ class EagerStrategy(OuterStrategy):
 
     Variant (section 4.4, opt-in ``eager_smoothing`` = β ∈ [0, 1]): the rest of each arriving average, R_m(t − kH)
     = Δ(t − kH) − w·Δ_m(t − kH), is applied (1 − β) on arrival and β at the next arrival. The deferred instalment
-    β·R_m(t − kH) is taken out of the own term, own(t) = w·Δ_m(t) − β·R_m(t − kH) (kept in ``InFlight.deferred``),
+    β·R_m(t − kH) is taken out of the own term, own(t) = w·Δ_m(t) − β·R_m(t − kH) (w·Δ_m(t) kept in ``InFlight.share``),
     so the swap of own(t) for Δ(t) at the next arrival applies it: Δ̃_m(t) = w·Δ_m(t) + (1 − β)·R_m(t − kH) +
     β·R_m(t − 2kH), each contribution still applied exactly once. β = 0 is the rule above, bit for bit.
     """
@@ -237,9 +237,9 @@ class EagerStrategy(OuterStrategy):
             if arrived:
                 g = torch.sub(mean, item.own)  # R_m(t − kH), plus the instalment own(t − kH) deferred (4.4)
                 if self.smoothing:
-                    rest = g if item.deferred is None else torch.sub(g, item.deferred)  # R_m(t − kH)
-                    fresh.deferred = rest.mul(self.smoothing)  # β·R_m(t − kH): applied when Δ(t) arrives
-                    fresh.own.sub_(fresh.deferred)  # own(t) = w·Δ_m(t) − β·R_m(t − kH)
+                    rest = g if item.share is None else torch.sub(mean, item.share)  # R_m(t − kH) = Δ − w·Δ_m
+                    fresh.share = fresh.own.clone()  # w·Δ_m(t)
+                    fresh.own.add_(rest, alpha=-self.smoothing)  # own(t) = w·Δ_m(t) − β·R_m(t − kH)
                 g.add_(fresh.own)
             else:
                 g = self.skipped_gradient(item)  # the deferred instalment of an earlier average, if any
@@ -257,8 +257,8 @@ class EagerStrategy(OuterStrategy):
 
     def skipped_gradient(self, item: InFlight) -> torch.Tensor | None:
         """A skipped average (non-finite) applies nothing of itself, but the instalment of the average before it
-        that its own term deferred (4.4) is still due."""
-        return item.deferred
+        that its own term deferred (4.4) is still due: share − own = β·R_m of that earlier average."""
+        return None if item.share is None else torch.sub(item.share, item.own)
 
 
 STRATEGIES: dict[str, type[OuterStrategy]] = {

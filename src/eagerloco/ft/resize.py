@@ -108,8 +108,8 @@ def _drain(fragment: dict[str, Any], eager: bool, skip_nonfinite: bool, rank: in
         mean = item["mean"]
         if not bool(torch.isfinite(mean).all()):
             if skip_nonfinite:  # nothing of it, but the instalment of an earlier average deferred into it (4.4)
-                if eager and item.get("deferred") is not None:
-                    phi.add_(item["deferred"], alpha=-lr)
+                if eager and item.get("share") is not None:  # share − own: the instalment deferred into it
+                    phi.add_(torch.sub(item["share"], item["own"]), alpha=-lr)
                 continue
             raise ValueError(
                 f"saved worker {rank}, fragment {index}: the average launched at inner step {item['launch_step']} "

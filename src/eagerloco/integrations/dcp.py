@@ -29,7 +29,7 @@ key (under the name given to ``dcp.save``)  value
 ``outer_optimizer.<state>.<param>``         the outer optimizer's per-element state (SGD: ``momentum_buffer``)
 ``in_flight.<j>.mean.<param>``              the j-th average in flight (oldest first), Δ(t) by value
 ``in_flight.<j>.own.<param>``               eager only: this worker's own contribution (1/M)·Δ_m(t) in it
-``in_flight.<j>.deferred.<param>``          eager with ``eager_smoothing`` > 0 only: the instalment deferred in it
+``in_flight.<j>.share.<param>``             eager with ``eager_smoothing`` > 0 only: that own term before smoothing
 ``meta.worker<m>.rank<n>``                  the rest (config, step, schedule, codec residual, ...), one per rank
 ==========================================  ======================================================================
 
@@ -103,7 +103,7 @@ class DiLoCoState(Stateful):
         self._meta_key = f"meta.worker{worker}.rank{inner_rank}"
         self._capacity = in_flight_capacity(loco)
         self._eager_own = not loco.strategy.uniform_outer_state
-        self._deferred = self._eager_own and bool(loco.config.eager_smoothing)  # eager's deferred instalments (4.4)
+        self._share = self._eager_own and bool(loco.config.eager_smoothing)  # eager smoothing's w·Δ_m(t) (4.4)
         self._elementwise = [_elementwise_state_keys(core.outer_optimizer) for core in loco.states]
 
     def state_dict(self) -> dict[str, Any]:
@@ -143,10 +143,9 @@ class DiLoCoState(Stateful):
                     _put(
                         out, f"{own}in_flight.{j}.own.", names, _per_parameter(view, _or_zeros(own_value, saved["phi"]))
                     )
-                if self._deferred:
-                    deferred = None if item is None else item["deferred"]
-                    _put(out, f"{own}in_flight.{j}.deferred.", names,
-                         _per_parameter(view, _or_zeros(deferred, saved["phi"])))  # fmt: skip
+                if self._share:
+                    share = None if item is None else item["share"]
+                    _put(out, f"{own}in_flight.{j}.share.", names, _per_parameter(view, _or_zeros(share, saved["phi"])))
             skeleton_fragments.append(
                 {
                     "names": names,
@@ -154,8 +153,8 @@ class DiLoCoState(Stateful):
                     "reducer": saved["reducer"],
                     "arrivals": saved["arrivals"],
                     "in_flight": [
-                        {k: v for k, v in item.items() if k not in ("mean", "own", "deferred")}
-                        | {"has_own": item["own"] is not None, "has_deferred": item.get("deferred") is not None}
+                        {k: v for k, v in item.items() if k not in ("mean", "own", "share")}
+                        | {"has_own": item["own"] is not None, "has_share": item.get("share") is not None}
                         for item in in_flight
                     ],
                 }
@@ -187,14 +186,14 @@ class DiLoCoState(Stateful):
                         per_param[key] = value.to(core.phi.device)
             in_flight = []
             for j, item in enumerate(skeleton["in_flight"]):
-                restored = {k: v for k, v in item.items() if k not in ("has_own", "has_deferred")}
+                restored = {k: v for k, v in item.items() if k not in ("has_own", "has_share")}
                 restored["mean"] = _flat(view, _get(state_dict, f"in_flight.{j}.mean.", names))
                 restored["own"] = (
                     _flat(view, _get(state_dict, f"{own}in_flight.{j}.own.", names)) if item["has_own"] else None
                 )
-                has_deferred = item.get("has_deferred", False)
-                restored["deferred"] = (
-                    _flat(view, _get(state_dict, f"{own}in_flight.{j}.deferred.", names)) if has_deferred else None
+                has_share = item.get("has_share", False)
+                restored["share"] = (
+                    _flat(view, _get(state_dict, f"{own}in_flight.{j}.share.", names)) if has_share else None
                 )
                 in_flight.append(restored)
             fragments.append(
