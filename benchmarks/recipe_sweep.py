@@ -162,8 +162,10 @@ class Point:
     def recipe(self) -> tuple[float, float, bool]:
         return (self.outer_lr, self.outer_momentum, self.nesterov and self.outer_momentum > 0)
 
-    def train_args(self) -> list[str]:
-        """The ``eagerloco train`` flags of this run (without ``--out-dir``)."""
+    def train_args(self, engine_smoothing: bool = False) -> list[str]:
+        """The ``eagerloco train`` flags of this run (without ``--out-dir``). ``engine_smoothing``: the engine has
+        eager smoothing (ALGORITHMS.md 4.4; :func:`engine_has_smoothing`), so an eager point without one says β = 0:
+        the CLI's eager default smooths since 2026-12-06 (engines before it have no such flag, and no smoothing)."""
         args = [
             *bl.METHODS[self.method],
             "--launch", "simulated", "--link-mbit", "0", "--threads", "1",
@@ -177,6 +179,8 @@ class Point:
             args += ["--eager-own-weight", paper_rule(self.workers)]
         if self.smoothing is not None:
             args += ["--eager-smoothing", f"{self.smoothing:g}"]
+        elif engine_smoothing and bl.is_eager(self.method):
+            args += ["--eager-smoothing", "0"]
         if not any(a == "--lr" or a.startswith("--lr=") for a in self.extra):
             args += ["--lr", f"{STUDY_INNER_LR:g}"]
         return [*args, *self.extra]
@@ -398,8 +402,16 @@ def source_info(src: Path | None) -> dict[str, Any]:
 Runner = Callable[[Point, Path], dict[str, Any]]
 
 
+def engine_has_smoothing(src: Path | None) -> bool:
+    """Whether the eagerloco at ``src`` (this checkout if None) has eager smoothing (``--eager-smoothing``)."""
+    config = (Path(src) if src is not None else bl.ROOT) / "src" / "eagerloco" / "engine" / "config.py"
+    return config.is_file() and "eager_smoothing" in config.read_text()
+
+
 def train_runner(src: Path | None, runs_dir: Path, timeout: float) -> Runner:
-    """Run one point with ``eagerloco train`` (from ``src``'s checkout if given); return its record fields."""
+    """Run one point with ``eagerloco train`` (from ``src``'s checkout if given); return its record fields (with
+    the flags it ran)."""
+    smoothing = engine_has_smoothing(src)
     env = dict(os.environ)
     if src is not None:
         env["PYTHONPATH"] = str(Path(src) / "src") + os.pathsep + env.get("PYTHONPATH", "")
@@ -407,16 +419,23 @@ def train_runner(src: Path | None, runs_dir: Path, timeout: float) -> Runner:
 
     def run(point: Point, _out: Path) -> dict[str, Any]:
         out_dir = runs_dir / point.key
+        args = point.train_args(engine_smoothing=smoothing)
         try:
-            summary = bl.run_train(point.train_args(), out_dir, timeout=timeout, env=env)
+            summary = bl.run_train(args, out_dir, timeout=timeout, env=env)
         except RuntimeError as exc:
             text = str(exc)
             status = "diverged" if "NonFiniteOuterGradient" in text else "failed"
-            return {"status": status, "eval_loss": None, "error": text[-3000:]}
+            return {"status": status, "eval_loss": None, "error": text[-3000:], "train_args": args}
         except subprocess.TimeoutExpired:
-            return {"status": "failed", "eval_loss": None, "error": f"timed out after {timeout:.0f} s"}
+            return {
+                "status": "failed",
+                "eval_loss": None,
+                "error": f"timed out after {timeout:.0f} s",
+                "train_args": args,
+            }
         loss = summary["eval_loss"]
         return {
+            "train_args": args,
             "status": "ok" if _finite(loss) else "diverged",
             "eval_loss": loss if _finite(loss) else None,
             "evals": summary["evals"],

@@ -23,7 +23,7 @@ def write(out: Path, point: rs.Point, status: str = "ok", loss: float | None = 2
     rs.atomic_write_json(out / "runs" / f"{point.key}.json", rec)
 
 
-def test_point_key_and_train_flags():
+def test_point_key_and_train_flags(tmp_path):
     p = rs.Point("eager", 0.7, 0.9, True)
     assert p.key == "eager_M2_T900_lr0.7_m0.9n_s0"
     assert p.train_args() == [
@@ -55,6 +55,14 @@ def test_point_key_and_train_flags():
     assert b.group != rs.Point("eager", 0.7, 0.5, True, own_weight=0.875).group
     assert rs.Point.from_dict(json.loads(json.dumps(b.to_dict()))) == b
     assert rs.label(b.group) == "eager k=1, own weight w=0.875, smoothing β=0.5 (M=2, 900 steps)"
+    # an engine with smoothing: an eager point without one says β = 0 (the CLI's eager default smooths); sync not
+    plain = rs.Point("eager", 0.7, 0.5, True, own_weight=0.75)
+    assert "--eager-smoothing" not in plain.train_args()  # engines before smoothing have no such flag
+    assert plain.train_args(engine_smoothing=True)[-4:] == ["--eager-smoothing", "0", "--lr", "0.003"]
+    assert b.train_args(engine_smoothing=True) == b.train_args()
+    assert "--eager-smoothing" not in rs.Point("sync", 1.0, 0.5, True).train_args(engine_smoothing=True)
+    assert rs.engine_has_smoothing(None)  # this checkout
+    assert not rs.engine_has_smoothing(tmp_path)  # no engine there
 
 
 def test_main_plan_order_and_seed_stage(tmp_path):
