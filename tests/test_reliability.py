@@ -499,6 +499,31 @@ def test_resume_says_which_inner_optimizer_settings_it_changes(tmp_path, referen
         f"{saved['warmup_steps']} to keep the checkpoint's)",
     ]
     assert json.loads((mid / "config.json").read_text())["optim"]["lr"] == 0.0123
+    # Eager's smoothing (ALGORITHMS.md 4.4) may change on resume too (the deferred instalments are stored), said
+    smoothed = tmp_path / "smoothed"
+    shutil.copytree(reference, smoothed)
+    shutil.rmtree(smoothed / "checkpoints" / "step-000000060")
+    checkpoint = smoothed / "checkpoints" / "step-000000055"
+    beta = json.loads((smoothed / "config.json").read_text())["outer"]["eager_smoothing"]
+    capsys.readouterr()
+    cli_in_process(smoothed, "--resume", "--eager-smoothing", "0.125")
+    said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("eagerloco train --resume")]
+    assert said == [
+        f"eagerloco train --resume: outer.eager_smoothing=0.125 where checkpoint {checkpoint} was written with "
+        f"{beta!r}: the outer loop continues with the new value (pass --eager-smoothing {beta:g} to keep the "
+        "checkpoint's)"
+    ]
+    # a checkpoint from before smoothing existed (no such key) was written without it: β = 0
+    from eagerloco.lm import checkpoint as ckpt
+
+    manifest = checkpoint / "COMPLETE.json"
+    old = json.loads(manifest.read_text())
+    del old["config"]["outer"]["eager_smoothing"]
+    manifest.write_text(json.dumps(old))
+    assert ckpt.accepted_changes(checkpoint, {"outer": {"eager_smoothing": 0.125}}) == [
+        f"outer.eager_smoothing=0.125 where checkpoint {checkpoint} was written with 0.0: the outer loop continues "
+        "with the new value (pass --eager-smoothing 0 to keep the checkpoint's)"
+    ]
     again = tmp_path / "again"
     shutil.copytree(reference, again)
     shutil.rmtree(again / "checkpoints" / "step-000000060")

@@ -190,7 +190,7 @@ def prepare_run_dir(config: TrainConfig) -> Path:
     metrics = run_dir / "metrics.jsonl"
     if config.run.resume:
         directory = check_resume(config)
-        for line in ckpt.inner_changes(directory, config.to_dict()):  # once per run: worker 0 prepares the directory
+        for line in ckpt.accepted_changes(directory, config.to_dict()):  # once per run: worker 0 prepares the directory
             print(f"eagerloco train --resume: {line}", file=sys.stderr, flush=True)
         step = int(directory.name.split("-")[1])
         if metrics.exists():  # drop what the interrupted run logged after its checkpoint

@@ -190,20 +190,31 @@ def check_compatible(directory: Path, world_size: int, config: dict[str, Any] | 
     return manifest
 
 
-def inner_changes(directory: Path, config: dict[str, Any]) -> list[str]:
-    """One line per inner optimizer setting (``optim.*``: lr, schedule, AdamW's) that this resumed run changes from
-    the checkpoint's configuration. Accepted (AdamW continues from its state with the new value), but said: a
-    default that changes between eagerloco versions (the mode's outer recipes have; the inner lr may) would
-    otherwise change a resumed run silently. Each line names the flag that keeps the checkpoint's value."""
+# Eager's variants (ALGORITHMS.md 4.1, 4.4) may change on any resume: the own terms and deferred instalments in flight
+# are stored as applied, so the outer loop continues exactly with the new values. Accepted, and said.
+ACCEPTED_OUTER = ("outer.eager_own_weight", "outer.eager_smoothing")
+# What a key absent from an older checkpoint's config meant when it was written.
+LEGACY_DEFAULTS: dict[str, Any] = {"outer.eager_smoothing": 0.0}
+
+
+def accepted_changes(directory: Path, config: dict[str, Any]) -> list[str]:
+    """One line per setting that this resumed run changes from the checkpoint's configuration and that a resume
+    accepts: the inner optimizer's (``optim.*``: lr, schedule, AdamW's; AdamW continues from its state with the new
+    value) and eager's own weight and smoothing. Said, because a default that changes between eagerloco versions (the
+    mode's outer recipes have; the inner lr may) would otherwise change a resumed run silently. Each line names the
+    flag that keeps the checkpoint's value."""
     saved = read_manifest(directory).get("config")
     if saved is None:
         return []
-    old, new = _flat(saved), _flat(config)
+    old, new = {**LEGACY_DEFAULTS, **_flat(saved)}, _flat(config)
     lines = []
-    for key in sorted(k for k in new if k.startswith("optim.") and k in old and old[k] != new[k]):
+    for key in sorted(k for k in new if (k.startswith("optim.") or k in ACCEPTED_OUTER) and k in old):
+        if old[key] == new[key] or old[key] is None or new[key] is None:
+            continue
+        what = "the inner optimizer continues" if key.startswith("optim.") else "the outer loop continues"
         lines.append(
-            f"{key}={new[key]!r} where checkpoint {directory} was written with {old[key]!r}: the inner optimizer "
-            f"continues with the new value (pass {_flag_setting(key, old[key])} to keep the checkpoint's)"
+            f"{key}={new[key]!r} where checkpoint {directory} was written with {old[key]!r}: {what} with the new "
+            f"value (pass {_flag_setting(key, old[key])} to keep the checkpoint's)"
         )
     return lines
 

@@ -103,6 +103,9 @@ class OuterRecipe(NamedTuple):
     leaves ``eager_own_weight`` unset (fault-tolerant runs too: each quorum takes max(w, 1/M_Q)); None: the eager
     paper's rule w = 1/M. M = 1 (eager is sync: 1/M = 1) keeps the paper's rule; with M >= 2 that rule takes
     :data:`EAGER_PAPER_RECIPE` (see :meth:`OuterConfig.recipe`)."""
+    smoothing: float = 0.0
+    """Mode 'eager' only: the smoothing β (ALGORITHMS.md 4.4) a run with M >= 2 workers gets when it leaves
+    ``eager_smoothing`` unset; 0 everywhere else (the paper's rule included)."""
 
 
 OUTER_RECIPES: dict[str, OuterRecipe] = {
@@ -113,8 +116,12 @@ OUTER_RECIPES: dict[str, OuterRecipe] = {
     # Eager weighs its own fresh outer gradient w = 0.75 in place of the paper's 1/M, which makes what it applies
     # less stale; then a little Nesterov momentum helps it as it helps DiLoCo. Better than the paper's rule at each
     # one's best, 3 seeds, every seed: M = 2 1.670 vs 1.708, M = 4 1.772 vs 1.877; M = 8 (seed 0) 1.849 vs 2.024
-    # (BENCHMARKS.md 8).
-    "eager": OuterRecipe(0.7, 0.5, True, "the best of the recipe study, BENCHMARKS.md 8", own_weight=0.75),
+    # (BENCHMARKS.md 8). Smoothing β = 0.5 (ALGORITHMS.md 4.4) applies the stale rest of each average half on
+    # arrival, half one outer step later, at the same recipe: M = 2 1.664 vs 1.670, M = 4 1.767 vs 1.772 (3 seeds
+    # each, every seed; BENCHMARKS.md 8, "Smoothing").
+    "eager": OuterRecipe(
+        0.7, 0.5, True, "the best of the recipe study, BENCHMARKS.md 8", own_weight=0.75, smoothing=0.5
+    ),
     # Overlap (streaming) is stale by τ inner steps only: Nesterov 0.9 as in the DiLoCo paper, with DiLoCo's large
     # step, lr 1. Better than the paper's lr 0.7 at τ = 1 (1.622 vs 1.625) and at τ = 14 (1.644 vs 1.660) over 3
     # seeds, every seed; at τ = 3 (1.627 vs 1.630, 3 seeds), 5 and 7 (seed 0) too (BENCHMARKS.md 8).
@@ -153,6 +160,10 @@ class OuterConfig(DiLoCoConfig):
     rule, whose stale part momentum feeds on; overlap 0.9, the papers' value; delayed 0, all stale)."""
     nesterov: bool | None = None  # type: ignore[assignment]
     """Nesterov momentum for the outer SGD. Unset: the mode's recipe (on wherever it has momentum)."""
+    eager_smoothing: float | None = None  # type: ignore[assignment]
+    """Mode 'eager': β in [0, 1], the share of each arriving average's rest applied one outer step later
+    (ALGORITHMS.md 4.4). Unset: eager's recipe with M >= 2 workers (see ``OUTER_RECIPES``), 0 with the paper's rule
+    and in every other mode."""
     eager_own_weight: float | Literal["1/M"] | None = None  # type: ignore[assignment]
     """Mode 'eager': the weight w in [1/M, 1] of a worker's own fresh outer gradient (ALGORITHMS.md 4.1), or "1/M",
     the eager paper's rule. Unset: eager's recipe, w = 0.75 with M >= 2 workers (measured better than 1/M at M = 2,
@@ -194,6 +205,8 @@ class OuterConfig(DiLoCoConfig):
             self.outer_momentum = recipe.momentum
         if self.nesterov is None:
             self.nesterov = recipe.nesterov
+        if self.eager_smoothing is None:
+            self.eager_smoothing = recipe.smoothing if self.mode == "eager" and workers >= 2 else 0.0
 
     def recipe(self, workers: int) -> OuterRecipe | None:
         """The recipe this mode's unset fields take with M = ``workers``: ``OUTER_RECIPES[mode]``, except eager
@@ -236,6 +249,8 @@ class OuterConfig(DiLoCoConfig):
             raise ConfigError("outer.overlap_steps='auto' is resolved when the run starts (lm/auto_overlap.py)")
         if values["eager_own_weight"] == PAPER_RULE:
             values["eager_own_weight"] = None  # the library's spelling of the paper's rule
+        if values["eager_smoothing"] is None:  # unset and no recipe filled it in: the rule of section 4
+            values["eager_smoothing"] = 0.0
         return DiLoCoConfig(**values).validate()
 
 
@@ -427,7 +442,9 @@ class TrainConfig:
 
 SECTIONS: tuple[str, ...] = ("model", "data", "optim", "outer", "run")
 # Outer fields whose default is the mode's recipe (OUTER_RECIPES), filled in by validate().
-RECIPE_FIELDS: frozenset[str] = frozenset({"outer_lr", "outer_momentum", "nesterov", "eager_own_weight"})
+RECIPE_FIELDS: frozenset[str] = frozenset(
+    {"outer_lr", "outer_momentum", "nesterov", "eager_own_weight", "eager_smoothing"}
+)
 # Fields that were removed (value that meant "off", ALGORITHMS.md section, last commit): a saved config.json that has
 # it off still loads.
 REMOVED: dict[str, tuple[Any, str, str]] = {f"outer.{key}": removed for key, removed in REMOVED_FIELDS.items()}
