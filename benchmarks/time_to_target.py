@@ -66,7 +66,7 @@ def seconds_per_step(cu: dict[str, Any], method: str, rate: float) -> float | No
 
 
 def curve_name(run: dict[str, Any]) -> str:
-    """A curve's name: the method, and eager's own weight where set (``eager w=0.75``)."""
+    """A curve's name: the method, and eager's own weight and smoothing where set (``eager w=0.875 β=0.5``)."""
     return " ".join(x for x in (run["method"], run.get("variant", "")) if x)
 
 
@@ -79,7 +79,9 @@ def recipe_runs(paths: list[Path]) -> dict[str, Any]:
             raise SystemExit(f"time_to_target: {path}: status {r.get('status')!r}, only finished runs have a curve")
         point = r["point"]
         weight = point.get("own_weight")  # eager's own weight (ALGORITHMS.md 4.1): a curve of its own
-        runs.append({"method": point["method"], "variant": f"w={weight:g}" if weight is not None else "",
+        beta = point.get("smoothing")  # and its smoothing (4.4)
+        variant = " ".join(([f"w={weight:g}"] if weight is not None else []) + ([f"β={beta:g}"] if beta else []))
+        runs.append({"method": point["method"], "variant": variant,
                      "seed": point["seed"], "eval_loss": r["eval_loss"], "evals": r["evals"],
                      "steps": point["steps"], "recipe": point, "source": path.name})  # fmt: skip
     methods = list(dict.fromkeys(curve_name(r) for r in runs))
@@ -151,10 +153,11 @@ def main(argv: list[str] | None = None) -> int:
         curve = mean_curve(runs)
         step = first_crossing(curve, target)
         base, variant = runs[0]["method"], runs[0].get("variant", "")
-        per_step = seconds_per_step(cu, base, rate)  # the own weight does not change the step (same bytes)
+        per_step = seconds_per_step(cu, base, rate)  # own weight, smoothing: the same step (same bytes)
         wall = step * per_step if step is not None and per_step is not None else None
         rule = ", the paper's rule" if bl.is_eager(base) else ""  # eager without an own weight
-        label = bl.LABELS.get(base, base) + (f", own weight {variant}" if variant else rule)
+        own = f", own weight {variant}".replace(" β=", ", smoothing β=")  # "w=0.875 β=0.5" (4.1, 4.4)
+        label = bl.LABELS.get(base, base) + (own if variant else rule)
         rows.append({"method": method, "label": label, "seeds": len(runs), "step": step, "seconds_per_step": per_step,
                      "wall_s": wall, "final_mean_loss": curve[-1][1], "curve": curve})  # fmt: skip
         table.append([

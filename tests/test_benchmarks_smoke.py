@@ -134,16 +134,18 @@ def test_time_to_target_combines_loss_curves_and_link_timing(tmp_path):
 def test_time_to_target_from_recipe_sweep_runs(tmp_path):
     """--runs: each method at its own length (eager trained longer than DiLoCo); seeds averaged per method."""
 
-    def run(method, seed, steps, losses, status="ok", own_weight=None):
+    def run(method, seed, steps, losses, status="ok", own_weight=None, smoothing=None):
         evals = [{"step": steps * (i + 1) // len(losses), "eval_loss": v} for i, v in enumerate(losses)]
-        point = {"method": method, "seed": seed, "steps": steps, "outer_lr": 1.0, "own_weight": own_weight}
-        path = tmp_path / f"{method}_{steps}_{seed}_{own_weight}.json"
+        point = {"method": method, "seed": seed, "steps": steps, "outer_lr": 1.0, "own_weight": own_weight,
+                 "smoothing": smoothing}  # fmt: skip
+        path = tmp_path / f"{method}_{steps}_{seed}_{own_weight}_{smoothing}.json"
         path.write_text(json.dumps({"status": status, "point": point, "eval_loss": losses[-1], "evals": evals}))
         return str(path)
 
     paths = [run("sync", 0, 30, [3.0, 2.6, 2.2]), run("sync", 1, 30, [3.0, 2.6, 2.0]),  # target 2.1
              run("eager", 0, 40, [2.9, 2.5, 2.3, 2.0]),  # crosses 2.1 at step 40 - (2.1 - 2.0) / 0.3 * 10
-             run("eager", 0, 40, [2.9, 2.5, 2.1, 2.0], own_weight=0.75)]  # its own curve: 2.1 at step 30  # fmt: skip
+             run("eager", 0, 40, [2.9, 2.5, 2.1, 2.0], own_weight=0.75),  # its own curve: 2.1 at step 30
+             run("eager", 0, 40, [2.8, 2.1, 2.0, 1.9], own_weight=0.875, smoothing=0.5)]  # 2.1 at 20  # fmt: skip
     counted = {"outer_launches": 3, "outer_waits": 3}  # the engine's own steady state: read as it is
     cu = {"sync_every": 10, "runs": [{"method": m, "rate_mbit": 4.0, "steps": 30, "wall_steady_s": w, **counted}
                                      for m, w in [("sync", 60.0), ("eager", 30.0)]]}  # fmt: skip
@@ -159,6 +161,8 @@ def test_time_to_target_from_recipe_sweep_runs(tmp_path):
     assert rows["eager w=0.75"]["step"] == 30 and rows["eager w=0.75"]["wall_s"] == 30.0  # eager's step time
     table = (tmp_path / "time_to_target.md").read_text()
     assert "| eager k=1, own weight w=0.75 | 2.000 | 30 | 1.000 | 30 | 0.50x |" in table
+    assert rows["eager w=0.875 β=0.5"]["step"] == 20  # smoothing (4.4): a curve of its own, eager's step time
+    assert "| eager k=1, own weight w=0.875, smoothing β=0.5 | 1.900 | 20 | 1.000 | 20 | 0.33x |" in table
     assert "| eager k=1, the paper's rule | 2.000 | 37 | 1.000 | 37 | 0.61x |" in table
     with pytest.raises(SystemExit, match="mixes run lengths"):
         ttt.main(
