@@ -83,7 +83,7 @@ def test_the_readme_commands_work_as_written_in_order(tmp_path):
     assert (tmp_path / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     proc = run(tmp_path, "eagerloco eval runs/eager")
-    assert proc.stdout.startswith("eagerloco eval: runs/eager/model.pt (eager k=1 w=0.75 β=0.5 H=5, step 20)")
+    assert proc.stdout.startswith("eagerloco eval: runs/eager/model.pt (eager k=1 w=0.875 β=0.5 H=5, step 20)")
     assert f"the run measured {result['eval_loss']:.4f} on the same windows (identical)" in proc.stdout
 
     proc = run(tmp_path, 'eagerloco sample runs/eager --prompt "ROMEO:"')
@@ -115,5 +115,5 @@ def test_the_readme_commands_work_as_written_in_order(tmp_path):
     assert [o.returncode for o in outputs] == [0, 0, 0], [o.stderr for o in outputs]
     assert outputs[0].stdout == "plot written to runs/eager/plot.png\n"
     assert (eager / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert outputs[1].stdout.startswith("eagerloco eval: runs/eager/model.pt (eager k=1 w=0.75 β=0.5 H=5, step 30)")
+    assert outputs[1].stdout.startswith("eagerloco eval: runs/eager/model.pt (eager k=1 w=0.875 β=0.5 H=5, step 30)")
     assert outputs[2].stdout.strip()
