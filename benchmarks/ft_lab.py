@@ -403,7 +403,7 @@ def start_site(lab: Any, method: str, args: argparse.Namespace, site: int, port:
 
 
 def recipe_label(recipe: Mapping[str, Any] | None) -> str:
-    """'lr 0.7, Nesterov 0.5, w 0.75' for a site's recipe; 'n/a' where the run did not record one (before this
+    """'lr 0.7, Nesterov 0.5, w 0.875, β 0.5' for a site's recipe; 'n/a' where the run did not record one (before this
     column existed: its commit then tells)."""
     if not recipe:
         return "n/a"
@@ -412,6 +412,8 @@ def recipe_label(recipe: Mapping[str, Any] | None) -> str:
              "no momentum" if m == 0 else f"{'Nesterov' if recipe['nesterov'] else 'momentum'} {m:g}"]  # fmt: skip
     if recipe.get("eager_own_weight") is not None:
         parts.append(f"w {recipe['eager_own_weight']:g}")
+    if recipe.get("eager_smoothing"):  # eager's smoothing (ALGORITHMS.md 4.4); absent before it existed
+        parts.append(f"β {recipe['eager_smoothing']:g}")
     return ", ".join(parts)
 
 

@@ -95,7 +95,7 @@ def test_run_label():
 
 def test_load_run_reads_the_records(runs):
     run = load_run(runs["eager"])
-    assert run.label == "eager k=1 w=0.75 H=5" and run.mode == "eager"
+    assert run.label == "eager k=1 w=0.875 β=0.5 H=5" and run.mode == "eager"
     assert run.workers == [0, 1]
     assert [r["step"] for r in run.inner(1)] == list(range(1, STEPS + 1))
     assert [r["inner_step"] for r in run.outer(0)] == [5, 10, 15, 20]
@@ -126,14 +126,14 @@ def test_plot_figure_has_eight_panels_and_one_line_per_run(runs):
     for ax, phrase in zip(axes, PANEL_TITLES):
         assert phrase in ax.get_title()
     train, evals, wall, cu, blocked, sent, norm, lr = axes
-    assert [line.get_label() for line in train.get_lines()] == ["eager k=1 w=0.75 H=5", "dp"]
+    assert [line.get_label() for line in train.get_lines()] == ["eager k=1 w=0.875 β=0.5 H=5", "dp"]
     assert len(evals.get_lines()) == 2 and len(wall.get_lines()) == 2
     assert [len(line.get_xdata()) for line in evals.get_lines()] == [2, 2]  # evals at steps 10 and 20
     assert len(train.get_lines()[0].get_xdata()) == STEPS
-    assert [line.get_label() for line in cu.get_lines()] == ["eager k=1 w=0.75 H=5"]  # dp has no outer steps
+    assert [line.get_label() for line in cu.get_lines()] == ["eager k=1 w=0.875 β=0.5 H=5"]  # dp has no outer steps
     assert len(cu.get_lines()[0].get_xdata()) == 4
     text = "\n".join(t.get_text() for t in cu.texts)
-    assert "eager k=1 w=0.75 H=5: overall CU" in text and "dp: overall CU" in text and "no outer steps" in text
+    assert "eager k=1 w=0.875 β=0.5 H=5: overall CU" in text and "dp: overall CU" in text and "no outer steps" in text
     assert "eval loss" in wall.get_title()
 
     # the outer-step panels hold exactly what metrics.jsonl logged for worker 0 (the final drain included)
@@ -152,7 +152,7 @@ def test_plot_figure_has_eight_panels_and_one_line_per_run(runs):
     assert list(norm_line.get_ydata()) == [r["delta_norm"] for r in steps if r["fragments_synced"]]
     assert len(norm_line.get_ydata()) == STEPS // 5 and all(v > 0 for v in norm_line.get_ydata())
     inner = records(runs["dp"], "inner")
-    assert [line.get_label() for line in lr.get_lines()] == ["eager k=1 w=0.75 H=5", "dp"]
+    assert [line.get_label() for line in lr.get_lines()] == ["eager k=1 w=0.875 β=0.5 H=5", "dp"]
     assert list(lr.get_lines()[1].get_ydata()) == [r["lr"] for r in inner]
 
 
@@ -185,7 +185,7 @@ def test_plot_same_label_twice_is_disambiguated(runs, tmp_path):
     (copy / "summary.json").unlink()  # an unfinished run plots too, without its overall CU
     path, fig = plot_runs([runs["eager"], copy], tmp_path / "two.png")
     labels = [line.get_label() for line in fig.get_axes()[0].get_lines()]
-    assert labels == [f"eager k=1 w=0.75 H=5 ({runs['eager'].name})", "eager k=1 w=0.75 H=5 (eager-copy)"]
+    assert labels == [f"eager k=1 w=0.875 β=0.5 H=5 ({runs['eager'].name})", "eager k=1 w=0.875 β=0.5 H=5 (eager-copy)"]
     assert "no summary.json" in fig.get_axes()[3].texts[0].get_text()
     assert path.is_file()
 

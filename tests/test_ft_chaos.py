@@ -170,9 +170,11 @@ def test_kill_minus_9_survivors_go_on_and_the_restarted_worker_rejoins(tmp_path:
 
 @pytest.mark.slow
 def test_chaos_eager_with_the_own_weight(tmp_path: Path) -> None:
-    """Eager with the own weight w = 0.75 (the training CLI's default; ALGORITHMS.md 4.1, w_Q = max(w, 1/M_Q) per
-    quorum) through a kill and a rejoin: accepted although the engine sees M = 1 before the first quorum."""
-    config = {"mode": "eager", "eager_own_weight": 0.75, "sync_every": H, "collective_timeout_s": 30.0, **STABLE}
+    """Eager as the training CLI runs it, the own weight w = 0.875 (ALGORITHMS.md 4.1, w_Q = max(w, 1/M_Q) per
+    quorum) with smoothing β = 0.5 (4.4: a dropped average still delivers the instalment deferred into it), through a
+    kill and a rejoin: accepted although the engine sees M = 1 before the first quorum."""
+    config = {"mode": "eager", "eager_own_weight": 0.875, "eager_smoothing": 0.5, "sync_every": H,
+              "collective_timeout_s": 30.0, **STABLE}  # fmt: skip
     results, kill_at = run_chaos(tmp_path, config, seed=0)
     check_chaos(results, kill_at, config)
 

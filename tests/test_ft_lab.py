@@ -144,10 +144,12 @@ def test_collect_site_reads_metrics_and_summary(tmp_path: Path) -> None:
     summary = {"eval_loss": 2.5, "wall_s": 9.0, "params": 10, "inner_step_time_s": 0.1,
                "per_worker": [{"final_train_loss": 3.0, "blocked_s": 1.5, "fault_tolerance": ft}]}  # fmt: skip
     (tmp_path / "summary.json").write_text(json.dumps(summary))
-    outer = {"mode": "eager", "outer_lr": 0.7, "outer_momentum": 0.5, "nesterov": True, "eager_own_weight": 0.75}
+    outer = {"mode": "eager", "outer_lr": 0.7, "outer_momentum": 0.5, "nesterov": True, "eager_own_weight": 0.875,
+             "eager_smoothing": 0.5}  # fmt: skip
     (tmp_path / "config.json").write_text(json.dumps({"outer": outer}))
     s = ft_lab.collect_site("sync", tmp_path)
-    assert s["recipe"] == {"outer_lr": 0.7, "outer_momentum": 0.5, "nesterov": True, "eager_own_weight": 0.75}
+    assert s["recipe"] == {"outer_lr": 0.7, "outer_momentum": 0.5, "nesterov": True, "eager_own_weight": 0.875,
+                           "eager_smoothing": 0.5}  # fmt: skip
     assert s["inner"] == [[1, 0.1235]]
     assert s["membership"] == [{"inner_step": 0, "members": 3, "quorum_s": 0.1, "changed": False}]
     assert s["outer"] == [{"inner_step": 1, "blocked_s": 0.5, "dropped": 0}]
@@ -159,6 +161,8 @@ def test_collect_site_reads_metrics_and_summary(tmp_path: Path) -> None:
 def test_recipe_label_names_each_outer_recipe() -> None:
     r = {"outer_lr": 0.7, "outer_momentum": 0.5, "nesterov": True, "eager_own_weight": 0.75}
     assert ft_lab.recipe_label(r) == "lr 0.7, Nesterov 0.5, w 0.75"
+    assert ft_lab.recipe_label({**r, "eager_smoothing": 0.5}) == "lr 0.7, Nesterov 0.5, w 0.75, β 0.5"
+    assert ft_lab.recipe_label({**r, "eager_smoothing": 0.0}) == "lr 0.7, Nesterov 0.5, w 0.75"
     assert ft_lab.recipe_label({**r, "outer_lr": 1.0, "eager_own_weight": None}) == "lr 1, Nesterov 0.5"
     assert ft_lab.recipe_label({**r, "nesterov": False, "eager_own_weight": None}) == "lr 0.7, momentum 0.5"
     assert ft_lab.recipe_label({**r, "outer_momentum": 0.0, "eager_own_weight": None}) == "lr 0.7, no momentum"

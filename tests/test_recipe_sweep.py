@@ -31,7 +31,7 @@ def test_point_key_and_train_flags(tmp_path):
         "--workers", "2", "--steps", "900", "--seed", "0", "--outer-lr", "0.7", "--outer-momentum", "0.9",
         "--nesterov", "--eager-own-weight", "0.5", "--lr", "0.003",
     ]  # fmt: skip
-    # the paper's rule said explicitly (the CLI's own eager default is w = 0.75): 1/M where exact, else "1/M"
+    # the paper's rule said explicitly (the CLI's own eager default is an own weight): 1/M where exact, else "1/M"
     assert [rs.paper_rule(m) for m in (1, 2, 3, 4, 8)] == ["1", "0.5", "1/M", "0.25", "0.125"]
     assert "--eager-own-weight" not in rs.Point("sync", 1.0, 0.5, True).train_args()
     q = rs.Point("sync", 1.0, 0.0, True, seed=2, workers=4, steps=600, own_weight=1.0)
