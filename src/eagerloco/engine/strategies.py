@@ -240,7 +240,7 @@ class EagerStrategy(OuterStrategy):
                     rest = g if item.share is None else torch.sub(mean, item.share)  # R_m(t − kH) = Δ − w·Δ_m
                     fresh.share = fresh.own.clone()  # w·Δ_m(t)
                     fresh.own.add_(rest, alpha=-self.smoothing)  # own(t) = w·Δ_m(t) − β·R_m(t − kH)
-                g.add_(fresh.own)
+                g.add_(fresh.own)  # (after rest is used: rest may be g itself)
             else:
                 g = self.skipped_gradient(item)  # the deferred instalment of an earlier average, if any
                 g = fresh.own.clone() if g is None else g.add(fresh.own)
