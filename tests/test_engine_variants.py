@@ -129,6 +129,7 @@ def test_smoothing_hand_computed():
     assert w0["final"] == w1["final"] == 1.21875
 
 
+@pytest.mark.filterwarnings("ignore:skipping outer step:RuntimeWarning")  # the skip is the point here
 def test_smoothing_a_skipped_average_still_applies_the_instalment_deferred_into_it():
     """nonfinite='skip' drops Δ(4) (worker 1's Δ_1(4) is NaN) when it arrives at t = 6: nothing of it is applied,
     but the half of R_m(2) that each worker deferred into own(4) is, with its fresh own term. M = 2, w = 1, β = 0.5."""
