@@ -108,7 +108,7 @@ def _drain(fragment: dict[str, Any], eager: bool, skip_nonfinite: bool, rank: in
         mean = item["mean"]
         if not bool(torch.isfinite(mean).all()):
             if skip_nonfinite:  # nothing of it, but the instalment of an earlier average deferred into it (4.4)
-                if eager and item.get("share") is not None:  # share − own: the instalment deferred into it
+                if eager and item.get("share") is not None:  # share − own (EagerStrategy.skipped_gradient)
                     phi.add_(torch.sub(item["share"], item["own"]), alpha=-lr)
                 continue
             raise ValueError(
