@@ -155,3 +155,27 @@ def test_resume_eager_with_smoothing_with_another_number_of_workers_is_exact(new
     for worker in resumed_run("eager", resize_outer_states(saved, new_m), steps=2 * H, **extra):
         assert all(torch.equal(got, want) for got, want in zip(worker["phi"], refs[0]["phi"]))
         assert all(torch.allclose(got, want) for got, want in zip(worker["phi"], consolidated))
+
+
+def test_resize_skips_an_average_fault_tolerance_dropped_whatever_nonfinite() -> None:
+    """A saved average dropped by fault tolerance (its value NaN, ``dropped``: ALGORITHMS.md section 11) is skipped
+    as ``core.check_average`` skips it, even under ``nonfinite='raise'``: only the instalment of the average before
+    it that its own term deferred (4.4) is applied, φ'_m = φ_m − lr·(share_m − own_m). Not dropped, the same NaN
+    is refused in one line."""
+    saved, _ = saved_run("eager", 2, eager_smoothing=0.5, outer_momentum=0.0, nesterov=False)
+    assert saved[0]["config"]["nonfinite"] == "raise"
+    for state in saved:
+        for fragment in state["fragments"]:
+            fragment["in_flight"][0]["mean"] = torch.full_like(fragment["in_flight"][0]["mean"], float("nan"))
+    with pytest.raises(ValueError, match=r"saved worker 0, fragment 0: the average launched at inner step 8 is not"):
+        resize_outer_states(saved, 3)
+    for state in saved:
+        for fragment in state["fragments"]:
+            fragment["in_flight"][0]["dropped"] = True
+    out = resize_outer_states(saved, 3)
+    for p in range(len(saved[0]["fragments"])):
+        frag = [s["fragments"][p] for s in saved]
+        lr = frag[0]["outer_optimizer"]["param_groups"][0]["lr"]
+        by_hand = [f["phi"] - lr * (f["in_flight"][0]["share"] - f["in_flight"][0]["own"]) for f in frag]
+        assert not torch.equal(by_hand[0], frag[0]["phi"])  # the deferred instalment is not zero
+        assert torch.allclose(out[0]["fragments"][p]["phi"], (by_hand[0] + by_hand[1]) / 2, rtol=0, atol=1e-7)

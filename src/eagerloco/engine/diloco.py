@@ -498,7 +498,7 @@ class DiLoCo:
             state.in_flight = deque(
                 InFlight(
                     launch_step=item["launch_step"],
-                    mean=_restored_mean(item, state.phi.device),
+                    mean=restored_mean(item, state.phi.device),
                     own=None if item["own"] is None else item["own"].to(state.phi.device),
                     share=None if item.get("share") is None else item["share"].to(state.phi.device),
                     own_finite=item.get("own_finite", True),
@@ -612,7 +612,7 @@ def _innermost_optimizer(optimizer: torch.optim.Optimizer | None) -> torch.optim
     return optimizer
 
 
-def _restored_mean(item: dict[str, Any], device: torch.device) -> CompletedMean:
+def restored_mean(item: dict[str, Any], device: torch.device) -> CompletedMean:
     """A saved average in flight, with the drop decision fault tolerance took for it (ALGORITHMS.md section 11)."""
     mean = CompletedMean(item["mean"].to(device), item["payload_bytes"])
     if item.get("dropped", False):

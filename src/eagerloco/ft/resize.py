@@ -4,10 +4,11 @@ The M saved outer states (one :meth:`eagerloco.DiLoCo.state_dict` per saved work
 end-of-run state, exactly as :meth:`~eagerloco.DiLoCo.finalize` and :meth:`~eagerloco.DiLoCo.consolidate` would
 have brought them, and handed to M' new workers with nothing in flight:
 
-1. on every saved worker, its saved in-flight averages are applied first, oldest first, as finalize applies them:
-   the plain step φ ← φ − lr·g with g = Δ(t) (sync, overlap, delayed) or g = Δ(t) − own_m(t) (eager), the outer
-   optimizer's momentum untouched; a non-finite average is skipped (``nonfinite='skip'``: only the instalment an
-   earlier average deferred into it, eager smoothing, ALGORITHMS.md 4.4, is applied) or refused (``'raise'``);
+1. on every saved worker, its saved in-flight averages are applied first, oldest first, as finalize applies them
+   (the mode's strategy computes g): the plain step φ ← φ − lr·g with g = Δ(t) (sync, overlap, delayed) or
+   g = Δ(t) − own_m(t) (eager), the outer optimizer's momentum untouched; an average dropped by fault tolerance,
+   or not finite under ``nonfinite='skip'``, is skipped (only the instalment an earlier average deferred into it,
+   eager smoothing, ALGORITHMS.md 4.4, is applied); a non-finite one under ``'raise'`` is refused;
 2. sync, overlap, delayed: φ and the outer optimizer state of saved worker 0 (bit-identical on all of them);
    eager: φ = (1/M) Σ_m φ_m and every state tensor of the outer optimizer averaged the same way, summed in rank
    order like the in-process group's all-reduce (the consolidation);
@@ -27,7 +28,10 @@ from typing import Any
 
 import torch
 
-from eagerloco.engine.diloco import check_saved_config
+from eagerloco.engine.config import REMOVED_FIELDS, DiLoCoConfig
+from eagerloco.engine.core import InFlight
+from eagerloco.engine.diloco import restored_mean, check_saved_config
+from eagerloco.engine.strategies import OuterStrategy, make_strategy
 
 
 def resize_outer_states(saved: list[dict[str, Any]], world_size: int) -> list[dict[str, Any]]:
@@ -59,11 +63,12 @@ def resize_outer_states(saved: list[dict[str, Any]], world_size: int) -> list[di
     config = first["config"]
     check_saved_config(config)
     eager = config["mode"] == "eager"
+    strategy = make_strategy(DiLoCoConfig.from_dict({k: v for k, v in config.items() if k not in REMOVED_FIELDS}))
     skip_nonfinite = config.get("nonfinite", "raise") == "skip"
 
     fragments_out: list[list[dict[str, Any]]] = [[] for _ in range(world_size)]
     for p, ref in enumerate(first["fragments"]):
-        drained = [_drain(state["fragments"][p], eager, skip_nonfinite, rank, p) for rank, state in enumerate(saved)]
+        drained = [_drain(state["fragments"][p], strategy, skip_nonfinite, rank, p) for rank, state in enumerate(saved)]
         if eager:
             phi = drained[0].clone()
             for other in drained[1:]:  # rank order, then / M: the in-process all-reduce's arithmetic
@@ -100,23 +105,34 @@ def resize_outer_states(saved: list[dict[str, Any]], world_size: int) -> list[di
     ]
 
 
-def _drain(fragment: dict[str, Any], eager: bool, skip_nonfinite: bool, rank: int, index: int) -> torch.Tensor:
-    """φ of one saved worker's fragment after its in-flight averages, as ``OuterStrategy.finalize`` applies them."""
+def _drain(
+    fragment: dict[str, Any], strategy: OuterStrategy, skip_nonfinite: bool, rank: int, index: int
+) -> torch.Tensor:
+    """φ of one saved worker's fragment after its in-flight averages, oldest first, with the strategy's own
+    formulas, as :meth:`OuterStrategy.finalize` applies them: g = ``final_gradient`` for an average that arrived,
+    ``skipped_gradient`` for one that was dropped (fault tolerance) or is not finite under ``nonfinite='skip'``."""
     phi = fragment["phi"].clone()
     lr = fragment["outer_optimizer"]["param_groups"][0]["lr"]
-    for item in fragment["in_flight"]:  # oldest first
-        mean = item["mean"]
-        if not bool(torch.isfinite(mean).all()):
-            if skip_nonfinite:  # nothing of it, but the instalment of an earlier average deferred into it (4.4)
-                if eager and item.get("share") is not None:  # share − own (EagerStrategy.skipped_gradient)
-                    phi.add_(torch.sub(item["share"], item["own"]), alpha=-lr)
-                continue
+    for saved_item in fragment["in_flight"]:  # oldest first
+        item = InFlight(
+            launch_step=saved_item["launch_step"],
+            mean=restored_mean(saved_item, phi.device),
+            own=saved_item["own"],
+            share=saved_item.get("share"),
+        )
+        mean = saved_item["mean"]
+        dropped = bool(saved_item.get("dropped", False))  # as core.check_average: a skip, whatever `nonfinite`
+        if not dropped and bool(torch.isfinite(mean).all()):
+            g = strategy.final_gradient(item, mean)
+        elif dropped or skip_nonfinite:
+            g = strategy.skipped_gradient(item)  # nothing of it, but an earlier average's deferred instalment (4.4)
+        else:
             raise ValueError(
-                f"saved worker {rank}, fragment {index}: the average launched at inner step {item['launch_step']} "
-                "is not finite and the run has nonfinite='raise'"
+                f"saved worker {rank}, fragment {index}: the average launched at inner step "
+                f"{saved_item['launch_step']} is not finite and the run has nonfinite='raise'"
             )
-        g = torch.sub(mean, item["own"]) if eager else mean  # the others' part in eager: the own one was applied
-        phi.add_(g, alpha=-lr)  # φ ← φ − lr·g
+        if g is not None:
+            phi.add_(g, alpha=-lr)  # φ ← φ − lr·g
     return phi
 
 
