@@ -856,6 +856,38 @@ def write_report(out: Path, with_plot: bool = True) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------ main
+def custom_args_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with the custom plan's values, in one line (None: nothing). Checked before anything runs, so a
+    bad value does not become a sweep of failed points."""
+    eager_only = [("--own-weight", args.own_weight), ("--smoothing", args.smoothing)]
+    for flag, value in eager_only:
+        if value is None:
+            continue
+        if args.plan != "custom":
+            return f"{flag} {value:g}: only the custom plan takes it (--plan custom), not --plan {args.plan}"
+        not_eager = [m for m in args.methods if not bl.is_eager(m)]
+        if not_eager:
+            return f"{flag} {value:g} is eager's; --methods {' '.join(not_eager)} are not eager methods"
+    if args.workers < 1:
+        return f"--workers {args.workers}: must be >= 1"
+    if args.steps < 1:
+        return f"--steps {args.steps}: must be >= 1"
+    if args.own_weight is not None and not 1 / args.workers <= args.own_weight <= 1:
+        return (
+            f"--own-weight {args.own_weight:g}: must be in [1/M, 1] = [{1 / args.workers:g}, 1] for --workers "
+            f"{args.workers} (ALGORITHMS.md 4.1)"
+        )
+    if args.smoothing is not None and not 0 <= args.smoothing <= 1:
+        return f"--smoothing {args.smoothing:g}: must be in [0, 1] (ALGORITHMS.md 4.4)"
+    bad_lr = [lr for lr in args.lrs if not (math.isfinite(lr) and lr > 0)]
+    if bad_lr:
+        return f"--lrs {bad_lr[0]:g}: every outer learning rate must be finite and > 0"
+    bad_momentum = [mom for mom in args.momenta if not 0 <= mom < 1]
+    if bad_momentum:
+        return f"--momenta {bad_momentum[0]:g}: every outer momentum must be in [0, 1)"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--plan", default="main", choices=["main", "variant", "lookahead", "trends", "custom"])
@@ -887,6 +919,9 @@ def main(argv: list[str] | None = None) -> int:
     custom.add_argument("--own-weight", type=float, default=None, help="eager own-contribution weight w")
     custom.add_argument("--smoothing", type=float, default=None, help="eager smoothing β (ALGORITHMS.md 4.4)")
     args = ap.parse_args(argv)
+    problem = custom_args_problem(args)
+    if problem:
+        ap.error(problem)  # one line, exit 2, before the lock, a folder or a run
     args.extra_args = [x for e in args.extra for x in e.split("=", 1)]
     if args.smoke:
         args.extra_args = [*SMOKE_EXTRA, *args.extra_args]

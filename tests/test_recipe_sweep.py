@@ -313,3 +313,36 @@ def test_the_lr_plot_has_a_panel_per_grid_of_three_or_more_seed_0_points(tmp_pat
     assert len(rs.lr_grids(rs.load_results(tmp_path))) == 2
     assert rs.plot(tmp_path, tmp_path / "p.png") == tmp_path / "p.png"
     assert rs.plot(tmp_path / "empty", tmp_path / "q.png") is None  # nothing finished: no figure
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--own-weight", "0.2", "--methods", "eager", "--workers", "4"],
+         "--own-weight 0.2: must be in [1/M, 1] = [0.25, 1] for --workers 4 (ALGORITHMS.md 4.1)"),
+        (["--own-weight", "1.5", "--methods", "eager"], "--own-weight 1.5: must be in [1/M, 1] = [0.5, 1]"),
+        (["--smoothing", "-0.5", "--methods", "eager"], "--smoothing -0.5: must be in [0, 1] (ALGORITHMS.md 4.4)"),
+        (["--smoothing", "nan", "--methods", "eager"], "--smoothing nan: must be in [0, 1]"),
+        (["--smoothing", "0.5", "--methods", "eager", "sync"], "--smoothing 0.5 is eager's; --methods sync are not"),
+        (["--own-weight", "0.75"], "--own-weight 0.75 is eager's; --methods sync are not eager methods"),
+        (["--lrs", "0.7", "0", "--methods", "sync"], "--lrs 0: every outer learning rate must be finite and > 0"),
+        (["--momenta", "1", "--methods", "sync"], "--momenta 1: every outer momentum must be in [0, 1)"),
+        (["--workers", "0", "--methods", "sync"], "--workers 0: must be >= 1"),
+    ],
+)  # fmt: skip
+def test_custom_plan_refuses_bad_values_in_one_line_before_anything(tmp_path, capsys, argv, message):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exc:
+        rs.main(["--plan", "custom", "--out", str(out), "--lock", str(tmp_path / "lock"), *argv])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message in err
+    assert not out.exists() and not (tmp_path / "lock").exists()  # nothing was created
+
+
+def test_own_weight_outside_the_custom_plan_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        rs.main(["--plan", "main", "--own-weight", "0.75", "--out", str(tmp_path / "o"), "--lock", str(tmp_path / "l")])
+    assert (
+        "--own-weight 0.75: only the custom plan takes it (--plan custom), not --plan main" in capsys.readouterr().err
+    )
