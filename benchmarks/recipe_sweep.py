@@ -32,12 +32,13 @@ The plans (``--plan``) order their points so that the most informative arrive fi
   checkout at c512a86 (e.g. ``git worktree add --detach /work/pinned-lookahead c512a86``).
 * ``trends``: the paper's trends, each method at its recipe measured best on the default job (``TREND_METHODS``:
   DiLoCo at lr 1 / Nesterov 0.5, the paper's eager at lr 1 without momentum, eager w = 0.75 at lr 0.7 / Nesterov
-  0.5; BENCHMARKS.md section 8), one axis changed at a time (``TREND_POINTS``): tokens (300 / 2,700 steps), H (10 /
+  0.5, the CLI's eager w = 0.875 with smoothing β = 0.5 at the same recipe; BENCHMARKS.md section 8), one axis
+  changed at a time (``TREND_POINTS``): tokens (300 / 2,700 steps), H (10 /
   100), M = 4 (600 steps), non-iid shards, model size (115k and 2.7M parameters around the default 820k), M = 8
   on the 115k model, M = 4 on the 2.7M model, and the 115k model overtrained (2,850 steps: 101 tokens per
   parameter); seed 0 of every
   point first, then seeds 1 and 2.
-* ``custom``: the grid given by ``--methods --lrs --momenta --seeds --workers --steps --own-weight``.
+* ``custom``: the grid given by ``--methods --lrs --momenta --seeds --workers --steps --own-weight --smoothing``.
 
 ``--src DIR`` trains with the eagerloco of another checkout (``PYTHONPATH=DIR/src``, for a pinned commit while
 the shared tree changes); each JSON records that checkout's commit and whether its ``src`` was modified.
@@ -105,11 +106,13 @@ TREND_POINTS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("M, 2.7M", "M = 4, 600 steps, 2.7M parameters", {"workers": 4, "steps": 600, "extra": LARGE_MODEL}),
 )
 # The trends' methods, each at its recipe measured best on the default job over 3 seeds (BENCHMARKS.md section 8):
-# (method, own weight, (outer lr, momentum, Nesterov)): DiLoCo, the paper's eager, the own-weight variant w = 0.75.
-TREND_METHODS: tuple[tuple[str, float | None, tuple[float, float, bool]], ...] = (
-    ("sync", None, (1.0, 0.5, True)),
-    ("eager", None, (1.0, 0.0, False)),
-    ("eager", 0.75, (0.7, 0.5, True)),
+# (method, own weight, smoothing, (outer lr, momentum, Nesterov)): DiLoCo, the paper's eager, the own-weight variant
+# w = 0.75 alone, and the CLI's eager since 2026-12-06 (w = 0.875 with smoothing β = 0.5, ALGORITHMS.md 4.4).
+TREND_METHODS: tuple[tuple[str, float | None, float | None, tuple[float, float, bool]], ...] = (
+    ("sync", None, None, (1.0, 0.5, True)),
+    ("eager", None, None, (1.0, 0.0, False)),
+    ("eager", 0.75, None, (0.7, 0.5, True)),
+    ("eager", 0.875, 0.5, (0.7, 0.5, True)),
 )
 # --smoke: configs/smoke.toml's tiny model, H = 3, no mid-run evaluation (seconds per run)
 SMOKE_EXTRA: tuple[str, ...] = (*bl.SMOKE_ARGS, "--sync-every", "3", "--eval-every", "0")
@@ -321,7 +324,17 @@ def plan_points(
 
 def trend_recipes(extra: tuple[str, ...] = ()) -> list[Point]:
     """The default job's point of each ``TREND_METHODS`` entry at its recipe (seed 0)."""
-    return [Point(m, lr, mom, nest, own_weight=w, extra=extra) for m, w, (lr, mom, nest) in TREND_METHODS]
+    return [
+        Point(m, lr, mom, nest, own_weight=w, smoothing=b, extra=extra) for m, w, b, (lr, mom, nest) in TREND_METHODS
+    ]
+
+
+def trend_names() -> list[str]:
+    """Each ``TREND_METHODS`` entry's name in the trend table and plot."""
+    return [
+        bl.LABELS.get(m, m) + (f", w={w:g}" if w is not None else "") + (f", β={b:g}" if b is not None else "")
+        for m, w, b, _ in TREND_METHODS
+    ]
 
 
 def trend_points(extra: tuple[str, ...] = ()) -> list[tuple[str, Point]]:
@@ -669,8 +682,8 @@ def trends_report(results: dict[str, dict[str, Any]]) -> list[str]:
     keys = {dataclasses.replace(p, seed=s).key for _, p in trend_points() for s in (0, 1, 2)}
     if not any(_finished(results.get(k)) for k in keys):
         return []
-    names = [bl.LABELS.get(m, m) + (f", w={w:g}" if w is not None else "") for m, w, _ in TREND_METHODS]
-    header = ["axis", "point", *(f"{n} ({recipe_label(r)})" for n, (_, _, r) in zip(names, TREND_METHODS))]
+    names = trend_names()
+    header = ["axis", "point", *(f"{n} ({recipe_label(r)})" for n, (*_, r) in zip(names, TREND_METHODS))]
     header += [f"{n} vs DiLoCo" for n in names[1:]]
     rows = []
     for axis, what, cells in trend_rows(results):
@@ -800,7 +813,7 @@ def plot_trends(results: dict[str, dict[str, Any]], path: Path) -> Path | None:
     if not any(g is not None for v in gaps.values() for g in v):
         return None
     default = next(v for (axis, _), v in gaps.items() if axis == "default")
-    names = [bl.LABELS.get(m, m) + (f", w={w:g}" if w is not None else "") for m, w, _ in TREND_METHODS[1:]]
+    names = trend_names()[1:]
     from matplotlib.ticker import NullFormatter
 
     fig, grid_axes = plt.subplots(2, 3, figsize=(13, 7.5))

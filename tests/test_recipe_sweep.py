@@ -218,11 +218,20 @@ def test_smoke_run_then_resume_runs_nothing(tmp_path):
 
 def test_trends_plan_runs_each_method_at_its_measured_recipe_then_reports(tmp_path):
     points = rs.plan_points("trends", {})
-    assert len(points) == 3 * 3 * len(rs.TREND_POINTS)  # 3 methods x seeds 0, 1, 2
+    assert len(points) == 4 * 3 * len(rs.TREND_POINTS)  # 4 methods x seeds 0, 1, 2
     assert points[0][0] == "T1: trends, seed 0: tokens: 300 steps"
-    assert [p.key for _, p in points[:3]] == [
+    assert [p.key for _, p in points[:4]] == [
         "sync_M2_T300_lr1_m0.5n_s0", "eager_M2_T300_lr1_m0_s0", "eager_w0.75_M2_T300_lr0.7_m0.5n_s0",
+        "eager_w0.875_b0.5_M2_T300_lr0.7_m0.5n_s0",
     ]  # fmt: skip
+    assert points[3][1].train_args()[-6:] == [
+        "--eager-own-weight",
+        "0.875",
+        "--eager-smoothing",
+        "0.5",
+        "--lr",
+        "0.003",
+    ]
     m8 = next(p for s, p in points if s.endswith("M = 8, 115k parameters"))
     assert (m8.workers, m8.steps, m8.extra) == (8, 900, rs.SMALL_MODEL)
     assert m8.train_args()[-6:] == list(rs.SMALL_MODEL)
@@ -230,7 +239,7 @@ def test_trends_plan_runs_each_method_at_its_measured_recipe_then_reports(tmp_pa
     assert m4.key == "sync_M4_T600_lr1_m0.5n_s0"  # the study's M = 4 runs
     over = next(p for s, p in points if "overtrained" in s)
     assert over.steps * 16 * 128 * 2 / 115_008 >= 100  # tokens per parameter
-    n = 3 * len(rs.TREND_POINTS)  # the points of one seed
+    n = 4 * len(rs.TREND_POINTS)  # the points of one seed
     assert [s.split(":")[0] for s, _ in points] == ["T1"] * n + ["T2"] * 2 * n
     assert [p.seed for _, p in points[n:]] == [1] * n + [2] * n
     m4_large = next(p for s, p in points if s.endswith("M = 4, 600 steps, 2.7M parameters"))
@@ -240,18 +249,22 @@ def test_trends_plan_runs_each_method_at_its_measured_recipe_then_reports(tmp_pa
     default = rs.trend_recipes()
     h10 = next(p for s, p in points if s.endswith("H = 10"))
     runs = [(default[0], 1.630), (default[1], 1.704), (points[0][1], 2.0), (points[1][1], 2.2),
-            (rs.dataclasses.replace(points[1][1], seed=1), 2.4), (h10, 1.9)]  # fmt: skip
+            (rs.dataclasses.replace(points[1][1], seed=1), 2.4), (h10, 1.9), (default[3], 1.659)]  # fmt: skip
     for p, loss in runs:
         write(tmp_path, p, "ok", loss)
     text = rs.report(tmp_path)
     assert "| DiLoCo (sync) (M=2, 900 steps, --sync-every 10)" not in text  # H = 10 stays out of the grids
     assert (
         "| axis | point | DiLoCo (sync) (lr 1, momentum 0.5 (Nesterov)) | eager k=1 (lr 1, momentum 0) "
-        "| eager k=1, w=0.75 (lr 0.7, momentum 0.5 (Nesterov)) | eager k=1 vs DiLoCo | eager k=1, w=0.75 vs DiLoCo |"
+        "| eager k=1, w=0.75 (lr 0.7, momentum 0.5 (Nesterov)) | eager k=1, w=0.875, β=0.5 (lr 0.7, momentum 0.5 "
+        "(Nesterov)) | eager k=1 vs DiLoCo | eager k=1, w=0.75 vs DiLoCo | eager k=1, w=0.875, β=0.5 vs DiLoCo |"
     ) in text
-    assert "| default | 900 steps, H = 30, M = 2, 820k parameters, iid | 1.630 | 1.704 | · | +4.5 % | - |" in text
-    assert "| tokens | 300 steps | 2.000 | 2.300 ±0.100 (2 seeds) | · | +15.0 % | - |" in text
-    assert "| H | H = 10 | 1.900 | · | · | - | - |" in text
+    assert (
+        "| default | 900 steps, H = 30, M = 2, 820k parameters, iid | 1.630 | 1.704 | · | 1.659 | +4.5 % | - | +1.8 % |"
+        in text
+    )
+    assert "| tokens | 300 steps | 2.000 | 2.300 ±0.100 (2 seeds) | · | · | +15.0 % | - | - |" in text
+    assert "| H | H = 10 | 1.900 | · | · | · | - | - | - |" in text
     # a trend point whose group also has another recipe run (the w = 0.75 of M = 8 at lr 1 / no momentum) stays in
     # the grids with it, and the best of the two is the trend's point
     m8 = next(p for s, p in points if s.endswith("M = 8, 115k parameters") and p.own_weight == 0.75)
