@@ -70,6 +70,18 @@ def curve_name(run: dict[str, Any]) -> str:
     return " ".join(x for x in (run["method"], run.get("variant", "")) if x)
 
 
+def curve_label_suffix(point: dict[str, Any], lr: bool = False) -> str:
+    """What follows the method's label: eager's own weight and smoothing (ALGORITHMS.md 4.1, 4.4), or "the paper's
+    rule" for eager without an own weight; then the outer lr where ``lr`` (one method run at several)."""
+    weight, beta = point.get("own_weight"), point.get("smoothing")
+    parts = [f"own weight w={weight:g}"] if weight is not None else []
+    parts += [f"smoothing β={beta:g}"] if beta else []
+    if not parts and bl.is_eager(point["method"]):
+        parts = ["the paper's rule"]
+    parts += [f"lr {point['outer_lr']:g}"] if lr else []
+    return "".join(f", {p}" for p in parts)
+
+
 def recipe_runs(paths: list[Path]) -> dict[str, Any]:
     """Recipe-sweep run JSONs in the shape of ``loss_parity.json`` (method, seed, eval_loss, evals per run)."""
     runs = []
@@ -84,6 +96,12 @@ def recipe_runs(paths: list[Path]) -> dict[str, Any]:
         runs.append({"method": point["method"], "variant": variant,
                      "seed": point["seed"], "eval_loss": r["eval_loss"], "evals": r["evals"],
                      "steps": point["steps"], "recipe": point, "source": path.name})  # fmt: skip
+    lrs: dict[str, set[float]] = {}
+    for r in runs:
+        lrs.setdefault(curve_name(r), set()).add(r["recipe"]["outer_lr"])
+    for r in runs:  # one method (and variant) at several outer lrs: a curve per lr, named by it
+        if len(lrs[curve_name(r)]) > 1:
+            r["variant"] = " ".join(x for x in (r["variant"], f"lr={r['recipe']['outer_lr']:g}") if x)
     methods = list(dict.fromkeys(curve_name(r) for r in runs))
     steps = {m: sorted({r["steps"] for r in runs if curve_name(r) == m}) for m in methods}
     mixed = {m: s for m, s in steps.items() if len(s) > 1}
@@ -155,9 +173,9 @@ def main(argv: list[str] | None = None) -> int:
         base, variant = runs[0]["method"], runs[0].get("variant", "")
         per_step = seconds_per_step(cu, base, rate)  # own weight, smoothing: the same step (same bytes)
         wall = step * per_step if step is not None and per_step is not None else None
-        rule = ", the paper's rule" if bl.is_eager(base) else ""  # eager without an own weight
-        own = f", own weight {variant}".replace(" β=", ", smoothing β=")  # "w=0.875 β=0.5" (4.1, 4.4)
-        label = bl.LABELS.get(base, base) + (own if variant else rule)
+        label = bl.LABELS.get(base, base) + curve_label_suffix(
+            runs[0].get("recipe") or {"method": base}, "lr=" in variant
+        )
         rows.append({"method": method, "label": label, "seeds": len(runs), "step": step, "seconds_per_step": per_step,
                      "wall_s": wall, "final_mean_loss": curve[-1][1], "curve": curve})  # fmt: skip
         table.append([

@@ -134,11 +134,11 @@ def test_time_to_target_combines_loss_curves_and_link_timing(tmp_path):
 def test_time_to_target_from_recipe_sweep_runs(tmp_path):
     """--runs: each method at its own length (eager trained longer than DiLoCo); seeds averaged per method."""
 
-    def run(method, seed, steps, losses, status="ok", own_weight=None, smoothing=None):
+    def run(method, seed, steps, losses, status="ok", own_weight=None, smoothing=None, lr=1.0):
         evals = [{"step": steps * (i + 1) // len(losses), "eval_loss": v} for i, v in enumerate(losses)]
-        point = {"method": method, "seed": seed, "steps": steps, "outer_lr": 1.0, "own_weight": own_weight,
+        point = {"method": method, "seed": seed, "steps": steps, "outer_lr": lr, "own_weight": own_weight,
                  "smoothing": smoothing}  # fmt: skip
-        path = tmp_path / f"{method}_{steps}_{seed}_{own_weight}_{smoothing}.json"
+        path = tmp_path / f"{method}_{steps}_{seed}_{own_weight}_{smoothing}_{lr}.json"
         path.write_text(json.dumps({"status": status, "point": point, "eval_loss": losses[-1], "evals": evals}))
         return str(path)
 
@@ -170,6 +170,15 @@ def test_time_to_target_from_recipe_sweep_runs(tmp_path):
         )
     with pytest.raises(SystemExit, match="status 'failed'"):
         ttt.main(["--runs", run("sync", 2, 30, [2.0], "failed"), "--cu", str(tmp_path / "cu.json")])
+    # one method and variant at two outer lrs: a curve each, named by its lr (the others keep their names)
+    other_lr = run("eager", 0, 40, [2.8, 2.2, 2.0, 1.9], own_weight=0.875, smoothing=0.5, lr=0.85)  # 2.1 at 25
+    assert ttt.main(["--runs", *paths, other_lr, "--cu", str(tmp_path / "cu.json"), "--out", str(tmp_path)]) == 0
+    rows = {r["method"]: r for r in json.loads((tmp_path / "time_to_target.json").read_text())["rows"]}
+    assert rows["eager w=0.875 β=0.5 lr=1"]["step"] == 20 and rows["eager w=0.875 β=0.5 lr=0.85"]["step"] == 25
+    assert {"sync", "eager", "eager w=0.75"} < set(rows)
+    table = (tmp_path / "time_to_target.md").read_text()
+    assert "| eager k=1, own weight w=0.875, smoothing β=0.5, lr 0.85 | 1.900 | 25 | 1.000 | 25 | 0.42x |" in table
+    assert "| eager k=1, own weight w=0.875, smoothing β=0.5, lr 1 | 1.900 | 20 | 1.000 | 20 | 0.33x |" in table
     gone = str(tmp_path / "gone.json")
     with pytest.raises(SystemExit, match=f"^time_to_target: no such file: {gone}$"):
         ttt.main(["--runs", paths[0], gone, "--cu", str(tmp_path / "cu.json"), "--out", str(tmp_path / "new")])
