@@ -30,7 +30,7 @@ import torch
 
 from eagerloco.engine.config import REMOVED_FIELDS, DiLoCoConfig
 from eagerloco.engine.core import InFlight
-from eagerloco.engine.diloco import restored_mean, check_saved_config
+from eagerloco.engine.diloco import check_saved_config, restored_mean
 from eagerloco.engine.strategies import OuterStrategy, make_strategy
 
 
