@@ -256,18 +256,18 @@ def test_each_mode_gets_its_outer_recipe_unless_set(mode):
 
 def test_outer_recipes_as_measured():
     """The table the CLI ships (BENCHMARKS.md 8): sync at lr 1 with Nesterov 0.5; eager with own weight 0.875 and
-    smoothing 0.5 at lr 0.7 with Nesterov 0.5, and at lr 1 without momentum or smoothing where it runs the paper's
+    smoothing 0.5 at lr 0.85 with Nesterov 0.5, and at lr 1 without momentum or smoothing where it runs the paper's
     rule; overlap at lr 1 with the DiLoCo paper's Nesterov 0.9; delayed at lr 0.7 without momentum; mode 'dp' has no
     outer optimizer."""
     assert {m: (*r[:3], r.own_weight, r.smoothing) for m, r in OUTER_RECIPES.items()} == {
-        "sync": (1.0, 0.5, True, None, 0.0), "eager": (0.7, 0.5, True, 0.875, 0.5),
+        "sync": (1.0, 0.5, True, None, 0.0), "eager": (0.85, 0.5, True, 0.875, 0.5),
         "overlap": (1.0, 0.9, True, None, 0.0), "delayed": (0.7, 0.0, True, None, 0.0),
     }  # fmt: skip
     paper = EAGER_PAPER_RECIPE
     assert (*paper[:3], paper.own_weight, paper.smoothing) == (1.0, 0.0, True, None, 0.0)
     default = TrainConfig().validate()
     assert default.outer.recipe_note(2) == (
-        "SGD lr 0.7, Nesterov 0.5, own weight w = 0.875, smoothing β = 0.5 (eager's recipe: the best of the recipe "
+        "SGD lr 0.85, Nesterov 0.5, own weight w = 0.875, smoothing β = 0.5 (eager's recipe: the best of the recipe "
         "study, BENCHMARKS.md 8)"
     )
     dp = TrainConfig()
@@ -288,14 +288,14 @@ PAPER = "1/M (the eager paper's rule)"
 @pytest.mark.parametrize(
     ("flags", "weight", "lr_momentum", "own"),
     [
-        ([], 0.875, (0.7, 0.5), "w = 0.875, smoothing β = 0.5"),  # eager's recipe at M = 2
-        (["--workers", "4"], 0.875, (0.7, 0.5), "w = 0.875, smoothing β = 0.5"),  # and at M = 4 (better at both)
-        (["--workers", "1"], None, (0.7, 0.5), PAPER),  # M = 1: eager is sync, w = 1/M = 1; eager's lr, momentum
+        ([], 0.875, (0.85, 0.5), "w = 0.875, smoothing β = 0.5"),  # eager's recipe at M = 2
+        (["--workers", "4"], 0.875, (0.85, 0.5), "w = 0.875, smoothing β = 0.5"),  # and at M = 4 (better at both)
+        (["--workers", "1"], None, (0.85, 0.5), PAPER),  # M = 1: eager is sync, w = 1/M = 1; eager's lr, momentum
         (["--eager-own-weight", "0.5"], 0.5, (1.0, 0.0), "w = 0.5"),  # the paper's rule at M = 2, and its recipe
-        (["--workers", "4", "--eager-own-weight", "1"], 1.0, (0.7, 0.5), "w = 1, smoothing β = 0.5"),
-        (["--fault-tolerance", "127.0.0.1:1"], 0.875, (0.7, 0.5), "w = 0.875, smoothing β = 0.5"),  # max(w, 1/M_Q)
-        (["--eager-smoothing", "0"], 0.875, (0.7, 0.5), "w = 0.875"),  # the own weight without smoothing (4.1)
-        (["--eager-own-weight", "0.75"], 0.75, (0.7, 0.5), "w = 0.75, smoothing β = 0.5"),  # the recipe's β
+        (["--workers", "4", "--eager-own-weight", "1"], 1.0, (0.85, 0.5), "w = 1, smoothing β = 0.5"),
+        (["--fault-tolerance", "127.0.0.1:1"], 0.875, (0.85, 0.5), "w = 0.875, smoothing β = 0.5"),  # max(w, 1/M_Q)
+        (["--eager-smoothing", "0"], 0.875, (0.85, 0.5), "w = 0.875"),  # the own weight without smoothing (4.1)
+        (["--eager-own-weight", "0.75"], 0.75, (0.85, 0.5), "w = 0.75, smoothing β = 0.5"),  # the recipe's β
         (["--eager-own-weight", "1/M"], "1/M", (1.0, 0.0), PAPER),  # the paper's rule spelled at any M
         (["--workers", "3", "--eager-own-weight", "1/M"], "1/M", (1.0, 0.0), PAPER),
         (["--fault-tolerance", "127.0.0.1:1", "--eager-own-weight", "1/M"], "1/M", (1.0, 0.0), PAPER),
