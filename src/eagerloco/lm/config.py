@@ -119,7 +119,8 @@ OUTER_RECIPES: dict[str, OuterRecipe] = {
     # 2.024. Smoothing β = 0.5 (ALGORITHMS.md 4.4) applies the stale rest of each average half on arrival, half one
     # outer step later, and lets a larger own weight pay: w = 0.875 with β = 0.5 ends at 1.659 (M = 2) and
     # 1.759 (M = 4) at lr 0.7, 3 seeds each, every seed better than w = 0.75 alone; at lr 0.85 1.651 and 1.757,
-    # every seed better than at lr 0.7 (lr 1: 1.661 and 1.768, seed 0; BENCHMARKS.md 8, "Smoothing").
+    # every seed better than at lr 0.7 (lr 1: 1.661 and 1.768, seed 0; BENCHMARKS.md 8, "Smoothing" and "A finer
+    # step of the lr grid", where DiLoCo's best moves to lr 0.85 at M = 2 only, so sync keeps lr 1).
     "eager": OuterRecipe(
         0.85, 0.5, True, "the best of the recipe study, BENCHMARKS.md 8", own_weight=0.875, smoothing=0.5
     ),
