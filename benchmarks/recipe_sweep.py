@@ -32,7 +32,8 @@ The plans (``--plan``) order their points so that the most informative arrive fi
   checkout at c512a86 (e.g. ``git worktree add --detach /work/pinned-lookahead c512a86``).
 * ``trends``: the paper's trends, each method at its recipe measured best on the default job (``TREND_METHODS``:
   DiLoCo at lr 1 / Nesterov 0.5, the paper's eager at lr 1 without momentum, eager w = 0.75 at lr 0.7 / Nesterov
-  0.5, the CLI's eager w = 0.875 with smoothing β = 0.5 at the same recipe; BENCHMARKS.md section 8), one axis
+  0.5, w = 0.875 with smoothing β = 0.5 at the same recipe (the CLI's eager before lr 0.85); BENCHMARKS.md section
+  8), one axis
   changed at a time (``TREND_POINTS``): tokens (300 / 2,700 steps), H (10 /
   100), M = 4 (600 steps), non-iid shards, model size (115k and 2.7M parameters around the default 820k), M = 8
   on the 115k model, M = 4 on the 2.7M model, and the 115k model overtrained (2,850 steps: 101 tokens per
@@ -107,7 +108,8 @@ TREND_POINTS: tuple[tuple[str, str, dict[str, Any]], ...] = (
 )
 # The trends' methods, each at its recipe measured best on the default job over 3 seeds (BENCHMARKS.md section 8):
 # (method, own weight, smoothing, (outer lr, momentum, Nesterov)): DiLoCo, the paper's eager, the own-weight variant
-# w = 0.75 alone, and the CLI's eager since 2026-12-06 (w = 0.875 with smoothing β = 0.5, ALGORITHMS.md 4.4).
+# w = 0.75 alone, and w = 0.875 with smoothing β = 0.5 (ALGORITHMS.md 4.4) at lr 0.7, the CLI's eager on 2026-12-06
+# until a finer lr grid moved it to lr 0.85 (BENCHMARKS.md 8; the trend points ran at lr 0.7).
 TREND_METHODS: tuple[tuple[str, float | None, float | None, tuple[float, float, bool]], ...] = (
     ("sync", None, None, (1.0, 0.5, True)),
     ("eager", None, None, (1.0, 0.0, False)),
