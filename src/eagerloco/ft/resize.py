@@ -121,7 +121,7 @@ def _drain(
             share=saved_item.get("share"),
         )
         mean = saved_item["mean"]
-        dropped = bool(saved_item.get("dropped", False))  # as core.check_average: a skip, whatever `nonfinite`
+        dropped = getattr(item.mean, "dropped", False)  # restored_mean's flag: as core.check_average, a skip
         if not dropped and bool(torch.isfinite(mean).all()):
             g = strategy.final_gradient(item, mean)
         elif dropped or skip_nonfinite:
