@@ -111,7 +111,9 @@ class OuterRecipe(NamedTuple):
 OUTER_RECIPES: dict[str, OuterRecipe] = {
     # The best of the recipe study on the default job (BENCHMARKS.md 8: outer lr {0.4, 0.7, 1.0, 1.4} x
     # momentum {0, 0.5, 0.9}, then 3 seeds at the best point). Tuned per mode, so that `--mode sync` is
-    # DiLoCo at its best, not a straw man, and eager is compared with it on equal terms.
+    # DiLoCo at its best, not a straw man, and eager is compared with it on equal terms. Tuned on the default
+    # model: the best outer lr falls with size (2.7M parameters: 0.7 for sync and eager alike, BENCHMARKS.md 8,
+    # "The outer lr tuned on the 2.7M model").
     "sync": OuterRecipe(1.0, 0.5, True, "the best of the recipe study, BENCHMARKS.md 8"),
     # Eager weighs its own fresh outer gradient w in place of the paper's 1/M, which makes what it applies less
     # stale; then a little Nesterov momentum helps it as it helps DiLoCo. w = 0.75 alone beat the paper's rule at
@@ -156,7 +158,7 @@ class OuterConfig(DiLoCoConfig):
     outer_lr: float | None = None  # type: ignore[assignment]
     """Outer SGD learning rate. Unset: the mode's recipe (``OUTER_RECIPES``: sync 1.0, eager 0.85 with its own weight
     and 1.0 with the paper's rule, overlap 1.0, delayed 0.7; DiLoCo's paper uses 0.7, the streaming and eager papers
-    0.4 at scale)."""
+    0.4 at scale). Tuned on the default model; on a 2.7M-parameter one sync and eager are both best at 0.7."""
     outer_momentum: float | None = None  # type: ignore[assignment]
     """Outer SGD momentum. Unset: the mode's recipe (sync 0.5; eager 0.5 with its own weight, 0 with the paper's
     rule, whose stale part momentum feeds on; overlap 0.9, the papers' value; delayed 0, all stale)."""
