@@ -44,7 +44,10 @@ The plans (``--plan``) order their points so that the most informative arrive fi
 ``--src DIR`` trains with the eagerloco of another checkout (``PYTHONPATH=DIR/src``, for a pinned commit while
 the shared tree changes); each JSON records that checkout's commit and whether its ``src`` was modified.
 ``--report-only`` (and every finished run) rewrites ``<out>/recipe_sweep.md`` (tables) and
-``<out>/recipe_sweep.png`` (eval loss vs outer lr, one line per momentum, one panel per method).
+``<out>/recipe_sweep.png`` (eval loss vs outer lr, one line per momentum, one panel per method),
+``<out>/recipe_trends.png`` (the trends' gaps) and ``<out>/recipe_tuned_gaps.png`` (``TUNED_POINTS``: DiLoCo and
+the smoothed eager each at the outer lr tuned for it at that model and M, the gap by tokens per parameter; the
+runs are custom-plan points, e.g. ``--plan custom --methods sync --lrs 0.85 --momenta 0.5 --steps 5400``).
 """
 
 from __future__ import annotations
@@ -116,6 +119,27 @@ TREND_METHODS: tuple[tuple[str, float | None, float | None, tuple[float, float, 
     ("eager", 0.75, None, (0.7, 0.5, True)),
     ("eager", 0.875, 0.5, (0.7, 0.5, True)),
 )
+# The gap where both methods were tuned: DiLoCo and the CLI's eager rule (w = 0.875, β = 0.5, Nesterov 0.5) each at
+# the outer lr best for it on the grid run for both at that model and M (BENCHMARKS.md 8, "The outer lr tuned at
+# each model size"; longer runs keep the lrs of the 900-step / 600-step tuning): (model, M, inner steps, DiLoCo's lr,
+# eager's lr). Read along tokens per parameter, which decide the gap more than size or steps alone.
+TUNED_MODELS: dict[str, tuple[int, tuple[str, ...]]] = {
+    "115k": (115_008, SMALL_MODEL),
+    "820k": (820_352, ()),
+    "2.7M": (2_705_856, LARGE_MODEL),
+}
+TUNED_POINTS: tuple[tuple[str, int, int, float, float], ...] = (
+    ("2.7M", 2, 900, 0.7, 0.7),
+    ("820k", 2, 900, 0.85, 0.85),
+    ("820k", 2, 2700, 0.85, 0.85),
+    ("820k", 2, 5400, 0.85, 0.85),
+    ("115k", 2, 900, 1.0, 0.85),
+    ("2.7M", 4, 600, 1.0, 0.7),
+    ("820k", 4, 600, 1.0, 0.85),
+    ("820k", 4, 2700, 1.0, 0.85),
+    ("115k", 4, 600, 1.0, 0.85),
+)
+TOKENS_PER_WORKER_STEP = 16 * 128  # the CLI's batch: 16 sequences of 128 tokens per worker and inner step
 # --smoke: configs/smoke.toml's tiny model, H = 3, no mid-run evaluation (seconds per run)
 SMOKE_EXTRA: tuple[str, ...] = (*bl.SMOKE_ARGS, "--sync-every", "3", "--eval-every", "0")
 
@@ -648,6 +672,7 @@ def report(out: Path) -> str:
             rows.append(row)
         lines += [f"### {label(g)}", "", bl.md_table(header, rows), ""]
     lines += trends_report(results)
+    lines += tuned_gaps_report(results)
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -700,6 +725,110 @@ def trends_report(results: dict[str, dict[str, Any]]) -> list[str]:
         bl.md_table(header, rows),
         "",
     ]
+
+
+def tuned_pair(model: str, workers: int, steps: int, sync_lr: float, eager_lr: float) -> tuple[Point, Point]:
+    """DiLoCo's and the smoothed eager's seed-0 points of a ``TUNED_POINTS`` entry."""
+    extra = TUNED_MODELS[model][1]
+    sync = Point("sync", sync_lr, 0.5, True, workers=workers, steps=steps, extra=extra)
+    eager = Point("eager", eager_lr, 0.5, True, workers=workers, steps=steps, own_weight=0.875, smoothing=0.5,
+                  extra=extra)  # fmt: skip
+    return sync, eager
+
+
+def tuned_gap_rows(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per ``TUNED_POINTS`` entry with both methods finished (ok) on at least one common seed of 0, 1, 2:
+    the means over those common seeds (paired, so a seed run for one method only does not move the gap)."""
+    rows = []
+    for model, workers, steps, sync_lr, eager_lr in TUNED_POINTS:
+        sync, eager = tuned_pair(model, workers, steps, sync_lr, eager_lr)
+        pairs = []
+        for seed in (0, 1, 2):
+            a, b = (results.get(dataclasses.replace(p, seed=seed).key) for p in (sync, eager))
+            if _finished(a) and _finished(b) and a["status"] == b["status"] == "ok":
+                pairs.append((seed, a["eval_loss"], b["eval_loss"]))
+        if not pairs:
+            continue
+        sync_loss = sum(x for _, x, _ in pairs) / len(pairs)
+        eager_loss = sum(y for _, _, y in pairs) / len(pairs)
+        rows.append({
+            "model": model, "workers": workers, "steps": steps, "sync_lr": sync_lr, "eager_lr": eager_lr,
+            "tokens_per_param": steps * workers * TOKENS_PER_WORKER_STEP / TUNED_MODELS[model][0],
+            "seeds": [seed for seed, _, _ in pairs], "sync": sync_loss, "eager": eager_loss,
+            "gap_pct": (eager_loss / sync_loss - 1) * 100,
+            "gap_pct_per_seed": [(y / x - 1) * 100 for _, x, y in pairs],
+        })  # fmt: skip
+    return rows
+
+
+def tuned_gaps_report(results: dict[str, dict[str, Any]]) -> list[str]:
+    """The section of ``TUNED_POINTS``: the gap with both methods at their tuned outer lr, by tokens per parameter."""
+    rows = tuned_gap_rows(results)
+    if not rows:
+        return []
+    table = []
+    for r in rows:
+        sync, eager = f"{r['sync']:.4f} (lr {r['sync_lr']:g})", f"{r['eager']:.4f} (lr {r['eager_lr']:g})"
+        per_seed = " / ".join(f"{g:+.2f}" for g in r["gap_pct_per_seed"])
+        seeds = ", ".join(map(str, r["seeds"]))
+        table.append([r["model"], r["workers"], f"{r['steps']:,}", f"{r['tokens_per_param']:.1f}", sync, eager, seeds,
+                      f"{r['gap_pct']:+.2f} %", per_seed])  # fmt: skip
+    return [
+        "## The gap with both methods tuned: DiLoCo against the smoothed eager, by tokens per parameter",
+        "",
+        "Each at the outer lr best for it at that model and M (Nesterov 0.5; eager w = 0.875, β = 0.5); means over the "
+        "seeds both finished.",
+        "",
+        bl.md_table(
+            ["model", "M", "inner steps", "tokens / parameter", "DiLoCo", "eager", "seeds", "gap", "gap per seed (%)"],
+            table,
+        ),
+        "",
+    ]
+
+
+def plot_tuned_gaps(results: dict[str, dict[str, Any]], path: Path) -> Path | None:
+    """The gap of ``tuned_gaps_report`` against tokens per parameter, one line per M, the model at each point; None
+    when matplotlib is missing or no point has both methods finished."""
+    rows = tuned_gap_rows(results)
+    if not rows:
+        return None
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    from matplotlib.ticker import NullFormatter
+
+    markers = {"115k": "^", "820k": "o", "2.7M": "s"}
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, workers in enumerate(sorted({r["workers"] for r in rows})):
+        pts = sorted((r["tokens_per_param"], r["gap_pct"], r) for r in rows if r["workers"] == workers)
+        color = f"C{i + 1}"
+        ax.plot([x for x, _, _ in pts], [y for _, y, _ in pts], ls=":", color=color, label=f"M = {workers}")
+        for x, y, r in pts:
+            ax.plot([x], [y], marker=markers[r["model"]], color=color)
+            note = f"{r['model']}, {r['steps']:,} steps" + (
+                "" if len(r["seeds"]) == 3 else f" ({len(r['seeds'])} seed)"
+            )
+            ax.annotate(note, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.axhline(0, color="C0", lw=1, label="DiLoCo")
+    ax.axhline(1, color="grey", lw=1, ls="--", label="issue 11's bound (1.01x)")
+    ax.set_xscale("log")
+    ticks = [1, 2, 5, 10, 20, 50]
+    ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel("tokens per parameter (markers: ▲ 115k, ● 820k, ■ 2.7M parameters)")
+    ax.set_ylabel("eval loss of eager vs DiLoCo (%)")
+    ax.set_title("Eager (w = 0.875, β = 0.5) against DiLoCo, both at their tuned outer lr", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 PLOT_MIN_POINTS = 3
@@ -866,7 +995,9 @@ def write_report(out: Path, with_plot: bool = True) -> Path:
     os.replace(tmp, md)
     if with_plot:
         plot(out, out / "recipe_sweep.png")
-        plot_trends(load_results(out), out / "recipe_trends.png")
+        results = load_results(out)
+        plot_trends(results, out / "recipe_trends.png")
+        plot_tuned_gaps(results, out / "recipe_tuned_gaps.png")
     return md
 
 

@@ -359,3 +359,33 @@ def test_own_weight_outside_the_custom_plan_is_refused(tmp_path, capsys):
     assert (
         "--own-weight 0.75: only the custom plan takes it (--plan custom), not --plan main" in capsys.readouterr().err
     )
+
+
+def test_tuned_gaps_pair_seeds_and_read_tokens_per_parameter(tmp_path):
+    sync, eager = rs.tuned_pair("820k", 2, 5400, 0.85, 0.85)
+    assert (sync.key, eager.key) == ("sync_M2_T5400_lr0.85_m0.5n_s0", "eager_w0.875_b0.5_M2_T5400_lr0.85_m0.5n_s0")
+    assert eager.train_args()[-6:] == ["--eager-own-weight", "0.875", "--eager-smoothing", "0.5", "--lr", "0.003"]
+    small = rs.tuned_pair("115k", 4, 600, 1.0, 0.85)[0]
+    assert small.key == "sync_M4_T600_lr1_m0.5n_s0_x57380869"  # the 115k model's runs of the study
+    assert rs.tuned_gap_rows({}) == [] and rs.tuned_gaps_report({}) == []
+    assert rs.plot_tuned_gaps({}, tmp_path / "g.png") is None
+    # seeds 0 and 1 for both, seed 2 for sync only: the gap is read over the seeds both have
+    seed = rs.dataclasses.replace
+    runs = [
+        (sync, 1.30),
+        (eager, 1.313),
+        (seed(sync, seed=1), 1.32),
+        (seed(eager, seed=1), 1.32),
+        (seed(sync, seed=2), 1.0),
+    ]
+    for p, loss in runs:
+        write(tmp_path, p, "ok", loss)
+    results = rs.load_results(tmp_path)
+    (row,) = rs.tuned_gap_rows(results)
+    assert row["seeds"] == [0, 1]
+    assert row["tokens_per_param"] == 5400 * 2 * 2048 / 820_352
+    assert row["sync"] == pytest.approx(1.31) and row["eager"] == pytest.approx(1.3165)
+    assert row["gap_pct_per_seed"] == pytest.approx([1.0, 0.0])
+    line = "| 820k | 2 | 5,400 | 27.0 | 1.3100 (lr 0.85) | 1.3165 (lr 0.85) | 0, 1 | +0.50 % | +1.00 / +0.00 |"
+    assert line in rs.report(tmp_path)
+    assert rs.plot_tuned_gaps(results, tmp_path / "g.png") == tmp_path / "g.png"
