@@ -805,14 +805,14 @@ def plot_tuned_gaps(results: dict[str, dict[str, Any]], path: Path) -> Path | No
     markers = {"115k": "^", "820k": "o", "2.7M": "s"}
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, workers in enumerate(sorted({r["workers"] for r in rows})):
-        pts = sorted((r["tokens_per_param"], r["gap_pct"], r) for r in rows if r["workers"] == workers)
+        pts = sorted(((r["tokens_per_param"], r["gap_pct"], r) for r in rows if r["workers"] == workers),
+                     key=lambda p: p[0])  # fmt: skip
         color = f"C{i + 1}"
         ax.plot([x for x, _, _ in pts], [y for _, y, _ in pts], ls=":", color=color, label=f"M = {workers}")
         for x, y, r in pts:
             ax.plot([x], [y], marker=markers[r["model"]], color=color)
-            note = f"{r['model']}, {r['steps']:,} steps" + (
-                "" if len(r["seeds"]) == 3 else f" ({len(r['seeds'])} seed)"
-            )
+            n = len(r["seeds"])
+            note = f"{r['model']}, {r['steps']:,} steps" + ("" if n == 3 else f" ({n} seed{'s' if n > 1 else ''})")
             ax.annotate(note, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.axhline(0, color="C0", lw=1, label="DiLoCo")
     ax.axhline(1, color="grey", lw=1, ls="--", label="issue 11's bound (1.01x)")
