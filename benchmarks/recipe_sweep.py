@@ -94,6 +94,12 @@ LOOKAHEAD = ("--eager-lookahead",)  # ALGORITHMS.md 4.2: removed from the librar
 LOOKAHEAD_COMMIT = "c512a86"  # the last commit with eager_lookahead
 SMALL_MODEL = ("--n-layer", "2", "--d-model", "64", "--n-head", "2")  # 115,008 parameters (byte vocabulary)
 LARGE_MODEL = ("--n-layer", "6", "--d-model", "192", "--n-head", "6")  # 2,705,856 (the default: 820,352)
+# The study's three model sizes: name -> (parameters, train flags)
+STUDY_MODELS: dict[str, tuple[int, tuple[str, ...]]] = {
+    "115k": (115_008, SMALL_MODEL),
+    "820k": (820_352, ()),
+    "2.7M": (2_705_856, LARGE_MODEL),
+}
 # The trends plan: (axis, what changes, the point's fields; the reference it is read against). Tokens per
 # parameter: 16 sequences x 128 tokens x M per inner step, so 2,850 steps at M = 2 give the 115k model 101.
 TREND_POINTS: tuple[tuple[str, str, dict[str, Any]], ...] = (
@@ -123,11 +129,6 @@ TREND_METHODS: tuple[tuple[str, float | None, float | None, tuple[float, float, 
 # the outer lr best for it on the grid run for both at that model and M (BENCHMARKS.md 8, "The outer lr tuned at
 # each model size"; longer runs keep the lrs of the 900-step / 600-step tuning): (model, M, inner steps, DiLoCo's lr,
 # eager's lr). Read along tokens per parameter, which decide the gap more than size or steps alone.
-TUNED_MODELS: dict[str, tuple[int, tuple[str, ...]]] = {
-    "115k": (115_008, SMALL_MODEL),
-    "820k": (820_352, ()),
-    "2.7M": (2_705_856, LARGE_MODEL),
-}
 TUNED_POINTS: tuple[tuple[str, int, int, float, float], ...] = (
     ("2.7M", 2, 900, 0.7, 0.7),
     ("820k", 2, 900, 0.85, 0.85),
@@ -729,7 +730,7 @@ def trends_report(results: dict[str, dict[str, Any]]) -> list[str]:
 
 def tuned_pair(model: str, workers: int, steps: int, sync_lr: float, eager_lr: float) -> tuple[Point, Point]:
     """DiLoCo's and the smoothed eager's seed-0 points of a ``TUNED_POINTS`` entry."""
-    extra = TUNED_MODELS[model][1]
+    extra = STUDY_MODELS[model][1]
     sync = Point("sync", sync_lr, 0.5, True, workers=workers, steps=steps, extra=extra)
     eager = Point("eager", eager_lr, 0.5, True, workers=workers, steps=steps, own_weight=0.875, smoothing=0.5,
                   extra=extra)  # fmt: skip
@@ -753,7 +754,7 @@ def tuned_gap_rows(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         eager_loss = sum(y for _, _, y in pairs) / len(pairs)
         rows.append({
             "model": model, "workers": workers, "steps": steps, "sync_lr": sync_lr, "eager_lr": eager_lr,
-            "tokens_per_param": steps * workers * TOKENS_PER_WORKER_STEP / TUNED_MODELS[model][0],
+            "tokens_per_param": steps * workers * TOKENS_PER_WORKER_STEP / STUDY_MODELS[model][0],
             "seeds": [seed for seed, _, _ in pairs], "sync": sync_loss, "eager": eager_loss,
             "gap_pct": (eager_loss / sync_loss - 1) * 100,
             "gap_pct_per_seed": [(y / x - 1) * 100 for _, x, y in pairs],
@@ -793,12 +794,8 @@ def plot_tuned_gaps(results: dict[str, dict[str, Any]], path: Path) -> Path | No
     rows = tuned_gap_rows(results)
     if not rows:
         return None
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = _pyplot()
+    if plt is None:
         return None
     from matplotlib.ticker import NullFormatter
 
@@ -831,6 +828,18 @@ def plot_tuned_gaps(results: dict[str, dict[str, Any]], path: Path) -> Path | No
     return path
 
 
+def _pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend, or None where matplotlib is missing (the plots are optional)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
 PLOT_MIN_POINTS = 3
 """A method group gets a panel of the lr plot when it has at least this many (lr, momentum) points at seed 0 (a
 grid); single points (the trends, the variants' screens) are in recipe_sweep.md's tables."""
@@ -858,12 +867,8 @@ def plot(out: Path, path: Path) -> Path | None:
     """Eval loss vs outer lr, one line per momentum setting, one panel per method group with a grid of at least
     ``PLOT_MIN_POINTS`` points (seed 0), each panel on its own y range. None when matplotlib is missing or no grid
     finished."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = _pyplot()
+    if plt is None:
         return None
     groups = lr_grids(load_results(out))
     if not groups:
@@ -921,20 +926,19 @@ TREND_LINES: dict[str, tuple[str, dict[str, float]]] = {
     "tokens": ("inner steps (M = 2)", {"300 steps": 300, "default": 900, "2,700 steps": 2700}),
     "H": ("H (inner steps per outer step)", {"H = 10": 10, "default": 30, "H = 100": 100}),
     "M": ("M (820k model; M = 4 at 600 steps)", {"default": 2, "M = 4, 600 steps": 4}),
-    "size": ("parameters", {"115k parameters": 115_008, "default": 820_352, "2.7M parameters": 2_705_856}),
+    "size": (
+        "parameters",
+        {f"{name} parameters" if extra else "default": n for name, (n, extra) in STUDY_MODELS.items()},
+    ),
 }
-TICK_LABELS = {115_008: "115k", 820_352: "820k", 2_705_856: "2.7M"}
+TICK_LABELS = {n: name for name, (n, _) in STUDY_MODELS.items()}
 
 
 def plot_trends(results: dict[str, dict[str, Any]], path: Path) -> Path | None:
     """The gap of each eager method to DiLoCo (%, mean over finished seeds) along each trend axis; None when
     matplotlib is missing or no trend has both methods finished."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = _pyplot()
+    if plt is None:
         return None
     rows = trend_rows(results)
     gaps = {}  # (axis, what) -> [gap % of each eager method or None]
