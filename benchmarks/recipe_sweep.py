@@ -46,7 +46,7 @@ the shared tree changes); each JSON records that checkout's commit and whether i
 ``--report-only`` (and every finished run) rewrites ``<out>/recipe_sweep.md`` (tables) and
 ``<out>/recipe_sweep.png`` (eval loss vs outer lr, one line per momentum, one panel per method),
 ``<out>/recipe_trends.png`` (the trends' gaps) and ``<out>/recipe_tuned_gaps.png`` (``TUNED_POINTS``: DiLoCo and
-the smoothed eager each at the outer lr tuned for it at that model and M, the gap by tokens per parameter; the
+the smoothed eager each at the outer lr tuned for it at that model, M and H, the gap by tokens per parameter; the
 runs are custom-plan points, e.g. ``--plan custom --methods sync --lrs 0.85 --momenta 0.5 --steps 5400``).
 """
 
@@ -125,20 +125,42 @@ TREND_METHODS: tuple[tuple[str, float | None, float | None, tuple[float, float, 
     ("eager", 0.75, None, (0.7, 0.5, True)),
     ("eager", 0.875, 0.5, (0.7, 0.5, True)),
 )
-# The gap where both methods were tuned: DiLoCo and the CLI's eager rule (w = 0.875, β = 0.5, Nesterov 0.5) each at
-# the outer lr best for it on the grid run for both at that model and M (BENCHMARKS.md 8, "The outer lr tuned at
-# each model size"; longer runs keep the lrs of the 900-step / 600-step tuning): (model, M, inner steps, DiLoCo's lr,
-# eager's lr). Read along tokens per parameter, which decide the gap more than size or steps alone.
-TUNED_POINTS: tuple[tuple[str, int, int, float, float], ...] = (
-    ("2.7M", 2, 900, 0.7, 0.7),
-    ("820k", 2, 900, 0.85, 0.85),
-    ("820k", 2, 2700, 0.85, 0.85),
-    ("820k", 2, 5400, 0.85, 0.85),
-    ("115k", 2, 900, 1.0, 0.85),
-    ("2.7M", 4, 600, 1.0, 0.7),
-    ("820k", 4, 600, 1.0, 0.85),
-    ("820k", 4, 2700, 1.0, 0.85),
-    ("115k", 4, 600, 1.0, 0.85),
+
+
+@dataclass(frozen=True)
+class TunedPoint:
+    """A point of the study where DiLoCo and the CLI's eager rule (w = 0.875, β = 0.5, Nesterov 0.5) each ran at the
+    outer lr best for it on the grid run for both at that model, M and H (BENCHMARKS.md 8, "The outer lr tuned at
+    each model size" and "... at each H"; longer runs keep the lrs of the 900-step / 600-step tuning)."""
+
+    model: str
+    """A key of ``STUDY_MODELS``."""
+    workers: int
+    steps: int
+    """Inner steps per worker."""
+    sync_lr: float
+    """DiLoCo's tuned outer lr."""
+    eager_lr: float
+    """Eager's tuned outer lr."""
+    sync_every: int = 30
+    """H; the CLI's 30 adds no flag (so the key is the default job's)."""
+
+
+# Read along tokens per parameter, which decide the gap more than size or steps alone; the H = 10 and H = 100 points
+# are at the default job's tokens (BENCHMARKS.md 8, "The outer lr tuned at each H").
+TUNED_POINTS: tuple[TunedPoint, ...] = (
+    TunedPoint("2.7M", 2, 900, 0.7, 0.7),
+    TunedPoint("820k", 2, 900, 0.85, 0.85),
+    TunedPoint("820k", 2, 2700, 0.85, 0.85),
+    TunedPoint("820k", 2, 5400, 0.85, 0.85),
+    TunedPoint("115k", 2, 900, 1.0, 0.85),
+    TunedPoint("2.7M", 4, 600, 1.0, 0.7),
+    TunedPoint("820k", 4, 600, 1.0, 0.85),
+    TunedPoint("820k", 4, 2700, 1.0, 0.85),
+    TunedPoint("115k", 4, 600, 1.0, 0.85),
+    TunedPoint("820k", 2, 900, 0.7, 0.7, sync_every=10),
+    TunedPoint("820k", 4, 600, 0.7, 0.7, sync_every=10),
+    TunedPoint("820k", 2, 900, 1.0, 0.85, sync_every=100),
 )
 TOKENS_PER_WORKER_STEP = 16 * 128  # the CLI's batch: 16 sequences of 128 tokens per worker and inner step
 # --smoke: configs/smoke.toml's tiny model, H = 3, no mid-run evaluation (seconds per run)
@@ -728,12 +750,14 @@ def trends_report(results: dict[str, dict[str, Any]]) -> list[str]:
     ]
 
 
-def tuned_pair(model: str, workers: int, steps: int, sync_lr: float, eager_lr: float) -> tuple[Point, Point]:
-    """DiLoCo's and the smoothed eager's seed-0 points of a ``TUNED_POINTS`` entry."""
-    extra = STUDY_MODELS[model][1]
-    sync = Point("sync", sync_lr, 0.5, True, workers=workers, steps=steps, extra=extra)
-    eager = Point("eager", eager_lr, 0.5, True, workers=workers, steps=steps, own_weight=0.875, smoothing=0.5,
-                  extra=extra)  # fmt: skip
+def tuned_pair(point: TunedPoint) -> tuple[Point, Point]:
+    """DiLoCo's and the smoothed eager's seed-0 runs of a ``TUNED_POINTS`` entry."""
+    extra = STUDY_MODELS[point.model][1]
+    if point.sync_every != 30:
+        extra = (*extra, "--sync-every", str(point.sync_every))
+    shape = {"workers": point.workers, "steps": point.steps, "extra": extra}
+    sync = Point("sync", point.sync_lr, 0.5, True, **shape)
+    eager = Point("eager", point.eager_lr, 0.5, True, own_weight=0.875, smoothing=0.5, **shape)
     return sync, eager
 
 
@@ -741,8 +765,8 @@ def tuned_gap_rows(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per ``TUNED_POINTS`` entry with both methods finished (ok) on at least one common seed of 0, 1, 2:
     the means over those common seeds (paired, so a seed run for one method only does not move the gap)."""
     rows = []
-    for model, workers, steps, sync_lr, eager_lr in TUNED_POINTS:
-        sync, eager = tuned_pair(model, workers, steps, sync_lr, eager_lr)
+    for point in TUNED_POINTS:
+        sync, eager = tuned_pair(point)
         pairs = []
         for seed in (0, 1, 2):
             a, b = (results.get(dataclasses.replace(p, seed=seed).key) for p in (sync, eager))
@@ -753,8 +777,8 @@ def tuned_gap_rows(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         sync_loss = sum(x for _, x, _ in pairs) / len(pairs)
         eager_loss = sum(y for _, _, y in pairs) / len(pairs)
         rows.append({
-            "model": model, "workers": workers, "steps": steps, "sync_lr": sync_lr, "eager_lr": eager_lr,
-            "tokens_per_param": steps * workers * TOKENS_PER_WORKER_STEP / STUDY_MODELS[model][0],
+            **dataclasses.asdict(point),
+            "tokens_per_param": point.steps * point.workers * TOKENS_PER_WORKER_STEP / STUDY_MODELS[point.model][0],
             "seeds": [seed for seed, _, _ in pairs], "sync": sync_loss, "eager": eager_loss,
             "gap_pct": (eager_loss / sync_loss - 1) * 100,
             "gap_pct_per_seed": [(y / x - 1) * 100 for _, x, y in pairs],
@@ -767,23 +791,22 @@ def tuned_gaps_report(results: dict[str, dict[str, Any]]) -> list[str]:
     rows = tuned_gap_rows(results)
     if not rows:
         return []
+    header = ["model", "M", "H", "inner steps", "tokens / parameter", "DiLoCo", "eager", "seeds", "gap",
+              "gap per seed (%)"]  # fmt: skip
     table = []
     for r in rows:
         sync, eager = f"{r['sync']:.4f} (lr {r['sync_lr']:g})", f"{r['eager']:.4f} (lr {r['eager_lr']:g})"
         per_seed = " / ".join(f"{g:+.2f}" for g in r["gap_pct_per_seed"])
         seeds = ", ".join(map(str, r["seeds"]))
-        table.append([r["model"], r["workers"], f"{r['steps']:,}", f"{r['tokens_per_param']:.1f}", sync, eager, seeds,
-                      f"{r['gap_pct']:+.2f} %", per_seed])  # fmt: skip
+        table.append([r["model"], r["workers"], r["sync_every"], f"{r['steps']:,}", f"{r['tokens_per_param']:.1f}",
+                      sync, eager, seeds, f"{r['gap_pct']:+.2f} %", per_seed])  # fmt: skip
     return [
         "## The gap with both methods tuned: DiLoCo against the smoothed eager, by tokens per parameter",
         "",
-        "Each at the outer lr best for it at that model and M (Nesterov 0.5; eager w = 0.875, β = 0.5); means over the "
-        "seeds both finished.",
+        "Each at the outer lr best for it at that model, M and H (Nesterov 0.5; eager w = 0.875, β = 0.5); means over "
+        "the seeds both finished.",
         "",
-        bl.md_table(
-            ["model", "M", "inner steps", "tokens / parameter", "DiLoCo", "eager", "seeds", "gap", "gap per seed (%)"],
-            table,
-        ),
+        bl.md_table(header, table),
         "",
     ]
 
@@ -805,11 +828,14 @@ def plot_tuned_gaps(results: dict[str, dict[str, Any]], path: Path) -> Path | No
         pts = sorted(((r["tokens_per_param"], r["gap_pct"], r) for r in rows if r["workers"] == workers),
                      key=lambda p: p[0])  # fmt: skip
         color = f"C{i + 1}"
-        ax.plot([x for x, _, _ in pts], [y for _, y, _ in pts], ls=":", color=color, label=f"M = {workers}")
+        line = [(x, y) for x, y, r in pts if r["sync_every"] == 30]  # the line: H = 30; other H hollow, apart
+        ax.plot([x for x, _ in line], [y for _, y in line], ls=":", color=color, label=f"M = {workers}")
         for x, y, r in pts:
-            ax.plot([x], [y], marker=markers[r["model"]], color=color)
+            fill = "full" if r["sync_every"] == 30 else "none"
+            ax.plot([x], [y], marker=markers[r["model"]], color=color, fillstyle=fill)
             n = len(r["seeds"])
-            note = f"{r['model']}, {r['steps']:,} steps" + ("" if n == 3 else f" ({n} seed{'s' if n > 1 else ''})")
+            note = f"{r['model']}, {r['steps']:,} steps" + ("" if r["sync_every"] == 30 else f", H = {r['sync_every']}")
+            note += "" if n == 3 else f" ({n} seed{'s' if n > 1 else ''})"
             ax.annotate(note, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.axhline(0, color="C0", lw=1, label="DiLoCo")
     ax.axhline(1, color="grey", lw=1, ls="--", label="issue 11's bound (1.01x)")
@@ -817,7 +843,7 @@ def plot_tuned_gaps(results: dict[str, dict[str, Any]], path: Path) -> Path | No
     ticks = [1, 2, 5, 10, 20, 50]
     ax.set_xticks(ticks, [str(t) for t in ticks])
     ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.set_xlabel("tokens per parameter (markers: ▲ 115k, ● 820k, ■ 2.7M parameters)")
+    ax.set_xlabel("tokens per parameter (markers: ▲ 115k, ● 820k, ■ 2.7M parameters; hollow: H other than 30)")
     ax.set_ylabel("eval loss of eager vs DiLoCo (%)")
     ax.set_title("Eager (w = 0.875, β = 0.5) against DiLoCo, both at their tuned outer lr", fontsize=10)
     ax.grid(alpha=0.3)

@@ -362,11 +362,14 @@ def test_own_weight_outside_the_custom_plan_is_refused(tmp_path, capsys):
 
 
 def test_tuned_gaps_pair_seeds_and_read_tokens_per_parameter(tmp_path):
-    sync, eager = rs.tuned_pair("820k", 2, 5400, 0.85, 0.85)
+    sync, eager = rs.tuned_pair(rs.TunedPoint("820k", 2, 5400, 0.85, 0.85))
     assert (sync.key, eager.key) == ("sync_M2_T5400_lr0.85_m0.5n_s0", "eager_w0.875_b0.5_M2_T5400_lr0.85_m0.5n_s0")
     assert eager.train_args()[-6:] == ["--eager-own-weight", "0.875", "--eager-smoothing", "0.5", "--lr", "0.003"]
-    small = rs.tuned_pair("115k", 4, 600, 1.0, 0.85)[0]
+    small = rs.tuned_pair(rs.TunedPoint("115k", 4, 600, 1.0, 0.85))[0]
     assert small.key == "sync_M4_T600_lr1_m0.5n_s0_x57380869"  # the 115k model's runs of the study
+    h10 = rs.tuned_pair(rs.TunedPoint("820k", 2, 900, 0.7, 0.7, sync_every=10))[1]
+    assert h10.key == "eager_w0.875_b0.5_M2_T900_lr0.7_m0.5n_s0_x2e8516e6"  # the trends' H = 10 runs
+    assert h10.train_args()[-2:] == ["--sync-every", "10"]
     assert rs.tuned_gap_rows({}) == [] and rs.tuned_gaps_report({}) == []
     assert rs.plot_tuned_gaps({}, tmp_path / "g.png") is None
     # seeds 0 and 1 for both, seed 2 for sync only: the gap is read over the seeds both have
@@ -386,6 +389,6 @@ def test_tuned_gaps_pair_seeds_and_read_tokens_per_parameter(tmp_path):
     assert row["tokens_per_param"] == 5400 * 2 * 2048 / 820_352
     assert row["sync"] == pytest.approx(1.31) and row["eager"] == pytest.approx(1.3165)
     assert row["gap_pct_per_seed"] == pytest.approx([1.0, 0.0])
-    line = "| 820k | 2 | 5,400 | 27.0 | 1.3100 (lr 0.85) | 1.3165 (lr 0.85) | 0, 1 | +0.50 % | +1.00 / +0.00 |"
+    line = "| 820k | 2 | 30 | 5,400 | 27.0 | 1.3100 (lr 0.85) | 1.3165 (lr 0.85) | 0, 1 | +0.50 % | +1.00 / +0.00 |"
     assert line in rs.report(tmp_path)
     assert rs.plot_tuned_gaps(results, tmp_path / "g.png") == tmp_path / "g.png"

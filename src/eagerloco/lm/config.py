@@ -158,7 +158,8 @@ class OuterConfig(DiLoCoConfig):
     outer_lr: float | None = None  # type: ignore[assignment]
     """Outer SGD learning rate. Unset: the mode's recipe (``OUTER_RECIPES``: sync 1.0, eager 0.85 with its own weight
     and 1.0 with the paper's rule, overlap 1.0, delayed 0.7; DiLoCo's paper uses 0.7, the streaming and eager papers
-    0.4 at scale). Tuned on the default model; on a 2.7M-parameter one sync and eager are both best at 0.7."""
+    0.4 at scale). Tuned on the default model at H = 30; on a 2.7M-parameter one sync and eager are both best at 0.7,
+    and so are they at H = 10 (BENCHMARKS.md 8, "The outer lr tuned at each H")."""
     outer_momentum: float | None = None  # type: ignore[assignment]
     """Outer SGD momentum. Unset: the mode's recipe (sync 0.5; eager 0.5 with its own weight, 0 with the paper's
     rule, whose stale part momentum feeds on; overlap 0.9, the papers' value; delayed 0, all stale)."""
