@@ -126,6 +126,8 @@ TREND_METHODS: tuple[tuple[str, float | None, float | None, tuple[float, float, 
     ("eager", 0.875, 0.5, (0.7, 0.5, True)),
 )
 
+CLI_SYNC_EVERY = 30  # the CLI's H: a point that passes no --sync-every runs at it
+
 
 @dataclass(frozen=True)
 class TunedPoint:
@@ -142,8 +144,8 @@ class TunedPoint:
     """DiLoCo's tuned outer lr."""
     eager_lr: float
     """Eager's tuned outer lr."""
-    sync_every: int = 30
-    """H; the CLI's 30 adds no flag (so the key is the default job's)."""
+    sync_every: int = CLI_SYNC_EVERY
+    """H; the CLI's adds no flag (so the key is the default job's)."""
 
 
 # Read along tokens per parameter, which decide the gap more than size or steps alone; the H = 10 and H = 100 points
@@ -753,7 +755,7 @@ def trends_report(results: dict[str, dict[str, Any]]) -> list[str]:
 def tuned_pair(point: TunedPoint) -> tuple[Point, Point]:
     """DiLoCo's and the smoothed eager's seed-0 runs of a ``TUNED_POINTS`` entry."""
     extra = STUDY_MODELS[point.model][1]
-    if point.sync_every != 30:
+    if point.sync_every != CLI_SYNC_EVERY:
         extra = (*extra, "--sync-every", str(point.sync_every))
     shape = {"workers": point.workers, "steps": point.steps, "extra": extra}
     sync = Point("sync", point.sync_lr, 0.5, True, **shape)
@@ -828,13 +830,13 @@ def plot_tuned_gaps(results: dict[str, dict[str, Any]], path: Path) -> Path | No
         pts = sorted(((r["tokens_per_param"], r["gap_pct"], r) for r in rows if r["workers"] == workers),
                      key=lambda p: p[0])  # fmt: skip
         color = f"C{i + 1}"
-        line = [(x, y) for x, y, r in pts if r["sync_every"] == 30]  # the line: H = 30; other H hollow, apart
+        default_h = [r["sync_every"] == CLI_SYNC_EVERY for _, _, r in pts]  # the line; other H hollow, apart
+        line = [(x, y) for (x, y, _), on in zip(pts, default_h, strict=True) if on]
         ax.plot([x for x, _ in line], [y for _, y in line], ls=":", color=color, label=f"M = {workers}")
-        for x, y, r in pts:
-            fill = "full" if r["sync_every"] == 30 else "none"
-            ax.plot([x], [y], marker=markers[r["model"]], color=color, fillstyle=fill)
+        for (x, y, r), on in zip(pts, default_h, strict=True):
+            ax.plot([x], [y], marker=markers[r["model"]], color=color, fillstyle="full" if on else "none")
             n = len(r["seeds"])
-            note = f"{r['model']}, {r['steps']:,} steps" + ("" if r["sync_every"] == 30 else f", H = {r['sync_every']}")
+            note = f"{r['model']}, {r['steps']:,} steps" + ("" if on else f", H = {r['sync_every']}")
             note += "" if n == 3 else f" ({n} seed{'s' if n > 1 else ''})"
             ax.annotate(note, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.axhline(0, color="C0", lw=1, label="DiLoCo")
@@ -843,7 +845,7 @@ def plot_tuned_gaps(results: dict[str, dict[str, Any]], path: Path) -> Path | No
     ticks = [1, 2, 5, 10, 20, 50]
     ax.set_xticks(ticks, [str(t) for t in ticks])
     ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.set_xlabel("tokens per parameter (markers: ▲ 115k, ● 820k, ■ 2.7M parameters; hollow: H other than 30)")
+    ax.set_xlabel(f"tokens per parameter (markers: ▲ 115k, ● 820k, ■ 2.7M parameters; hollow: H ≠ {CLI_SYNC_EVERY})")
     ax.set_ylabel("eval loss of eager vs DiLoCo (%)")
     ax.set_title("Eager (w = 0.875, β = 0.5) against DiLoCo, both at their tuned outer lr", fontsize=10)
     ax.grid(alpha=0.3)
@@ -950,7 +952,7 @@ def plot(out: Path, path: Path) -> Path | None:
 # The trends plot's line panels: axis -> (x label, {point: x}); "default" is the default job's row.
 TREND_LINES: dict[str, tuple[str, dict[str, float]]] = {
     "tokens": ("inner steps (M = 2)", {"300 steps": 300, "default": 900, "2,700 steps": 2700}),
-    "H": ("H (inner steps per outer step)", {"H = 10": 10, "default": 30, "H = 100": 100}),
+    "H": ("H (inner steps per outer step)", {"H = 10": 10, "default": CLI_SYNC_EVERY, "H = 100": 100}),
     "M": ("M (820k model; M = 4 at 600 steps)", {"default": 2, "M = 4, 600 steps": 4}),
     "size": (
         "parameters",

@@ -391,4 +391,12 @@ def test_tuned_gaps_pair_seeds_and_read_tokens_per_parameter(tmp_path):
     assert row["gap_pct_per_seed"] == pytest.approx([1.0, 0.0])
     line = "| 820k | 2 | 30 | 5,400 | 27.0 | 1.3100 (lr 0.85) | 1.3165 (lr 0.85) | 0, 1 | +0.50 % | +1.00 / +0.00 |"
     assert line in rs.report(tmp_path)
-    assert rs.plot_tuned_gaps(results, tmp_path / "g.png") == tmp_path / "g.png"
+    # a point at H = 10 (a TUNED_POINTS entry): its own row, read apart from H = 30's; the plot draws it hollow
+    sync10 = rs.tuned_pair(rs.TunedPoint("820k", 2, 900, 0.7, 0.7, sync_every=10))[0]
+    write(tmp_path, sync10, "ok", 1.60)
+    write(tmp_path, h10, "ok", 1.64)
+    rows = rs.tuned_gap_rows(rs.load_results(tmp_path))
+    assert [(r["sync_every"], r["steps"]) for r in rows] == [(30, 5400), (10, 900)]
+    line = "| 820k | 2 | 10 | 900 | 4.5 | 1.6000 (lr 0.7) | 1.6400 (lr 0.7) | 0 | +2.50 % | +2.50 |"
+    assert line in rs.report(tmp_path)
+    assert rs.plot_tuned_gaps(rs.load_results(tmp_path), tmp_path / "g.png") == tmp_path / "g.png"
