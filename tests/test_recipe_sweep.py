@@ -367,7 +367,7 @@ def test_tuned_gaps_pair_seeds_and_read_tokens_per_parameter(tmp_path):
     assert eager.train_args()[-6:] == ["--eager-own-weight", "0.875", "--eager-smoothing", "0.5", "--lr", "0.003"]
     small = rs.tuned_pair(rs.TunedPoint("115k", 4, 600, 1.0, 0.85))[0]
     assert small.key == "sync_M4_T600_lr1_m0.5n_s0_x57380869"  # the 115k model's runs of the study
-    h10 = rs.tuned_pair(rs.TunedPoint("820k", 2, 900, 0.7, 0.7, sync_every=10))[1]
+    sync10, h10 = rs.tuned_pair(rs.TunedPoint("820k", 2, 900, 0.7, 0.7, sync_every=10))
     assert h10.key == "eager_w0.875_b0.5_M2_T900_lr0.7_m0.5n_s0_x2e8516e6"  # the trends' H = 10 runs
     assert h10.train_args()[-2:] == ["--sync-every", "10"]
     assert rs.tuned_gap_rows({}) == [] and rs.tuned_gaps_report({}) == []
@@ -392,7 +392,6 @@ def test_tuned_gaps_pair_seeds_and_read_tokens_per_parameter(tmp_path):
     line = "| 820k | 2 | 30 | 5,400 | 27.0 | 1.3100 (lr 0.85) | 1.3165 (lr 0.85) | 0, 1 | +0.50 % | +1.00 / +0.00 |"
     assert line in rs.report(tmp_path)
     # a point at H = 10 (a TUNED_POINTS entry): its own row, read apart from H = 30's; the plot draws it hollow
-    sync10 = rs.tuned_pair(rs.TunedPoint("820k", 2, 900, 0.7, 0.7, sync_every=10))[0]
     write(tmp_path, sync10, "ok", 1.60)
     write(tmp_path, h10, "ok", 1.64)
     rows = rs.tuned_gap_rows(rs.load_results(tmp_path))
