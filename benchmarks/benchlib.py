@@ -88,6 +88,21 @@ SMOKE_ARGS: list[str] = [
 ]  # fmt: skip
 
 
+CLI_SYNC_EVERY = 30  # the CLI's H (`eagerloco train` default): a run that passes no --sync-every runs at it
+
+
+def sync_every_of(args: Sequence[str]) -> int:
+    """The H a run with these extra ``eagerloco train`` flags trains at: the last ``--sync-every N`` or
+    ``--sync-every=N`` among them, else the CLI's."""
+    h = CLI_SYNC_EVERY
+    for i, arg in enumerate(args):
+        if arg == "--sync-every" and i + 1 < len(args):
+            h = int(args[i + 1])
+        elif arg.startswith("--sync-every="):
+            h = int(arg.split("=", 1)[1])
+    return h
+
+
 def is_eager(method: str) -> bool:
     """Whether ``METHODS[method]`` trains mode eager (the methods an own weight applies to); unknown names: no."""
     args = METHODS.get(method, [])

@@ -126,7 +126,7 @@ TREND_METHODS: tuple[tuple[str, float | None, float | None, tuple[float, float, 
     ("eager", 0.875, 0.5, (0.7, 0.5, True)),
 )
 
-CLI_SYNC_EVERY = 30  # the CLI's H: a point that passes no --sync-every runs at it
+CLI_SYNC_EVERY = bl.CLI_SYNC_EVERY  # the CLI's H: a point that passes no --sync-every runs at it
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/time_to_target.py            # after loss_parity.py and cu_bandwidth.py
     .venv/bin/python benchmarks/time_to_target.py --rate 8   # another link rate of the cu_bandwidth run
     .venv/bin/python benchmarks/time_to_target.py --runs R.json ... --cu C.json  # curves of recipe-sweep runs
+    .venv/bin/python benchmarks/time_to_target.py --runs R.json ... --cu C30.json C10.json  # runs at two H
 
 Combines two measurements of the same model, data and H, taken by the other drivers:
 
@@ -13,11 +14,14 @@ Combines two measurements of the same model, data and H, taken by the other driv
 
 ``--runs`` takes the curves from recipe-sweep runs instead (``recipe_sweep.py``: one JSON per run, each method
 at its own outer recipe and length, e.g. eager trained longer than DiLoCo so that it gets there); the runs of a
-method are its seeds, and they must share their length and evaluation steps.
+method are its seeds, and they must share their length and evaluation steps. A run's H is its ``--sync-every``
+(the CLI's 30 unless its extra flags say otherwise; a curve at another H is named by it, ``eager_fp4 ... H=10``),
+and its seconds per step come from the ``--cu`` file measured at that H (one file per H).
 
-The target is DiLoCo's (sync's) final eval loss, mean over seeds. A method's curve is the mean over seeds at each
-evaluation; the step where it first reaches the target is interpolated linearly between evaluations. Its wall
-clock is that step x its seconds per inner step at the chosen rate (the slowest one by default). The mid-run
+The target is DiLoCo's (sync's; with ``--runs``, at the CLI's H) final eval loss, mean over seeds. A method's curve
+is the mean over seeds at each evaluation; the step where it first reaches the target is interpolated linearly
+between evaluations. Its wall clock is that step x its seconds per inner step at the chosen rate (the slowest one by
+default). The mid-run
 evaluations are of worker 0's outer parameters; the last one is after ``finalize`` (and, for eager,
 ``consolidate``), as in every run.
 """
@@ -70,15 +74,17 @@ def curve_name(run: dict[str, Any]) -> str:
     return " ".join(x for x in (run["method"], run.get("variant", "")) if x)
 
 
-def curve_label_suffix(point: dict[str, Any], lr: bool = False) -> str:
+def curve_label_suffix(point: dict[str, Any], lr: bool = False, sync_every: int = bl.CLI_SYNC_EVERY) -> str:
     """What follows the method's label: eager's own weight and smoothing (ALGORITHMS.md 4.1, 4.4), or "the paper's
-    rule" for eager without an own weight; then the outer lr where ``lr`` (one method run at several)."""
+    rule" for eager without an own weight; then the outer lr where ``lr`` (one method run at several), and H where
+    it is not the CLI's."""
     weight, beta = point.get("own_weight"), point.get("smoothing")
     parts = [f"own weight w={weight:g}"] if weight is not None else []
     parts += [f"smoothing β={beta:g}"] if beta else []
     if not parts and bl.is_eager(point["method"]):
         parts = ["the paper's rule"]
     parts += [f"lr {point['outer_lr']:g}"] if lr else []
+    parts += [f"H = {sync_every}"] if sync_every != bl.CLI_SYNC_EVERY else []
     return "".join(f", {p}" for p in parts)
 
 
@@ -92,10 +98,12 @@ def recipe_runs(paths: list[Path]) -> dict[str, Any]:
         point = r["point"]
         weight = point.get("own_weight")  # eager's own weight (ALGORITHMS.md 4.1): a curve of its own
         beta = point.get("smoothing")  # and its smoothing (4.4)
-        variant = " ".join(([f"w={weight:g}"] if weight is not None else []) + ([f"β={beta:g}"] if beta else []))
+        h = bl.sync_every_of(point.get("extra") or [])  # and its H, where not the CLI's
+        variant = " ".join(([f"w={weight:g}"] if weight is not None else []) + ([f"β={beta:g}"] if beta else [])
+                           + ([f"H={h}"] if h != bl.CLI_SYNC_EVERY else []))  # fmt: skip
         runs.append({"method": point["method"], "variant": variant,
                      "seed": point["seed"], "eval_loss": r["eval_loss"], "evals": r["evals"],
-                     "steps": point["steps"], "recipe": point, "source": path.name})  # fmt: skip
+                     "steps": point["steps"], "sync_every": h, "recipe": point, "source": path.name})  # fmt: skip
     lrs: dict[str, set[float]] = {}
     for r in runs:
         lrs.setdefault(curve_name(r), set()).add(r["recipe"]["outer_lr"])
@@ -144,19 +152,30 @@ def plot(payload: dict[str, Any], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--loss", type=Path, default=bl.RESULTS / "loss_parity.json")
-    ap.add_argument("--cu", type=Path, default=bl.RESULTS / "cu_bandwidth.json")
+    ap.add_argument(
+        "--cu",
+        type=Path,
+        nargs="+",
+        default=[bl.RESULTS / "cu_bandwidth.json"],
+        help="cu_bandwidth JSONs, one per H (each run's seconds per step come from the one at its H)",
+    )
     ap.add_argument("--runs", type=Path, nargs="+", default=None, help="recipe-sweep run JSONs (instead of --loss)")
     ap.add_argument("--rate", type=float, default=None, help="Mbit/s (default: the slowest rate measured)")
     ap.add_argument("--name", default="time_to_target")
     ap.add_argument("--out", type=Path, default=bl.RESULTS)
     ap.add_argument("--no-plot", action="store_true", help="skip NAME.png (loss against wall seconds)")
     args = ap.parse_args(argv)
-    missing = [str(p) for p in (args.cu, *(args.runs or [args.loss])) if not p.is_file()]
+    missing = [str(p) for p in (*args.cu, *(args.runs or [args.loss])) if not p.is_file()]
     if missing:  # before any work: one line naming the files
         raise SystemExit(f"time_to_target: no such file: {', '.join(missing)}")
-    cu = json.loads(args.cu.read_text())
+    cu_at: dict[int, dict[str, Any]] = {}  # H -> the link timing measured at it
+    for path in args.cu:
+        cu = json.loads(path.read_text())
+        if cu["sync_every"] in cu_at:
+            raise SystemExit(f"time_to_target: two --cu files at H = {cu['sync_every']}: give one per H")
+        cu_at[cu["sync_every"]] = cu
     loss = recipe_runs(args.runs) if args.runs else json.loads(args.loss.read_text())
-    rate = args.rate if args.rate is not None else min(r["rate_mbit"] for r in cu["runs"])
+    rate = args.rate if args.rate is not None else min(r["rate_mbit"] for c in cu_at.values() for r in c["runs"])
     by_method: dict[str, list[dict[str, Any]]] = {}
     for r in loss["runs"]:
         by_method.setdefault(curve_name(r), []).append(r)
@@ -171,10 +190,12 @@ def main(argv: list[str] | None = None) -> int:
         curve = mean_curve(runs)
         step = first_crossing(curve, target)
         base, variant = runs[0]["method"], runs[0].get("variant", "")
-        per_step = seconds_per_step(cu, base, rate)  # own weight, smoothing: the same step (same bytes)
+        h = runs[0].get("sync_every", next(iter(cu_at)))  # loss_parity.json: the H of the (first) --cu
+        # own weight, smoothing, outer lr: the same step (the same bytes); H changes it, so the timing at the run's H
+        per_step = seconds_per_step(cu_at[h], base, rate) if h in cu_at else None
         wall = step * per_step if step is not None and per_step is not None else None
         label = bl.LABELS.get(base, base) + curve_label_suffix(
-            runs[0].get("recipe") or {"method": base}, "lr=" in variant
+            runs[0].get("recipe") or {"method": base}, "lr=" in variant, h
         )
         rows.append({"method": method, "label": label, "seeds": len(runs), "step": step, "seconds_per_step": per_step,
                      "wall_s": wall, "final_mean_loss": curve[-1][1], "curve": curve})  # fmt: skip
@@ -192,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n".join([
         f"Time to DiLoCo's final eval loss ({target:.4f}, mean of {len(by_method['sync'])} seeds) at {rate:g} "
         f"Mbit/s: loss curves from `{source}` ({loss['steps']} steps, seeds {loss['seeds']}), seconds per "
-        f"inner step on the link from `{args.cu.name}` (steady state, median of repeats).",
+        f"inner step on the link from {', '.join(f'`{p.name}`' for p in args.cu)} (steady state, median of repeats).",
         "",
         f"Command: `{bl.command_line()}`",
         "",
@@ -200,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
                      "wall s to target", "vs DiLoCo"], table),
     ])  # fmt: skip
     payload = {"benchmark": "time_to_target", "target": target, "rate_mbit": rate, "rows": rows,
-               "sources": [*map(str, args.runs or [args.loss]), str(args.cu)]}  # fmt: skip
+               "sources": [*map(str, args.runs or [args.loss]), *map(str, args.cu)]}  # fmt: skip
     jpath, mpath = bl.write_results(args.name, args.out, payload, text)
     print(mpath.read_text())
     if not args.no_plot:

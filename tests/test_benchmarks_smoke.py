@@ -102,6 +102,13 @@ def test_first_crossing_interpolates_between_evaluations():
     assert ttt.first_crossing(curve, 1.9) is None
 
 
+def test_sync_every_of_reads_the_last_flag_else_the_clis():
+    assert bl.CLI_SYNC_EVERY == 30
+    assert bl.sync_every_of([]) == bl.sync_every_of(["--eval-every", "90"]) == 30
+    assert bl.sync_every_of(["--sync-every", "10"]) == bl.sync_every_of(["--eval-every=90", "--sync-every=10"]) == 10
+    assert bl.sync_every_of(["--sync-every=10", "--sync-every", "100"]) == 100  # argparse's rule: the last wins
+
+
 def test_time_to_target_combines_loss_curves_and_link_timing(tmp_path):
     def run(method, seed, losses):
         evals = [{"step": 10 * (i + 1), "eval_loss": v} for i, v in enumerate(losses)]
@@ -134,11 +141,11 @@ def test_time_to_target_combines_loss_curves_and_link_timing(tmp_path):
 def test_time_to_target_from_recipe_sweep_runs(tmp_path):
     """--runs: each method at its own length (eager trained longer than DiLoCo); seeds averaged per method."""
 
-    def run(method, seed, steps, losses, status="ok", own_weight=None, smoothing=None, lr=1.0):
+    def run(method, seed, steps, losses, status="ok", own_weight=None, smoothing=None, lr=1.0, extra=()):
         evals = [{"step": steps * (i + 1) // len(losses), "eval_loss": v} for i, v in enumerate(losses)]
         point = {"method": method, "seed": seed, "steps": steps, "outer_lr": lr, "own_weight": own_weight,
-                 "smoothing": smoothing}  # fmt: skip
-        path = tmp_path / f"{method}_{steps}_{seed}_{own_weight}_{smoothing}_{lr}.json"
+                 "smoothing": smoothing, "extra": list(extra)}  # fmt: skip
+        path = tmp_path / f"{method}_{steps}_{seed}_{own_weight}_{smoothing}_{lr}_{'_'.join(extra)}.json"
         path.write_text(json.dumps({"status": status, "point": point, "eval_loss": losses[-1], "evals": evals}))
         return str(path)
 
@@ -147,9 +154,9 @@ def test_time_to_target_from_recipe_sweep_runs(tmp_path):
              run("eager", 0, 40, [2.9, 2.5, 2.1, 2.0], own_weight=0.75),  # its own curve: 2.1 at step 30
              run("eager", 0, 40, [2.8, 2.1, 2.0, 1.9], own_weight=0.875, smoothing=0.5)]  # 2.1 at 20  # fmt: skip
     counted = {"outer_launches": 3, "outer_waits": 3}  # the engine's own steady state: read as it is
-    cu = {"sync_every": 10, "runs": [{"method": m, "rate_mbit": 4.0, "steps": 30, "wall_steady_s": w, **counted}
+    cu = {"sync_every": 30, "runs": [{"method": m, "rate_mbit": 4.0, "steps": 30, "wall_steady_s": w, **counted}
                                      for m, w in [("sync", 60.0), ("eager", 30.0)]]}  # fmt: skip
-    (tmp_path / "cu.json").write_text(json.dumps(cu))
+    (tmp_path / "cu.json").write_text(json.dumps(cu))  # at the CLI's H, that of runs without --sync-every
     assert ttt.main(["--runs", *paths, "--cu", str(tmp_path / "cu.json"), "--out", str(tmp_path), "--no-plot"]) == 0
     assert not (tmp_path / "time_to_target.png").exists()
     out = json.loads((tmp_path / "time_to_target.json").read_text())
@@ -179,6 +186,28 @@ def test_time_to_target_from_recipe_sweep_runs(tmp_path):
     table = (tmp_path / "time_to_target.md").read_text()
     assert "| eager k=1, own weight w=0.875, smoothing β=0.5, lr 0.85 | 1.900 | 25 | 1.000 | 25 | 0.42x |" in table
     assert "| eager k=1, own weight w=0.875, smoothing β=0.5, lr 1 | 1.900 | 20 | 1.000 | 20 | 0.33x |" in table
+    # runs at another H (their --sync-every): curves of their own, named by H, timed by the --cu measured at it
+    short = [run("sync", 0, 30, [2.5, 2.1, 1.9], lr=0.7, extra=("--sync-every", "10")),  # 2.1 at step 20
+             run("eager", 0, 40, [2.5, 1.7, 1.6, 1.5], lr=0.7, extra=("--sync-every=10",))]  # 2.1 at 15  # fmt: skip
+    cu10 = {**cu, "sync_every": 10, "runs": [{**r, "wall_steady_s": 2 * r["wall_steady_s"]} for r in cu["runs"]]}
+    (tmp_path / "cu10.json").write_text(json.dumps(cu10))
+    assert ttt.main(["--runs", *paths[:3], *short, "--cu", str(tmp_path / "cu.json"), str(tmp_path / "cu10.json"),
+                     "--out", str(tmp_path), "--no-plot"]) == 0  # fmt: skip
+    out = json.loads((tmp_path / "time_to_target.json").read_text())
+    rows = {r["method"]: r for r in out["rows"]}
+    assert out["target"] == pytest.approx(2.1)  # DiLoCo at the CLI's H: the target, whatever other H run
+    assert (rows["sync H=10"]["step"], rows["sync H=10"]["seconds_per_step"]) == (20, 4.0)  # cu10's timing
+    assert (rows["eager H=10"]["step"], rows["eager H=10"]["wall_s"]) == (15, 30.0)
+    assert (rows["eager"]["seconds_per_step"], rows["sync"]["wall_s"]) == (1.0, 60.0)  # H = 30: cu.json's
+    table = (tmp_path / "time_to_target.md").read_text()
+    assert "| DiLoCo (sync), H = 10 | 1.900 | 20 | 4.000 | 80 | 1.33x |" in table
+    assert "| eager k=1, the paper's rule, H = 10 | 1.500 | 15 | 2.000 | 30 | 0.50x |" in table
+    assert "`cu.json`, `cu10.json`" in table
+    assert ttt.main(["--runs", *paths[:2], *short, "--cu", str(tmp_path / "cu.json"), "--out", str(tmp_path)]) == 0
+    rows = {r["method"]: r for r in json.loads((tmp_path / "time_to_target.json").read_text())["rows"]}
+    assert rows["sync H=10"]["step"] == 20 and rows["sync H=10"]["wall_s"] is None  # no timing at H = 10
+    with pytest.raises(SystemExit, match=r"^time_to_target: two --cu files at H = 30: give one per H$"):
+        ttt.main(["--runs", *paths, "--cu", str(tmp_path / "cu.json"), str(tmp_path / "cu.json")])
     gone = str(tmp_path / "gone.json")
     with pytest.raises(SystemExit, match=f"^time_to_target: no such file: {gone}$"):
         ttt.main(["--runs", paths[0], gone, "--cu", str(tmp_path / "cu.json"), "--out", str(tmp_path / "new")])

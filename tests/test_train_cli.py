@@ -20,6 +20,8 @@ from eagerloco.engine.config import ConfigError
 from eagerloco.lm.config import (
     EAGER_PAPER_RECIPE,
     OUTER_RECIPES,
+    RECIPE_SYNC_EVERY,
+    RECIPES_AT_H,
     TrainConfig,
     add_arguments,
     apply_overrides,
@@ -280,6 +282,36 @@ def test_outer_recipes_as_measured():
         helps[name].endswith("(default: the mode's recipe)")
         for name in ("outer_lr", "outer_momentum", "nesterov", "eager_own_weight", "eager_smoothing")
     )
+
+
+@pytest.mark.parametrize(
+    ("sync_every", "short"), [(1, True), (5, True), (10, True), (17, True), (18, False), (30, False), (100, False)]
+)
+def test_recipes_follow_the_measured_h_nearest_the_run(sync_every, short):
+    """BENCHMARKS.md 8, "The outer lr tuned at each H": sync and eager are both best at lr 0.7 at H = 10, where the
+    H = 30 recipe has sync at 1 and eager at 0.85. A run takes the recipes of the measured H nearest its own on a log
+    scale (sqrt(10 x 30) = 17.3: H <= 17 the H = 10 ones); overlap and delayed were not retuned there and keep theirs,
+    so does the paper's rule; a flag still sets one field and leaves the others to the recipe."""
+    assert RECIPE_SYNC_EVERY == TrainConfig().outer.sync_every == 30 and RECIPES_AT_H[30] is OUTER_RECIPES
+    assert {m: (*r[:3], r.own_weight, r.smoothing) for m, r in RECIPES_AT_H[10].items()} == {
+        "sync": (0.7, 0.5, True, None, 0.0), "eager": (0.7, 0.5, True, 0.875, 0.5),
+    }  # fmt: skip
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    h = ["--sync-every", str(sync_every), "--overlap-steps", "0"]  # τ = 0 < H for overlap at H = 1
+    for mode in ("sync", "eager", "overlap", "delayed"):
+        config = from_args(parser.parse_args(["--mode", mode, *h]))
+        recipe = (RECIPES_AT_H[10] if short else OUTER_RECIPES).get(mode, OUTER_RECIPES[mode])
+        assert config.outer.recipe(2) == recipe
+        assert (config.outer.outer_lr, config.outer.outer_momentum, config.outer.nesterov) == recipe[:3]
+        assert (config.outer.eager_own_weight, config.outer.eager_smoothing) == (recipe.own_weight, recipe.smoothing)
+        source = "the best at H = 10" if short and mode in ("sync", "eager") else "the best of the recipe study"
+        assert config.outer.recipe_note(2).endswith(f"({mode}'s recipe: {source}, BENCHMARKS.md 8)")
+    paper = from_args(parser.parse_args(["--eager-own-weight", "1/M", *h]))
+    assert (paper.outer.outer_lr, paper.outer.outer_momentum) == EAGER_PAPER_RECIPE[:2] == (1.0, 0.0)
+    one = from_args(parser.parse_args(["--mode", "sync", "--outer-momentum", "0.9", *h]))
+    assert (one.outer.outer_lr, one.outer.outer_momentum) == (0.7 if short else 1.0, 0.9)
+    assert one.outer.recipe_note(2).endswith("(set by the run)")
 
 
 PAPER = "1/M (the eager paper's rule)"

@@ -134,8 +134,36 @@ OUTER_RECIPES: dict[str, OuterRecipe] = {
     # (1.829 over 3 seeds, 12 % above DiLoCo).
     "delayed": OuterRecipe(0.7, 0.0, True, "the best of the recipe study, BENCHMARKS.md 8"),
 }
-"""Each mode's default outer optimizer in ``eagerloco train`` (fields left unset take these values; flags and
-TOML files override them one by one). The library's :class:`DiLoCoConfig` keeps the papers' default."""
+"""Each mode's default outer optimizer in ``eagerloco train`` at the H they were measured at (``RECIPE_SYNC_EVERY``;
+fields left unset take these values; flags and TOML files override them one by one). Shorter phases have their own
+where measured (``RECIPES_AT_H``). The library's :class:`DiLoCoConfig` keeps the papers' default."""
+
+RECIPE_SYNC_EVERY = 30
+"""The H (``sync_every``) of the default job, where ``OUTER_RECIPES`` were measured."""
+
+RECIPES_AT_H: dict[int, dict[str, OuterRecipe]] = {
+    RECIPE_SYNC_EVERY: OUTER_RECIPES,
+    # Both tuned again at H = 10 on one grid (lr 0.5 / 0.7 / 0.85 / 1, Nesterov 0.5): three times the outer steps
+    # want a smaller one, lr 0.7 for both at M = 2 and M = 4, ahead of the H = 30 recipe's lr on every seed (3 seeds
+    # each; BENCHMARKS.md 8, "The outer lr tuned at each H"). At H = 100 the best measured is the H = 30 recipe's lr
+    # (sync 1, the smoothed eager 0.85), so longer phases keep OUTER_RECIPES; overlap and delayed were not retuned.
+    10: {
+        "sync": OuterRecipe(0.7, 0.5, True, "the best at H = 10, BENCHMARKS.md 8"),
+        "eager": OuterRecipe(0.7, 0.5, True, "the best at H = 10, BENCHMARKS.md 8", own_weight=0.875, smoothing=0.5),
+    },
+}
+"""Recipes measured at other H, by H: a run takes those of the measured H nearest its own on a log scale (H <= 17 the
+H = 10 ones, see :func:`recipes_for`), and OUTER_RECIPES for a mode not measured there."""
+
+
+def recipes_for(sync_every: int) -> dict[str, OuterRecipe]:
+    """Each mode's recipe for a run with H = ``sync_every``: those measured at the H of ``RECIPES_AT_H`` nearest to
+    it on a log scale (the outer lr falls as H shrinks, so the ratio of two H is what counts: H = 17 is nearer 10,
+    H = 18 nearer 30), over ``OUTER_RECIPES`` for the modes not measured there."""
+    h = max(sync_every, 1)  # an H below 1 is rejected by validate(); the recipe must not fail first
+    nearest = min(RECIPES_AT_H, key=lambda measured: abs(math.log(h / measured)))
+    return {**OUTER_RECIPES, **RECIPES_AT_H[nearest]}
+
 
 EAGER_PAPER_RECIPE = OuterRecipe(1.0, 0.0, True, "the best for the paper's rule in the recipe study, BENCHMARKS.md 8")
 """Eager's outer optimizer where it runs the paper's rule with M >= 2 workers (``eager_own_weight`` "1/M", or a
@@ -158,8 +186,9 @@ class OuterConfig(DiLoCoConfig):
     outer_lr: float | None = None  # type: ignore[assignment]
     """Outer SGD learning rate. Unset: the mode's recipe (``OUTER_RECIPES``: sync 1.0, eager 0.85 with its own weight
     and 1.0 with the paper's rule, overlap 1.0, delayed 0.7; DiLoCo's paper uses 0.7, the streaming and eager papers
-    0.4 at scale). Tuned on the default model at H = 30; on a 2.7M-parameter one sync and eager are both best at 0.7,
-    and so are they at H = 10 (BENCHMARKS.md 8, "The outer lr tuned at each H")."""
+    0.4 at scale). Tuned on the default model at H = 30; with H <= 17 sync and eager take 0.7, their best at H = 10
+    (``RECIPES_AT_H``; BENCHMARKS.md 8, "The outer lr tuned at each H"). On a 2.7M-parameter model both are best at
+    0.7 at H = 30 too: pass it at that size."""
     outer_momentum: float | None = None  # type: ignore[assignment]
     """Outer SGD momentum. Unset: the mode's recipe (sync 0.5; eager 0.5 with its own weight, 0 with the paper's
     rule, whose stale part momentum feeds on; overlap 0.9, the papers' value; delayed 0, all stale)."""
@@ -197,7 +226,7 @@ class OuterConfig(DiLoCoConfig):
         :meth:`recipe`); mode 'dp' has no outer optimizer and keeps them unset. Eager's own weight is filled first,
         where M >= 2; with one worker it stays unset, the paper's rule (1/M = 1), whose own recipe then fills the
         rest."""
-        recipe = OUTER_RECIPES.get(self.mode)
+        recipe = recipes_for(self.sync_every).get(self.mode)
         if recipe is None:
             return
         if self.eager_own_weight is None and recipe.own_weight is not None and workers >= 2:
@@ -214,13 +243,14 @@ class OuterConfig(DiLoCoConfig):
             self.eager_smoothing = recipe.smoothing if self.mode == "eager" and workers >= 2 else 0.0
 
     def recipe(self, workers: int) -> OuterRecipe | None:
-        """The recipe this mode's unset fields take with M = ``workers``: ``OUTER_RECIPES[mode]``, except eager
-        running the paper's rule with M >= 2 workers (own weight unset or at most 1/M), which has its own
-        (:data:`EAGER_PAPER_RECIPE`). With M = 1 eager is sync and keeps eager's recipe, so that a run resumed
-        with one worker more or less keeps its outer optimizer (docs/reliability.md). None for mode 'dp'."""
+        """The recipe this mode's unset fields take with M = ``workers``: the mode's recipe at this run's H
+        (:func:`recipes_for`), except eager running the paper's rule with M >= 2 workers (own weight unset or at most
+        1/M), which has its own (:data:`EAGER_PAPER_RECIPE`). With M = 1 eager is sync and keeps eager's recipe, so
+        that a run resumed with one worker more or less keeps its outer optimizer (docs/reliability.md). None for
+        mode 'dp'."""
         if self.mode == "eager" and workers >= 2 and self.paper_rule(workers):
             return EAGER_PAPER_RECIPE
-        return OUTER_RECIPES.get(self.mode)
+        return recipes_for(self.sync_every).get(self.mode)
 
     def paper_rule(self, workers: int) -> bool:
         """Whether eager runs the paper's rule with M = ``workers``: own weight unset, "1/M", or a number <= 1/M."""
