@@ -180,7 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     for r in loss["runs"]:
         by_method.setdefault(curve_name(r), []).append(r)
     if "sync" not in by_method:
-        raise SystemExit("time_to_target: loss_parity.json has no 'sync' (DiLoCo) runs to take the target from")
+        where = f"--runs has no DiLoCo ('sync') runs at the CLI's H = {bl.CLI_SYNC_EVERY}" if args.runs else (
+            f"{args.loss.name} has no DiLoCo ('sync') runs")  # fmt: skip
+        raise SystemExit(f"time_to_target: {where} to take the target from")
     target = sum(r["eval_loss"] for r in by_method["sync"]) / len(by_method["sync"])
     rows, table = [], []
     for method in loss["methods"]:

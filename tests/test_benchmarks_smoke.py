@@ -206,6 +206,8 @@ def test_time_to_target_from_recipe_sweep_runs(tmp_path):
     assert ttt.main(["--runs", *paths[:2], *short, "--cu", str(tmp_path / "cu.json"), "--out", str(tmp_path)]) == 0
     rows = {r["method"]: r for r in json.loads((tmp_path / "time_to_target.json").read_text())["rows"]}
     assert rows["sync H=10"]["step"] == 20 and rows["sync H=10"]["wall_s"] is None  # no timing at H = 10
+    with pytest.raises(SystemExit, match=r"^time_to_target: --runs has no DiLoCo \('sync'\) runs at the CLI's H = 30 "):
+        ttt.main(["--runs", *short, "--cu", str(tmp_path / "cu.json"), str(tmp_path / "cu10.json")])
     with pytest.raises(SystemExit, match=r"^time_to_target: two --cu files at H = 30: give one per H$"):
         ttt.main(["--runs", *paths, "--cu", str(tmp_path / "cu.json"), str(tmp_path / "cu.json")])
     gone = str(tmp_path / "gone.json")
