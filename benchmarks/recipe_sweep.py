@@ -160,6 +160,7 @@ TUNED_POINTS: tuple[TunedPoint, ...] = (
     TunedPoint("820k", 4, 600, 1.0, 0.85),
     TunedPoint("820k", 4, 2700, 1.0, 0.85),
     TunedPoint("115k", 4, 600, 1.0, 0.85),
+    TunedPoint("115k", 8, 900, 1.0, 0.85),
     TunedPoint("820k", 2, 900, 0.7, 0.7, sync_every=10),
     TunedPoint("820k", 4, 600, 0.7, 0.7, sync_every=10),
     TunedPoint("820k", 2, 900, 1.0, 0.85, sync_every=100),
