@@ -5,7 +5,7 @@
     .venv/bin/python benchmarks/time_to_target.py --runs R.json ... --cu C.json  # curves of recipe-sweep runs
     .venv/bin/python benchmarks/time_to_target.py --runs R.json ... --cu C30.json C10.json  # runs at two H
 
-Combines two measurements of the same model, data and H, taken by the other drivers:
+Combines two measurements of the same model and data (and H, or one timing per H), taken by the other drivers:
 
 * ``loss_parity.json``: each method's eval-loss curve against inner steps (every ``--eval-every`` steps, several
   seeds; the loss does not depend on the link);
@@ -21,9 +21,8 @@ and its seconds per step come from the ``--cu`` file measured at that H (one fil
 The target is DiLoCo's (sync's; with ``--runs``, at the CLI's H) final eval loss, mean over seeds. A method's curve
 is the mean over seeds at each evaluation; the step where it first reaches the target is interpolated linearly
 between evaluations. Its wall clock is that step x its seconds per inner step at the chosen rate (the slowest one by
-default). The mid-run
-evaluations are of worker 0's outer parameters; the last one is after ``finalize`` (and, for eager,
-``consolidate``), as in every run.
+default). The mid-run evaluations are of worker 0's outer parameters; the last one is after ``finalize`` (and, for
+eager, ``consolidate``), as in every run.
 """
 
 from __future__ import annotations
