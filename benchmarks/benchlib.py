@@ -12,6 +12,7 @@ Standard library only (the drivers import torch only where they train themselves
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -93,14 +94,10 @@ CLI_SYNC_EVERY = 30  # the CLI's H (`eagerloco train` default): a run that passe
 
 def sync_every_of(args: Sequence[str]) -> int:
     """The H a run with these extra ``eagerloco train`` flags trains at: the last ``--sync-every N`` or
-    ``--sync-every=N`` among them, else the CLI's."""
-    h = CLI_SYNC_EVERY
-    for i, arg in enumerate(args):
-        if arg == "--sync-every" and i + 1 < len(args):
-            h = int(args[i + 1])
-        elif arg.startswith("--sync-every="):
-            h = int(arg.split("=", 1)[1])
-    return h
+    ``--sync-every=N`` among them (argparse's reading, as the CLI's), else the CLI's."""
+    ap = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    ap.add_argument("--sync-every", type=int, default=CLI_SYNC_EVERY)
+    return ap.parse_known_args(list(args))[0].sync_every
 
 
 def is_eager(method: str) -> bool:
@@ -193,7 +190,7 @@ def add_lab_arguments(ap: Any, *, name: str, rates: Sequence[float], port: int, 
     """The options every link-lab driver takes (its variants or methods it adds itself)."""
     ap.add_argument("--rates", nargs="+", type=float, default=list(rates), help="Mbit/s")
     ap.add_argument("--steps", type=int, default=120)
-    ap.add_argument("--sync-every", type=int, default=30)
+    ap.add_argument("--sync-every", type=int, default=CLI_SYNC_EVERY)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--name", default=name)
     ap.add_argument("--out", type=Path, default=RESULTS)
