@@ -143,13 +143,19 @@ RECIPE_SYNC_EVERY = 30
 
 RECIPES_AT_H: dict[int, dict[str, OuterRecipe]] = {
     RECIPE_SYNC_EVERY: OUTER_RECIPES,
-    # Both tuned again at H = 10 on one grid (lr 0.5 / 0.7 / 0.85 / 1, Nesterov 0.5): three times the outer steps
-    # want a smaller one, lr 0.7 for both at M = 2 and M = 4, ahead of the H = 30 recipe's lr on every seed (3 seeds
-    # each; BENCHMARKS.md 8, "The outer lr tuned at each H"). At H = 100 the best measured is the H = 30 recipe's lr
-    # (sync 1, the smoothed eager 0.85), so longer phases keep OUTER_RECIPES; overlap and delayed were not retuned.
+    # Every mode tuned again at H = 10, each at its own momentum: three times the outer steps want a smaller lr.
+    # Sync and eager (lr 0.5 / 0.7 / 0.85 / 1, Nesterov 0.5): lr 0.7 for both at M = 2 and M = 4, ahead of the H = 30
+    # recipe's lr on every seed (3 seeds each; BENCHMARKS.md 8, "The outer lr tuned at each H"). Overlap (streaming
+    # P = 2, τ = 1, Nesterov 0.9): lr 0.7, ahead of lr 1 at both M (M = 2: 1.616 vs 1.637, M = 4: 1.685 vs 1.698,
+    # 3 seeds each, every seed); lr 0.4 is best at M = 2 only (1.610; M = 4, seed 0: 1.709). Delayed: lr 0.5, ahead
+    # of lr 0.7 on every seed at both M (1.788 vs 1.833, 1.895 vs 1.920). The paper's rule keeps lr 1 (0.7 / 0.85 /
+    # 1.2 are worse, seed 0; EAGER_PAPER_RECIPE) ("Every mode at H = 10"). At H = 100 the best measured is the H = 30
+    # recipe's lr (sync 1, the smoothed eager 0.85): OUTER_RECIPES.
     10: {
         "sync": OuterRecipe(0.7, 0.5, True, "the best at H = 10, BENCHMARKS.md 8"),
         "eager": OuterRecipe(0.7, 0.5, True, "the best at H = 10, BENCHMARKS.md 8", own_weight=0.875, smoothing=0.5),
+        "overlap": OuterRecipe(0.7, 0.9, True, "the best at H = 10, BENCHMARKS.md 8"),
+        "delayed": OuterRecipe(0.5, 0.0, True, "the best at H = 10, BENCHMARKS.md 8"),
     },
 }
 """Recipes measured at other H, by H: a run takes those of the measured H nearest its own on a log scale (H <= 17 the
@@ -167,7 +173,8 @@ def recipes_for(sync_every: int) -> dict[str, OuterRecipe]:
 
 EAGER_PAPER_RECIPE = OuterRecipe(1.0, 0.0, True, "the best for the paper's rule in the recipe study, BENCHMARKS.md 8")
 """Eager's outer optimizer where it runs the paper's rule with M >= 2 workers (``eager_own_weight`` "1/M", or a
-number at most 1/M): SGD lr 1 without momentum. Momentum feeds on the paper's rule's stale part."""
+number at most 1/M): SGD lr 1 without momentum, at any H (the best at H = 30 and again at H = 10). Momentum feeds on
+the paper's rule's stale part."""
 
 PAPER_RULE = "1/M"
 """``eager_own_weight`` spelled for the eager paper's rule at any M (the library's ``eager_own_weight=None``)."""
@@ -186,9 +193,9 @@ class OuterConfig(DiLoCoConfig):
     outer_lr: float | None = None  # type: ignore[assignment]
     """Outer SGD learning rate. Unset: the mode's recipe (``OUTER_RECIPES``: sync 1.0, eager 0.85 with its own weight
     and 1.0 with the paper's rule, overlap 1.0, delayed 0.7; DiLoCo's paper uses 0.7, the streaming and eager papers
-    0.4 at scale). Tuned on the default model at H = 30; with H <= 17 sync and eager take 0.7, their best at H = 10
-    (``RECIPES_AT_H``; BENCHMARKS.md 8, "The outer lr tuned at each H"). On a 2.7M-parameter model both are best at
-    0.7 at H = 30 too: pass it at that size."""
+    0.4 at scale). Tuned on the default model at H = 30; with H <= 17 each mode takes its best at H = 10 (sync and
+    eager 0.7, overlap 0.7, delayed 0.5; the paper's rule keeps 1: ``RECIPES_AT_H``, BENCHMARKS.md 8). On a
+    2.7M-parameter model sync and eager are best at 0.7 at H = 30 too: pass it at that size."""
     outer_momentum: float | None = None  # type: ignore[assignment]
     """Outer SGD momentum. Unset: the mode's recipe (sync 0.5; eager 0.5 with its own weight, 0 with the paper's
     rule, whose stale part momentum feeds on; overlap 0.9, the papers' value; delayed 0, all stale)."""
