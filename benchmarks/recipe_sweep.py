@@ -133,7 +133,8 @@ CLI_SYNC_EVERY = bl.CLI_SYNC_EVERY  # the CLI's H: a point that passes no --sync
 class TunedPoint:
     """A point of the study where DiLoCo and the CLI's eager rule (w = 0.875, β = 0.5, Nesterov 0.5) each ran at the
     outer lr best for it on the grid run for both at that model, M and H (BENCHMARKS.md 8, "The outer lr tuned at
-    each model size" and "... at each H"; longer runs keep the lrs of the 900-step / 600-step tuning)."""
+    each model size" and "... at each H"; longer runs keep the lrs of the 900-step / 600-step tuning, and M = 4 at
+    H = 100 those tuned at M = 2 there)."""
 
     model: str
     """A key of ``STUDY_MODELS``."""
@@ -164,6 +165,7 @@ TUNED_POINTS: tuple[TunedPoint, ...] = (
     TunedPoint("820k", 2, 900, 0.7, 0.7, sync_every=10),
     TunedPoint("820k", 4, 600, 0.7, 0.7, sync_every=10),
     TunedPoint("820k", 2, 900, 1.0, 0.85, sync_every=100),
+    TunedPoint("820k", 4, 600, 1.0, 0.85, sync_every=100),
 )
 TOKENS_PER_WORKER_STEP = 16 * 128  # the CLI's batch: 16 sequences of 128 tokens per worker and inner step
 # --smoke: configs/smoke.toml's tiny model, H = 3, no mid-run evaluation (seconds per run)

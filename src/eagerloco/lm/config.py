@@ -149,17 +149,25 @@ RECIPES_AT_H: dict[int, dict[str, OuterRecipe]] = {
     # P = 2, τ = 1, Nesterov 0.9): lr 0.7, ahead of lr 1 at both M (M = 2: 1.616 vs 1.637, M = 4: 1.685 vs 1.698,
     # 3 seeds each, every seed); lr 0.4 is best at M = 2 only (1.610; M = 4, seed 0: 1.709). Delayed: lr 0.5, ahead
     # of lr 0.7 on every seed at both M (1.788 vs 1.833, 1.895 vs 1.920). The paper's rule keeps lr 1 (0.7 / 0.85 /
-    # 1.2 are worse, seed 0; EAGER_PAPER_RECIPE) ("Every mode at H = 10"). At H = 100 the best measured is the H = 30
-    # recipe's lr (sync 1, the smoothed eager 0.85): OUTER_RECIPES.
+    # 1.2 are worse, seed 0; EAGER_PAPER_RECIPE) ("Every mode at H = 10").
     10: {
         "sync": OuterRecipe(0.7, 0.5, True, "the best at H = 10, BENCHMARKS.md 8"),
         "eager": OuterRecipe(0.7, 0.5, True, "the best at H = 10, BENCHMARKS.md 8", own_weight=0.875, smoothing=0.5),
         "overlap": OuterRecipe(0.7, 0.9, True, "the best at H = 10, BENCHMARKS.md 8"),
         "delayed": OuterRecipe(0.5, 0.0, True, "the best at H = 10, BENCHMARKS.md 8"),
     },
+    # At H = 100 (9 outer steps at M = 2, 6 at M = 4) sync keeps lr 1 (flat from 0.7 to 1 at M = 2, ahead of 0.7 at
+    # M = 4), and eager is better without smoothing: the own weight w = 0.75 alone at lr 0.7 (its H = 30 recipe before
+    # smoothing) against the smoothed w = 0.875 at its best lr there, 0.85 (lr 0.7 and 1 worse, seed 0): M = 2 1.713
+    # vs 1.722 (3 seeds), M = 4 1.859 vs 1.902 (3 seeds, every seed): each rest deferred by 100 inner steps more costs
+    # more than smoothing gains ("M = 4 at H = 100"). Overlap and delayed were not measured there: OUTER_RECIPES.
+    100: {
+        "sync": OuterRecipe(1.0, 0.5, True, "the best at H = 100, BENCHMARKS.md 8"),
+        "eager": OuterRecipe(0.7, 0.5, True, "the best at H = 100, BENCHMARKS.md 8", own_weight=0.75),
+    },
 }
 """Recipes measured at other H, by H: a run takes those of the measured H nearest its own on a log scale (H <= 17 the
-H = 10 ones, see :func:`recipes_for`), and OUTER_RECIPES for a mode not measured there."""
+H = 10 ones, H >= 55 the H = 100 ones, see :func:`recipes_for`), and OUTER_RECIPES for a mode not measured there."""
 
 
 def recipes_for(sync_every: int) -> dict[str, OuterRecipe]:
@@ -194,8 +202,9 @@ class OuterConfig(DiLoCoConfig):
     """Outer SGD learning rate. Unset: the mode's recipe (``OUTER_RECIPES``: sync 1.0, eager 0.85 with its own weight
     and 1.0 with the paper's rule, overlap 1.0, delayed 0.7; DiLoCo's paper uses 0.7, the streaming and eager papers
     0.4 at scale). Tuned on the default model at H = 30; with H <= 17 each mode takes its best at H = 10 (sync and
-    eager 0.7, overlap 0.7, delayed 0.5; the paper's rule keeps 1: ``RECIPES_AT_H``, BENCHMARKS.md 8). On a
-    2.7M-parameter model sync and eager are best at 0.7 at H = 30 too: pass it at that size."""
+    eager 0.7, overlap 0.7, delayed 0.5; the paper's rule keeps 1: ``RECIPES_AT_H``, BENCHMARKS.md 8), with H >= 55
+    eager its best at H = 100 (0.7, with w = 0.75 and no smoothing). On a 2.7M-parameter model sync and eager are
+    best at 0.7 at H = 30 too: pass it at that size."""
     outer_momentum: float | None = None  # type: ignore[assignment]
     """Outer SGD momentum. Unset: the mode's recipe (sync 0.5; eager 0.5 with its own weight, 0 with the paper's
     rule, whose stale part momentum feeds on; overlap 0.9, the papers' value; delayed 0, all stale)."""
@@ -203,13 +212,13 @@ class OuterConfig(DiLoCoConfig):
     """Nesterov momentum for the outer SGD. Unset: the mode's recipe (on wherever it has momentum)."""
     eager_smoothing: float | None = None  # type: ignore[assignment]
     """Mode 'eager': β in [0, 1], the share of each arriving average's rest applied one outer step later
-    (ALGORITHMS.md 4.4). Unset: eager's recipe with M >= 2 workers (see ``OUTER_RECIPES``), 0 with the paper's rule
-    and in every other mode."""
+    (ALGORITHMS.md 4.4). Unset: eager's recipe with M >= 2 workers (see ``OUTER_RECIPES``: 0.5; 0 with H >= 55,
+    ``RECIPES_AT_H``), 0 with the paper's rule and in every other mode."""
     eager_own_weight: float | Literal["1/M"] | None = None  # type: ignore[assignment]
     """Mode 'eager': the weight w in [1/M, 1] of a worker's own fresh outer gradient (ALGORITHMS.md 4.1), or "1/M",
-    the eager paper's rule. Unset: eager's recipe, w = 0.875 (with smoothing) with M >= 2 workers (own weights above
-    1/M measured better than 1/M at M = 2, 4 and 8, BENCHMARKS.md 8; with fault tolerance each quorum takes
-    max(w, 1/M_Q)), 1/M with one worker. Other modes: leave it unset."""
+    the eager paper's rule. Unset: eager's recipe, w = 0.875 (with smoothing; 0.75 without it with H >= 55) with
+    M >= 2 workers (own weights above 1/M measured better than 1/M at M = 2, 4 and 8, BENCHMARKS.md 8; with fault
+    tolerance each quorum takes max(w, 1/M_Q)), 1/M with one worker. Other modes: leave it unset."""
     overlap_steps: int | Literal["auto"] = 1  # type: ignore[assignment]
     """τ (mode 'overlap'): inner steps an average may travel before it is mixed in, 0 <= τ < H; or "auto": before
     the first inner step every worker times its inner step and one all-reduce of the outer gradient on the run's
