@@ -853,7 +853,7 @@ def plot_tuned_gaps(results: dict[str, dict[str, Any]], path: Path) -> Path | No
     ax.set_ylabel("eval loss of eager vs DiLoCo (%)")
     ax.set_title("Eager (w = 0.875, β = 0.5) against DiLoCo, both at their tuned outer lr", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower left")  # the points sit above 0.5 % and right of 1
+    ax.legend(fontsize=8, loc="upper right")  # the points sit low and left of 200 tokens per parameter
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
