@@ -32,10 +32,9 @@ class DiLoCoConfig:
     """How workers synchronise. Semantics: ``ALGORITHMS.md`` (sections 1-7).
 
     The defaults are the papers': eager with one outer step of slack and the eager paper's rule (w = 1/M), H = 30,
-    DiLoCo's outer SGD (lr 0.7, Nesterov momentum 0.9; the streaming and eager papers use lr 0.4 at scale). Each
-    mode's best outer optimizer measured at small scale (sync lr 1 / Nesterov 0.5; eager w = 0.875, β = 0.5, lr
-    0.85 / Nesterov 0.5; the paper's eager rule lr 1 without momentum) is what ``eagerloco train`` runs:
-    ``eagerloco.lm.config.OUTER_RECIPES``, BENCHMARKS.md section 8.
+    DiLoCo's outer SGD (lr 0.7, Nesterov momentum 0.9; the streaming and eager papers use lr 0.4 at scale).
+    ``eagerloco train`` instead runs each mode's outer optimizer measured best at small scale, by H
+    (``eagerloco.lm.config.recipes_for``, BENCHMARKS.md section 8).
     """
 
     mode: Mode = "eager"

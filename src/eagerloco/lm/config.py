@@ -172,8 +172,8 @@ H = 10 ones, H >= 55 the H = 100 ones, see :func:`recipes_for`), and OUTER_RECIP
 
 def recipes_for(sync_every: int) -> dict[str, OuterRecipe]:
     """Each mode's recipe for a run with H = ``sync_every``: those measured at the H of ``RECIPES_AT_H`` nearest to
-    it on a log scale (the outer lr falls as H shrinks, so the ratio of two H is what counts: H = 17 is nearer 10,
-    H = 18 nearer 30), over ``OUTER_RECIPES`` for the modes not measured there."""
+    it on a log scale (the ratio of two H is what counts: H = 17 is nearer 10, H = 18 nearer 30, H = 55 nearer 100),
+    over ``OUTER_RECIPES`` for the modes not measured there."""
     h = max(sync_every, 1)  # an H below 1 is rejected by validate(); the recipe must not fail first
     nearest = min(RECIPES_AT_H, key=lambda measured: abs(math.log(h / measured)))
     return {**OUTER_RECIPES, **RECIPES_AT_H[nearest]}
