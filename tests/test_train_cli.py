@@ -27,6 +27,7 @@ from eagerloco.lm.config import (
     apply_overrides,
     from_args,
     load_toml,
+    recipes_for,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -231,6 +232,25 @@ def test_default_config_is_the_documented_main_job():
     apply_overrides(shipped, load_toml(configs.path("eager")), "eager.toml")
     shipped.run.out_dir = config.run.out_dir
     assert shipped.validate().to_dict() == config.to_dict()
+
+
+@pytest.mark.parametrize("name", ["eager", "eager_fp4", "streaming", "sync"])
+@pytest.mark.parametrize("sync_every", ["10", "30", "100"])
+def test_shipped_configs_leave_the_outer_optimizer_to_the_recipe_of_their_h(name, sync_every):
+    """A shipped config names the mode, not its outer optimizer: with --sync-every it takes that H's recipe
+    (RECIPES_AT_H), exactly as --mode with the same H does, where a pinned H = 30 recipe would silently run at
+    H = 100."""
+    recipe_keys = {"outer_lr", "outer_momentum", "nesterov", "eager_own_weight", "eager_smoothing"}
+    assert not recipe_keys & set(load_toml(configs.path(name)).get("outer", {}))
+    from eagerloco.cli import train as train_cli
+
+    parser = train_cli.add_arguments(argparse.ArgumentParser())
+    shipped = train_cli.config_from_args(parser.parse_args(["--config", name, "--sync-every", sync_every]))
+    mode = train_cli.config_from_args(parser.parse_args(["--mode", shipped.outer.mode, "--sync-every", sync_every]))
+    resolved = [(c.outer.outer_lr, c.outer.outer_momentum, c.outer.nesterov, c.outer.eager_own_weight,
+                 c.outer.eager_smoothing) for c in (shipped, mode)]  # fmt: skip
+    recipe = recipes_for(int(sync_every))[shipped.outer.mode]
+    assert resolved[0] == resolved[1] == (*recipe[:3], recipe.own_weight, recipe.smoothing)
 
 
 @pytest.mark.parametrize("mode", ["sync", "overlap", "delayed", "eager"])
