@@ -131,10 +131,10 @@ CLI_SYNC_EVERY = bl.CLI_SYNC_EVERY  # the CLI's H: a point that passes no --sync
 
 @dataclass(frozen=True)
 class TunedPoint:
-    """A point of the study where DiLoCo and the CLI's eager rule (w = 0.875, β = 0.5, Nesterov 0.5) each ran at the
-    outer lr best for it on the grid run for both at that model, M and H (BENCHMARKS.md 8, "The outer lr tuned at
-    each model size" and "... at each H"; longer runs keep the lrs of the 900-step / 600-step tuning, and M = 4 at
-    H = 100 those tuned at M = 2 there)."""
+    """A point of the study where DiLoCo and the CLI's eager rule at that H (w = 0.875, β = 0.5 up to H = 54; w = 0.75
+    without smoothing from H = 55, ``RECIPES_AT_H``; Nesterov 0.5) each ran at the outer lr best for it on the grid
+    run for both at that model, M and H (BENCHMARKS.md 8, "The outer lr tuned at each model size" and "... at each
+    H"; longer runs keep the lrs of the 900-step / 600-step tuning)."""
 
     model: str
     """A key of ``STUDY_MODELS``."""
@@ -147,6 +147,10 @@ class TunedPoint:
     """Eager's tuned outer lr."""
     sync_every: int = CLI_SYNC_EVERY
     """H; the CLI's adds no flag (so the key is the default job's)."""
+    own_weight: float = 0.875
+    """Eager's own weight w (ALGORITHMS.md 4.1): the CLI's at this H."""
+    smoothing: float = 0.5
+    """Eager's smoothing β (4.4): the CLI's at this H."""
 
 
 # Read along tokens per parameter, which decide the gap more than size or steps alone; the H = 10 and H = 100 points
@@ -164,8 +168,8 @@ TUNED_POINTS: tuple[TunedPoint, ...] = (
     TunedPoint("115k", 8, 900, 1.0, 0.85),
     TunedPoint("820k", 2, 900, 0.7, 0.7, sync_every=10),
     TunedPoint("820k", 4, 600, 0.7, 0.7, sync_every=10),
-    TunedPoint("820k", 2, 900, 1.0, 0.85, sync_every=100),
-    TunedPoint("820k", 4, 600, 1.0, 0.85, sync_every=100),
+    TunedPoint("820k", 2, 900, 1.0, 0.7, sync_every=100, own_weight=0.75, smoothing=0.0),
+    TunedPoint("820k", 4, 600, 1.0, 0.7, sync_every=100, own_weight=0.75, smoothing=0.0),
 )
 TOKENS_PER_WORKER_STEP = 16 * 128  # the CLI's batch: 16 sequences of 128 tokens per worker and inner step
 # --smoke: configs/smoke.toml's tiny model, H = 3, no mid-run evaluation (seconds per run)
@@ -756,13 +760,14 @@ def trends_report(results: dict[str, dict[str, Any]]) -> list[str]:
 
 
 def tuned_pair(point: TunedPoint) -> tuple[Point, Point]:
-    """DiLoCo's and the smoothed eager's seed-0 runs of a ``TUNED_POINTS`` entry."""
+    """DiLoCo's and the CLI's eager's seed-0 runs of a ``TUNED_POINTS`` entry."""
     extra = STUDY_MODELS[point.model][1]
     if point.sync_every != CLI_SYNC_EVERY:
         extra = (*extra, "--sync-every", str(point.sync_every))
     shape = {"workers": point.workers, "steps": point.steps, "extra": extra}
     sync = Point("sync", point.sync_lr, 0.5, True, **shape)
-    eager = Point("eager", point.eager_lr, 0.5, True, own_weight=0.875, smoothing=0.5, **shape)
+    smoothing = point.smoothing or None  # a Point without smoothing has the key of the runs made before it existed
+    eager = Point("eager", point.eager_lr, 0.5, True, own_weight=point.own_weight, smoothing=smoothing, **shape)
     return sync, eager
 
 
@@ -800,16 +805,17 @@ def tuned_gaps_report(results: dict[str, dict[str, Any]]) -> list[str]:
               "gap per seed (%)"]  # fmt: skip
     table = []
     for r in rows:
-        sync, eager = f"{r['sync']:.4f} (lr {r['sync_lr']:g})", f"{r['eager']:.4f} (lr {r['eager_lr']:g})"
+        rule = f"w = {r['own_weight']:g}" + (f", β = {r['smoothing']:g}" if r["smoothing"] else "")
+        sync, eager = f"{r['sync']:.4f} (lr {r['sync_lr']:g})", f"{r['eager']:.4f} (lr {r['eager_lr']:g}, {rule})"
         per_seed = " / ".join(f"{g:+.2f}" for g in r["gap_pct_per_seed"])
         seeds = ", ".join(map(str, r["seeds"]))
         table.append([r["model"], r["workers"], r["sync_every"], f"{r['steps']:,}", f"{r['tokens_per_param']:.1f}",
                       sync, eager, seeds, f"{r['gap_pct']:+.2f} %", per_seed])  # fmt: skip
     return [
-        "## The gap with both methods tuned: DiLoCo against the smoothed eager, by tokens per parameter",
+        "## The gap with both methods tuned: DiLoCo against the CLI's eager, by tokens per parameter",
         "",
-        "Each at the outer lr best for it at that model, M and H (Nesterov 0.5; eager w = 0.875, β = 0.5); means over "
-        "the seeds both finished.",
+        "Each at the outer lr best for it at that model, M and H (Nesterov 0.5; eager the CLI's rule at that H: "
+        "w = 0.875, β = 0.5 up to H = 54, w = 0.75 without smoothing from H = 55); means over the seeds both finished.",
         "",
         bl.md_table(header, table),
         "",
@@ -851,7 +857,10 @@ def plot_tuned_gaps(results: dict[str, dict[str, Any]], path: Path) -> Path | No
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel(f"tokens per parameter (markers: ▲ 115k, ● 820k, ■ 2.7M parameters; hollow: H ≠ {CLI_SYNC_EVERY})")
     ax.set_ylabel("eval loss of eager vs DiLoCo (%)")
-    ax.set_title("Eager (w = 0.875, β = 0.5) against DiLoCo, both at their tuned outer lr", fontsize=10)
+    ax.set_title(
+        "The CLI's eager (w = 0.875, β = 0.5; at H = 100 w = 0.75) against DiLoCo, both at their tuned outer lr",
+        fontsize=9,
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper right")  # the points sit low and left of 200 tokens per parameter
     fig.tight_layout()

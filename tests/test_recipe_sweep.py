@@ -370,6 +370,9 @@ def test_tuned_gaps_pair_seeds_and_read_tokens_per_parameter(tmp_path):
     sync10, h10 = rs.tuned_pair(rs.TunedPoint("820k", 2, 900, 0.7, 0.7, sync_every=10))
     assert h10.key == "eager_w0.875_b0.5_M2_T900_lr0.7_m0.5n_s0_x2e8516e6"  # the trends' H = 10 runs
     assert h10.train_args()[-2:] == ["--sync-every", "10"]
+    # at H = 100 the CLI's eager is the own weight 0.75 without smoothing: the pair is the runs of that recipe
+    h100 = [rs.tuned_pair(p)[1].key for p in rs.TUNED_POINTS if p.sync_every == 100]
+    assert h100 == ["eager_w0.75_M2_T900_lr0.7_m0.5n_s0_x1388726d", "eager_w0.75_M4_T600_lr0.7_m0.5n_s0_x1388726d"]
     assert rs.tuned_gap_rows({}) == [] and rs.tuned_gaps_report({}) == []
     assert rs.plot_tuned_gaps({}, tmp_path / "g.png") is None
     # seeds 0 and 1 for both, seed 2 for sync only: the gap is read over the seeds both have
@@ -389,13 +392,14 @@ def test_tuned_gaps_pair_seeds_and_read_tokens_per_parameter(tmp_path):
     assert row["tokens_per_param"] == 5400 * 2 * 2048 / 820_352
     assert row["sync"] == pytest.approx(1.31) and row["eager"] == pytest.approx(1.3165)
     assert row["gap_pct_per_seed"] == pytest.approx([1.0, 0.0])
-    line = "| 820k | 2 | 30 | 5,400 | 27.0 | 1.3100 (lr 0.85) | 1.3165 (lr 0.85) | 0, 1 | +0.50 % | +1.00 / +0.00 |"
+    line = "| 820k | 2 | 30 | 5,400 | 27.0 | 1.3100 (lr 0.85) | 1.3165 (lr 0.85, w = 0.875, β = 0.5) | 0, 1 | "
+    line += "+0.50 % | +1.00 / +0.00 |"
     assert line in rs.report(tmp_path)
     # a point at H = 10 (a TUNED_POINTS entry): its own row, read apart from H = 30's; the plot draws it hollow
     write(tmp_path, sync10, "ok", 1.60)
     write(tmp_path, h10, "ok", 1.64)
     rows = rs.tuned_gap_rows(rs.load_results(tmp_path))
     assert [(r["sync_every"], r["steps"]) for r in rows] == [(30, 5400), (10, 900)]
-    line = "| 820k | 2 | 10 | 900 | 4.5 | 1.6000 (lr 0.7) | 1.6400 (lr 0.7) | 0 | +2.50 % | +2.50 |"
+    line = "| 820k | 2 | 10 | 900 | 4.5 | 1.6000 (lr 0.7) | 1.6400 (lr 0.7, w = 0.875, β = 0.5) | 0 | +2.50 % | +2.50 |"
     assert line in rs.report(tmp_path)
     assert rs.plot_tuned_gaps(rs.load_results(tmp_path), tmp_path / "g.png") == tmp_path / "g.png"
