@@ -276,6 +276,24 @@ def test_each_mode_gets_its_outer_recipe_unless_set(mode):
     assert (toml.outer.outer_lr, toml.outer.outer_momentum, toml.outer.nesterov) == (0.4, recipe.momentum, False)
 
 
+def test_the_readme_gives_library_users_eagers_recipe():
+    """README's one line for library users who want eager's measured recipe in their own loop is the CLI's recipe
+    at H = 30 (the snippet's H), as a DiLoCoConfig that resolves to it."""
+    import ast
+
+    from eagerloco import DiLoCoConfig
+
+    text = " ".join((ROOT / "README.md").read_text().split())
+    (call,) = re.findall(r'`(DiLoCoConfig\(mode="eager", eager_own_weight=[^`]*\))`', text)
+    kwargs = {k.arg: ast.literal_eval(k.value) for k in ast.parse(call, mode="eval").body.keywords}
+    config = DiLoCoConfig(**kwargs)
+    config.validate()
+    recipe = recipes_for(30)["eager"]
+    resolved = (config.outer_lr, config.outer_momentum, config.nesterov)
+    resolved += (config.eager_own_weight, config.eager_smoothing)
+    assert resolved == (*recipe[:3], recipe.own_weight, recipe.smoothing)
+
+
 def test_outer_recipes_as_measured():
     """The table the CLI ships (BENCHMARKS.md 8): sync at lr 1 with Nesterov 0.5; eager with own weight 0.875 and
     smoothing 0.5 at lr 0.85 with Nesterov 0.5, and at lr 1 without momentum or smoothing where it runs the paper's
