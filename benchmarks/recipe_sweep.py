@@ -168,8 +168,8 @@ TUNED_POINTS: tuple[TunedPoint, ...] = (
     TunedPoint("115k", 8, 900, 1.0, 0.85),
     TunedPoint("820k", 2, 900, 0.7, 0.7, sync_every=10),
     TunedPoint("820k", 4, 600, 0.7, 0.7, sync_every=10),
-    TunedPoint("820k", 2, 900, 1.0, 0.7, sync_every=100, own_weight=0.75, smoothing=0.0),
-    TunedPoint("820k", 4, 600, 1.0, 0.7, sync_every=100, own_weight=0.75, smoothing=0.0),
+    TunedPoint("820k", 2, 900, 1.0, 0.85, sync_every=100, own_weight=0.75, smoothing=0.0),
+    TunedPoint("820k", 4, 600, 1.0, 0.85, sync_every=100, own_weight=0.75, smoothing=0.0),
 )
 TOKENS_PER_WORKER_STEP = 16 * 128  # the CLI's batch: 16 sequences of 128 tokens per worker and inner step
 # --smoke: configs/smoke.toml's tiny model, H = 3, no mid-run evaluation (seconds per run)

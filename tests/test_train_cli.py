@@ -330,7 +330,7 @@ def test_recipes_follow_the_measured_h_nearest_the_run(sync_every, measured_at):
     """BENCHMARKS.md 8, "The outer lr tuned at each H", "Every mode at H = 10", "M = 4 at H = 100" and "Overlap and
     delayed at H = 100": every mode wants a smaller outer lr at H = 10 (sync and eager 0.7, overlap 0.7, delayed 0.5,
     where the H = 30 recipes have 1, 0.85, 1 and 0.7), the paper's rule excepted (lr 1 at both); at H = 100 sync keeps
-    lr 1 and eager is better with the own weight 0.75 alone (lr 0.7, no smoothing), overlap keeps lr 1 and delayed
+    lr 1 and eager is better with the own weight 0.75 alone (lr 0.85, no smoothing), overlap keeps lr 1 and delayed
     takes 0.5. A run takes the recipes of the measured H nearest its own on a log scale (sqrt(10 x 30) = 17.3:
     H <= 17 the H = 10 ones; sqrt(30 x 100) = 54.8: H >= 55 the H = 100 ones); a flag still sets one field and leaves
     the others to the recipe."""
@@ -340,7 +340,7 @@ def test_recipes_follow_the_measured_h_nearest_the_run(sync_every, measured_at):
         "overlap": (0.7, 0.9, True, None, 0.0), "delayed": (0.5, 0.0, True, None, 0.0),
     }  # fmt: skip
     assert {m: (*r[:3], r.own_weight, r.smoothing) for m, r in RECIPES_AT_H[100].items()} == {
-        "sync": (1.0, 0.5, True, None, 0.0), "eager": (0.7, 0.5, True, 0.75, 0.0),
+        "sync": (1.0, 0.5, True, None, 0.0), "eager": (0.85, 0.5, True, 0.75, 0.0),
         "overlap": (1.0, 0.9, True, None, 0.0), "delayed": (0.5, 0.0, True, None, 0.0),
     }  # fmt: skip
     parser = argparse.ArgumentParser()
@@ -362,7 +362,7 @@ def test_recipes_follow_the_measured_h_nearest_the_run(sync_every, measured_at):
     assert (one.outer.outer_lr, one.outer.outer_momentum) == (0.7 if measured_at == 10 else 1.0, 0.9)
     assert one.outer.recipe_note(2).endswith("(set by the run)")
     weight = from_args(parser.parse_args(["--eager-own-weight", "0.875", *h]))  # one field set, the rest the recipe's
-    assert (weight.outer.outer_lr, weight.outer.eager_smoothing) == {10: (0.7, 0.5), 30: (0.85, 0.5), 100: (0.7, 0.0)}[
+    assert (weight.outer.outer_lr, weight.outer.eager_smoothing) == {10: (0.7, 0.5), 30: (0.85, 0.5), 100: (0.85, 0.0)}[
         measured_at
     ]
 
