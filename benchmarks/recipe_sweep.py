@@ -46,7 +46,7 @@ the shared tree changes); each JSON records that checkout's commit and whether i
 ``--report-only`` (and every finished run) rewrites ``<out>/recipe_sweep.md`` (tables) and
 ``<out>/recipe_sweep.png`` (eval loss vs outer lr, one line per momentum, one panel per method),
 ``<out>/recipe_trends.png`` (the trends' gaps) and ``<out>/recipe_tuned_gaps.png`` (``TUNED_POINTS``: DiLoCo and
-the smoothed eager each at the outer lr tuned for it at that model, M and H, the gap by tokens per parameter; the
+the CLI's eager at that H each at the outer lr tuned for it at that model, M and H, the gap by tokens per parameter; the
 runs are custom-plan points, e.g. ``--plan custom --methods sync --lrs 0.85 --momenta 0.5 --steps 5400``).
 """
 
