@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from eagerloco import configs
+from eagerloco.cli import train as train_cli
 from eagerloco.cli.main import EXIT_USAGE
 from eagerloco.cli.main import main as cli
 from eagerloco.cli.train import TrainError
@@ -242,8 +243,6 @@ def test_shipped_configs_leave_the_outer_optimizer_to_the_recipe_of_their_h(name
     H = 100."""
     recipe_keys = {"outer_lr", "outer_momentum", "nesterov", "eager_own_weight", "eager_smoothing"}
     assert not recipe_keys & set(load_toml(configs.path(name)).get("outer", {}))
-    from eagerloco.cli import train as train_cli
-
     parser = train_cli.add_arguments(argparse.ArgumentParser())
     shipped = train_cli.config_from_args(parser.parse_args(["--config", name, "--sync-every", sync_every]))
     mode = train_cli.config_from_args(parser.parse_args(["--mode", shipped.outer.mode, "--sync-every", sync_every]))
