@@ -131,8 +131,8 @@ CLI_SYNC_EVERY = bl.CLI_SYNC_EVERY  # the CLI's H: a point that passes no --sync
 
 @dataclass(frozen=True)
 class TunedPoint:
-    """A point of the study where DiLoCo and the CLI's eager rule at that H (w = 0.875, β = 0.5 up to H = 54; w = 0.75
-    without smoothing from H = 55, ``RECIPES_AT_H``; Nesterov 0.5) each ran at the outer lr best for it on the grid
+    """A point of the study where DiLoCo and the CLI's eager rule at that H (w = 0.875, β = 0.5 up to H = 74, without
+    smoothing from H = 75, ``RECIPES_AT_H``; Nesterov 0.5) each ran at the outer lr best for it on the grid
     run for both at that model, M and H (BENCHMARKS.md 8, "The outer lr tuned at each model size" and "... at each
     H"; longer runs keep the lrs of the 900-step / 600-step tuning)."""
 
@@ -168,8 +168,8 @@ TUNED_POINTS: tuple[TunedPoint, ...] = (
     TunedPoint("115k", 8, 900, 1.0, 0.85),
     TunedPoint("820k", 2, 900, 0.7, 0.7, sync_every=10),
     TunedPoint("820k", 4, 600, 0.7, 0.7, sync_every=10),
-    TunedPoint("820k", 2, 900, 1.0, 0.85, sync_every=100, own_weight=0.75, smoothing=0.0),
-    TunedPoint("820k", 4, 600, 1.0, 0.85, sync_every=100, own_weight=0.75, smoothing=0.0),
+    TunedPoint("820k", 2, 900, 0.85, 0.85, sync_every=100, smoothing=0.0),
+    TunedPoint("820k", 4, 600, 1.0, 0.85, sync_every=100, smoothing=0.0),
 )
 TOKENS_PER_WORKER_STEP = 16 * 128  # the CLI's batch: 16 sequences of 128 tokens per worker and inner step
 # --smoke: configs/smoke.toml's tiny model, H = 3, no mid-run evaluation (seconds per run)
@@ -815,7 +815,7 @@ def tuned_gaps_report(results: dict[str, dict[str, Any]]) -> list[str]:
         "## The gap with both methods tuned: DiLoCo against the CLI's eager, by tokens per parameter",
         "",
         "Each at the outer lr best for it at that model, M and H (Nesterov 0.5; eager the CLI's rule at that H: "
-        "w = 0.875, β = 0.5 up to H = 54, w = 0.75 without smoothing from H = 55); means over the seeds both finished.",
+        "w = 0.875, β = 0.5 up to H = 74, without smoothing from H = 75); means over the seeds both finished.",
         "",
         bl.md_table(header, table),
         "",

@@ -370,9 +370,13 @@ def test_tuned_gaps_pair_seeds_and_read_tokens_per_parameter(tmp_path):
     sync10, h10 = rs.tuned_pair(rs.TunedPoint("820k", 2, 900, 0.7, 0.7, sync_every=10))
     assert h10.key == "eager_w0.875_b0.5_M2_T900_lr0.7_m0.5n_s0_x2e8516e6"  # the trends' H = 10 runs
     assert h10.train_args()[-2:] == ["--sync-every", "10"]
-    # at H = 100 the CLI's eager is the own weight 0.75 without smoothing: the pair is the runs of that recipe
-    h100 = [rs.tuned_pair(p)[1].key for p in rs.TUNED_POINTS if p.sync_every == 100]
-    assert h100 == ["eager_w0.75_M2_T900_lr0.85_m0.5n_s0_x1388726d", "eager_w0.75_M4_T600_lr0.85_m0.5n_s0_x1388726d"]
+    # at H = 100 the CLI's eager is the own weight 0.875 without smoothing: the pair is the runs of that recipe, and
+    # DiLoCo's at its best lr there (0.85 with 2 workers, 1 with 4)
+    h100 = [[run.key for run in rs.tuned_pair(p)] for p in rs.TUNED_POINTS if p.sync_every == 100]
+    assert h100 == [
+        ["sync_M2_T900_lr0.85_m0.5n_s0_x1388726d", "eager_w0.875_M2_T900_lr0.85_m0.5n_s0_x1388726d"],
+        ["sync_M4_T600_lr1_m0.5n_s0_x1388726d", "eager_w0.875_M4_T600_lr0.85_m0.5n_s0_x1388726d"],
+    ]
     assert rs.tuned_gap_rows({}) == [] and rs.tuned_gaps_report({}) == []
     assert rs.plot_tuned_gaps({}, tmp_path / "g.png") is None
     # seeds 0 and 1 for both, seed 2 for sync only: the gap is read over the seeds both have

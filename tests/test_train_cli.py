@@ -236,7 +236,7 @@ def test_default_config_is_the_documented_main_job():
 
 
 @pytest.mark.parametrize("name", ["eager", "eager_fp4", "streaming", "sync"])
-@pytest.mark.parametrize("sync_every", ["10", "30", "100"])
+@pytest.mark.parametrize("sync_every", ["10", "30", "56", "100"])
 def test_shipped_configs_leave_the_outer_optimizer_to_the_recipe_of_their_h(name, sync_every):
     """A shipped config names the mode, not its outer optimizer: with --sync-every it takes that H's recipe
     (RECIPES_AT_H), exactly as --mode with the same H does, where a pinned H = 30 recipe would silently run at
@@ -322,24 +322,30 @@ def test_outer_recipes_as_measured():
 
 
 @pytest.mark.parametrize(
-    ("sync_every", "measured_at"),
-    [(1, 10), (5, 10), (10, 10), (17, 10), (18, 30), (30, 30), (54, 30), (55, 100), (100, 100), (300, 100)],
-)
-def test_recipes_follow_the_measured_h_nearest_the_run(sync_every, measured_at):
-    """BENCHMARKS.md 8, "The outer lr tuned at each H", "Every mode at H = 10", "M = 4 at H = 100" and "Overlap and
-    delayed at H = 100": every mode wants a smaller outer lr at H = 10 (sync and eager 0.7, overlap 0.7, delayed 0.5,
-    where the H = 30 recipes have 1, 0.85, 1 and 0.7), the paper's rule excepted (lr 1 at both); at H = 100 sync keeps
-    lr 1 and eager is better with the own weight 0.75 alone (lr 0.85, no smoothing), overlap keeps lr 1 and delayed
-    takes 0.5. A run takes the recipes of the measured H nearest its own on a log scale (sqrt(10 x 30) = 17.3:
-    H <= 17 the H = 10 ones; sqrt(30 x 100) = 54.8: H >= 55 the H = 100 ones); a flag still sets one field and leaves
-    the others to the recipe."""
+    ("sync_every", "measured_at", "eager_at"),
+    [(1, 10, 10), (5, 10, 10), (10, 10, 10), (17, 10, 10), (18, 30, 30), (30, 30, 30), (40, 30, 30), (41, 30, 55),
+     (54, 30, 55), (55, 100, 55), (74, 100, 55), (75, 100, 100), (100, 100, 100), (300, 100, 100)],
+)  # fmt: skip
+def test_recipes_follow_the_measured_h_nearest_the_run(sync_every, measured_at, eager_at):
+    """BENCHMARKS.md 8, "The outer lr tuned at each H", "Every mode at H = 10", "M = 4 at H = 100", "Overlap and
+    delayed at H = 100" and "Eager between H = 30 and 100": every mode wants a smaller outer lr at H = 10 (sync and
+    eager 0.7, overlap 0.7, delayed 0.5, where the H = 30 recipes have 1, 0.85, 1 and 0.7), the paper's rule excepted
+    (lr 1 at both); at H = 100 sync keeps lr 1 and eager is better without smoothing (w = 0.875, lr 0.85), overlap
+    keeps lr 1 and delayed takes 0.5; at H = 55, measured for eager only, eager keeps the smoothed recipe of H = 30.
+    Each mode takes the recipe of the H nearest the run's on a log scale among the H it was measured at
+    (sqrt(10 x 30) = 17.3: H <= 17 the H = 10 ones; sqrt(30 x 100) = 54.8: H >= 55 the H = 100 ones; eager also
+    sqrt(30 x 55) = 40.6 and sqrt(55 x 100) = 74.2: H = 41 to 74 the H = 55 one); a flag still sets one field and
+    leaves the others to the recipe."""
     assert RECIPE_SYNC_EVERY == TrainConfig().outer.sync_every == 30 and RECIPES_AT_H[30] is OUTER_RECIPES
     assert {m: (*r[:3], r.own_weight, r.smoothing) for m, r in RECIPES_AT_H[10].items()} == {
         "sync": (0.7, 0.5, True, None, 0.0), "eager": (0.7, 0.5, True, 0.875, 0.5),
         "overlap": (0.7, 0.9, True, None, 0.0), "delayed": (0.5, 0.0, True, None, 0.0),
     }  # fmt: skip
+    assert {m: (*r[:3], r.own_weight, r.smoothing) for m, r in RECIPES_AT_H[55].items()} == {
+        "eager": (0.85, 0.5, True, 0.875, 0.5),
+    }  # fmt: skip
     assert {m: (*r[:3], r.own_weight, r.smoothing) for m, r in RECIPES_AT_H[100].items()} == {
-        "sync": (1.0, 0.5, True, None, 0.0), "eager": (0.85, 0.5, True, 0.75, 0.0),
+        "sync": (1.0, 0.5, True, None, 0.0), "eager": (0.85, 0.5, True, 0.875, 0.0),
         "overlap": (1.0, 0.9, True, None, 0.0), "delayed": (0.5, 0.0, True, None, 0.0),
     }  # fmt: skip
     parser = argparse.ArgumentParser()
@@ -347,12 +353,12 @@ def test_recipes_follow_the_measured_h_nearest_the_run(sync_every, measured_at):
     h = ["--sync-every", str(sync_every), "--overlap-steps", "0"]  # τ = 0 < H for overlap at H = 1
     for mode in ("sync", "eager", "overlap", "delayed"):
         config = from_args(parser.parse_args(["--mode", mode, *h]))
-        measured = mode in RECIPES_AT_H[measured_at]
-        recipe = (RECIPES_AT_H[measured_at] if measured else OUTER_RECIPES)[mode]
+        at = eager_at if mode == "eager" else measured_at
+        recipe = RECIPES_AT_H[at][mode]
         assert config.outer.recipe(2) == recipe
         assert (config.outer.outer_lr, config.outer.outer_momentum, config.outer.nesterov) == recipe[:3]
         assert (config.outer.eager_own_weight, config.outer.eager_smoothing) == (recipe.own_weight, recipe.smoothing)
-        source = f"the best at H = {measured_at}" if measured and measured_at != 30 else "the best of the recipe study"
+        source = f"the best at H = {at}" if at != 30 else "the best of the recipe study"
         assert config.outer.recipe_note(2).endswith(f"({mode}'s recipe: {source}, BENCHMARKS.md 8)")
     paper = from_args(parser.parse_args(["--eager-own-weight", "1/M", *h]))
     assert (paper.outer.outer_lr, paper.outer.outer_momentum) == EAGER_PAPER_RECIPE[:2] == (1.0, 0.0)
@@ -361,9 +367,8 @@ def test_recipes_follow_the_measured_h_nearest_the_run(sync_every, measured_at):
     assert (one.outer.outer_lr, one.outer.outer_momentum) == (0.7 if measured_at == 10 else 1.0, 0.9)
     assert one.outer.recipe_note(2).endswith("(set by the run)")
     weight = from_args(parser.parse_args(["--eager-own-weight", "0.875", *h]))  # one field set, the rest the recipe's
-    assert (weight.outer.outer_lr, weight.outer.eager_smoothing) == {10: (0.7, 0.5), 30: (0.85, 0.5), 100: (0.85, 0.0)}[
-        measured_at
-    ]
+    lr_smoothing = {10: (0.7, 0.5), 30: (0.85, 0.5), 55: (0.85, 0.5), 100: (0.85, 0.0)}[eager_at]
+    assert (weight.outer.outer_lr, weight.outer.eager_smoothing) == lr_smoothing
 
 
 PAPER = "1/M (the eager paper's rule)"

@@ -156,6 +156,13 @@ RECIPES_AT_H: dict[int, dict[str, OuterRecipe]] = {
         "overlap": OuterRecipe(0.7, 0.9, True, "the best at H = 10, BENCHMARKS.md 8"),
         "delayed": OuterRecipe(0.5, 0.0, True, "the best at H = 10, BENCHMARKS.md 8"),
     },
+    # Eager only, between H = 30 and 100 (16 outer steps at M = 2, 10 at M = 4), where its two recipes differ in
+    # smoothing alone: the smoothed H = 30 recipe ahead of the unsmoothed one at both M (M = 2 1.671 vs 1.697, every
+    # seed; M = 4 1.815 vs 1.823, 3 seeds each; "Eager between H = 30 and 100"). The other modes, unmeasured here,
+    # keep the nearest H they were measured at.
+    55: {
+        "eager": OuterRecipe(0.85, 0.5, True, "the best at H = 55, BENCHMARKS.md 8", own_weight=0.875, smoothing=0.5),
+    },
     # At H = 100 (9 outer steps at M = 2, 6 at M = 4) sync keeps lr 1 (flat from 0.7 to 1 at M = 2, ahead of 0.7 at
     # M = 4), and eager is better without smoothing: the own weight w = 0.75 alone at lr 0.7 (its H = 30 recipe before
     # smoothing) against the smoothed w = 0.875 at its best lr there, 0.85 (lr 0.7 and 1 worse, seed 0): M = 2 1.713
@@ -164,25 +171,31 @@ RECIPES_AT_H: dict[int, dict[str, OuterRecipe]] = {
     # 1.708 vs 1.713, M = 4 1.847 vs 1.859, 3 seeds each; lr 0.55 worse, seed 0). Overlap (Nesterov 0.9) keeps lr 1,
     # ahead of 0.7 and 1.4 at both M (seed 0; lr 1 over 3 seeds: M = 2 1.659, M = 4 1.773). Delayed (no momentum)
     # wants lr 0.5, as at H = 10: ahead of the H = 30 lr 0.7 on every seed at both M (1.913 vs 1.939, 2.069 vs 2.277;
-    # lr 0.35 worse, seed 0) ("Overlap and delayed at H = 100").
+    # lr 0.35 worse, seed 0) ("Overlap and delayed at H = 100"). Eager's own weight without smoothing then tuned
+    # at lr 0.85: w = 0.875 ahead of 0.75 at both M (M = 2 1.706 vs 1.708, M = 4 1.844 vs 1.847 on every seed; lr 1
+    # and smoothing 0.25 at w = 0.75 worse, seed 0; "Eager between H = 30 and 100").
     100: {
         "sync": OuterRecipe(1.0, 0.5, True, "the best at H = 100, BENCHMARKS.md 8"),
-        "eager": OuterRecipe(0.85, 0.5, True, "the best at H = 100, BENCHMARKS.md 8", own_weight=0.75),
+        "eager": OuterRecipe(0.85, 0.5, True, "the best at H = 100, BENCHMARKS.md 8", own_weight=0.875),
         "overlap": OuterRecipe(1.0, 0.9, True, "the best at H = 100, BENCHMARKS.md 8"),
         "delayed": OuterRecipe(0.5, 0.0, True, "the best at H = 100, BENCHMARKS.md 8"),
     },
 }
-"""Recipes measured at other H, by H: a run takes those of the measured H nearest its own on a log scale (H <= 17 the
-H = 10 ones, H >= 55 the H = 100 ones, see :func:`recipes_for`), and OUTER_RECIPES for a mode not measured there."""
+"""Each mode's recipes by the H they were measured at: a run takes, for each mode, the one measured at the H nearest
+its own on a log scale among the H that mode was measured at (see :func:`recipes_for`)."""
 
 
 def recipes_for(sync_every: int) -> dict[str, OuterRecipe]:
-    """Each mode's recipe for a run with H = ``sync_every``: those measured at the H of ``RECIPES_AT_H`` nearest to
-    it on a log scale (the ratio of two H is what counts: H = 17 is nearer 10, H = 18 nearer 30, H = 55 nearer 100),
-    over ``OUTER_RECIPES`` for the modes not measured there."""
+    """Each mode's recipe for a run with H = ``sync_every``: the one measured at the H nearest to it on a log scale
+    among the H of ``RECIPES_AT_H`` that measured this mode (the ratio of two H is what counts: H = 17 is nearer 10,
+    H = 18 nearer 30). A mode measured at an H the others were not changes only its own recipes."""
     h = max(sync_every, 1)  # an H below 1 is rejected by validate(); the recipe must not fail first
-    nearest = min(RECIPES_AT_H, key=lambda measured: abs(math.log(h / measured)))
-    return {**OUTER_RECIPES, **RECIPES_AT_H[nearest]}
+
+    def nearest(mode: str) -> int:
+        measured = [at for at, recipes in RECIPES_AT_H.items() if mode in recipes]
+        return min(measured, key=lambda at: abs(math.log(h / at)))
+
+    return {mode: RECIPES_AT_H[nearest(mode)][mode] for mode in OUTER_RECIPES}
 
 
 EAGER_PAPER_RECIPE = OuterRecipe(1.0, 0.0, True, "the best for the paper's rule in the recipe study, BENCHMARKS.md 8")
@@ -209,7 +222,7 @@ class OuterConfig(DiLoCoConfig):
     and 1.0 with the paper's rule, overlap 1.0, delayed 0.7; DiLoCo's paper uses 0.7, the streaming and eager papers
     0.4 at scale). Tuned on the default model at H = 30; with H <= 17 each mode takes its best at H = 10 (sync and
     eager 0.7, overlap 0.7, delayed 0.5; the paper's rule keeps 1: ``RECIPES_AT_H``, BENCHMARKS.md 8), with H >= 55
-    each its best at H = 100 (sync 1, eager 0.85 with w = 0.75 and no smoothing, overlap 1, delayed 0.5). On a
+    each its best at H = 100 (sync 1, eager 0.85 without smoothing, overlap 1, delayed 0.5). On a
     2.7M-parameter model sync and eager are best at 0.7 at H = 30 too: pass it at that size."""
     outer_momentum: float | None = None  # type: ignore[assignment]
     """Outer SGD momentum. Unset: the mode's recipe (sync 0.5; eager 0.5 with its own weight, 0 with the paper's
@@ -218,11 +231,11 @@ class OuterConfig(DiLoCoConfig):
     """Nesterov momentum for the outer SGD. Unset: the mode's recipe (on wherever it has momentum)."""
     eager_smoothing: float | None = None  # type: ignore[assignment]
     """Mode 'eager': β in [0, 1], the share of each arriving average's rest applied one outer step later
-    (ALGORITHMS.md 4.4). Unset: eager's recipe with M >= 2 workers (see ``OUTER_RECIPES``: 0.5; 0 with H >= 55,
+    (ALGORITHMS.md 4.4). Unset: eager's recipe with M >= 2 workers (see ``OUTER_RECIPES``: 0.5; 0 with H >= 75,
     ``RECIPES_AT_H``), 0 with the paper's rule and in every other mode."""
     eager_own_weight: float | Literal["1/M"] | None = None  # type: ignore[assignment]
     """Mode 'eager': the weight w in [1/M, 1] of a worker's own fresh outer gradient (ALGORITHMS.md 4.1), or "1/M",
-    the eager paper's rule. Unset: eager's recipe, w = 0.875 (with smoothing; 0.75 without it with H >= 55) with
+    the eager paper's rule. Unset: eager's recipe, w = 0.875 (with smoothing; without it with H >= 75) with
     M >= 2 workers (own weights above 1/M measured better than 1/M at M = 2, 4 and 8, BENCHMARKS.md 8; with fault
     tolerance each quorum takes max(w, 1/M_Q)), 1/M with one worker. Other modes: leave it unset."""
     overlap_steps: int | Literal["auto"] = 1  # type: ignore[assignment]
