@@ -322,11 +322,11 @@ def test_outer_recipes_as_measured():
 
 
 @pytest.mark.parametrize(
-    ("sync_every", "measured_at", "eager_at"),
+    ("sync_every", "others_at", "eager_at"),
     [(1, 10, 10), (5, 10, 10), (10, 10, 10), (17, 10, 10), (18, 30, 30), (30, 30, 30), (40, 30, 30), (41, 30, 55),
      (54, 30, 55), (55, 100, 55), (74, 100, 55), (75, 100, 100), (100, 100, 100), (300, 100, 100)],
 )  # fmt: skip
-def test_recipes_follow_the_measured_h_nearest_the_run(sync_every, measured_at, eager_at):
+def test_recipes_follow_the_measured_h_nearest_the_run(sync_every, others_at, eager_at):
     """BENCHMARKS.md 8, "The outer lr tuned at each H", "Every mode at H = 10", "M = 4 at H = 100", "Overlap and
     delayed at H = 100" and "Eager between H = 30 and 100": every mode wants a smaller outer lr at H = 10 (sync and
     eager 0.7, overlap 0.7, delayed 0.5, where the H = 30 recipes have 1, 0.85, 1 and 0.7), the paper's rule excepted
@@ -353,7 +353,7 @@ def test_recipes_follow_the_measured_h_nearest_the_run(sync_every, measured_at, 
     h = ["--sync-every", str(sync_every), "--overlap-steps", "0"]  # τ = 0 < H for overlap at H = 1
     for mode in ("sync", "eager", "overlap", "delayed"):
         config = from_args(parser.parse_args(["--mode", mode, *h]))
-        at = eager_at if mode == "eager" else measured_at
+        at = eager_at if mode == "eager" else others_at
         recipe = RECIPES_AT_H[at][mode]
         assert config.outer.recipe(2) == recipe
         assert (config.outer.outer_lr, config.outer.outer_momentum, config.outer.nesterov) == recipe[:3]
@@ -364,7 +364,7 @@ def test_recipes_follow_the_measured_h_nearest_the_run(sync_every, measured_at, 
     assert (paper.outer.outer_lr, paper.outer.outer_momentum) == EAGER_PAPER_RECIPE[:2] == (1.0, 0.0)
     assert paper.outer.diloco().eager_smoothing == 0.0
     one = from_args(parser.parse_args(["--mode", "sync", "--outer-momentum", "0.9", *h]))
-    assert (one.outer.outer_lr, one.outer.outer_momentum) == (0.7 if measured_at == 10 else 1.0, 0.9)
+    assert (one.outer.outer_lr, one.outer.outer_momentum) == (0.7 if others_at == 10 else 1.0, 0.9)
     assert one.outer.recipe_note(2).endswith("(set by the run)")
     weight = from_args(parser.parse_args(["--eager-own-weight", "0.875", *h]))  # one field set, the rest the recipe's
     lr_smoothing = {10: (0.7, 0.5), 30: (0.85, 0.5), 55: (0.85, 0.5), 100: (0.85, 0.0)}[eager_at]

@@ -163,17 +163,12 @@ RECIPES_AT_H: dict[int, dict[str, OuterRecipe]] = {
     55: {
         "eager": OuterRecipe(0.85, 0.5, True, "the best at H = 55, BENCHMARKS.md 8", own_weight=0.875, smoothing=0.5),
     },
-    # At H = 100 (9 outer steps at M = 2, 6 at M = 4) sync keeps lr 1 (flat from 0.7 to 1 at M = 2, ahead of 0.7 at
-    # M = 4), and eager is better without smoothing: the own weight w = 0.75 alone at lr 0.7 (its H = 30 recipe before
-    # smoothing) against the smoothed w = 0.875 at its best lr there, 0.85 (lr 0.7 and 1 worse, seed 0): M = 2 1.713
-    # vs 1.722 (3 seeds), M = 4 1.859 vs 1.902 (3 seeds, every seed): each rest deferred by 100 inner steps more costs
-    # more than smoothing gains ("M = 4 at H = 100"); its lr then tuned there: 0.85 ahead of 0.7 at both M (M = 2
-    # 1.708 vs 1.713, M = 4 1.847 vs 1.859, 3 seeds each; lr 0.55 worse, seed 0). Overlap (Nesterov 0.9) keeps lr 1,
-    # ahead of 0.7 and 1.4 at both M (seed 0; lr 1 over 3 seeds: M = 2 1.659, M = 4 1.773). Delayed (no momentum)
-    # wants lr 0.5, as at H = 10: ahead of the H = 30 lr 0.7 on every seed at both M (1.913 vs 1.939, 2.069 vs 2.277;
-    # lr 0.35 worse, seed 0) ("Overlap and delayed at H = 100"). Eager's own weight without smoothing then tuned
-    # at lr 0.85: w = 0.875 ahead of 0.75 at both M (M = 2 1.706 vs 1.708, M = 4 1.844 vs 1.847 on every seed; lr 1
-    # and smoothing 0.25 at w = 0.75 worse, seed 0; "Eager between H = 30 and 100").
+    # At H = 100 (9 outer steps at M = 2, 6 at M = 4), each mode's best at both M, 3 seeds each: sync keeps lr 1
+    # (lr 0.85 is ahead at M = 2 only, as at H = 30). Eager drops the smoothing, which defers half of each rest by
+    # another 100 inner steps: w = 0.875 alone 1.706 / 1.844 (M = 2 / 4) against 1.722 / 1.902 smoothed and 1.708 /
+    # 1.847 with w = 0.75 alone, at lr 0.85 (0.55, 0.7 and 1 worse). Overlap keeps lr 1 / Nesterov 0.9 (0.7 and 1.4
+    # worse); delayed wants lr 0.5, as at H = 10 (1.913 / 2.069 against 1.939 / 2.277 at lr 0.7). BENCHMARKS.md 8:
+    # "M = 4 at H = 100", "Overlap and delayed at H = 100", "Eager between H = 30 and 100".
     100: {
         "sync": OuterRecipe(1.0, 0.5, True, "the best at H = 100, BENCHMARKS.md 8"),
         "eager": OuterRecipe(0.85, 0.5, True, "the best at H = 100, BENCHMARKS.md 8", own_weight=0.875),
@@ -222,8 +217,8 @@ class OuterConfig(DiLoCoConfig):
     and 1.0 with the paper's rule, overlap 1.0, delayed 0.7; DiLoCo's paper uses 0.7, the streaming and eager papers
     0.4 at scale). Tuned on the default model at H = 30; with H <= 17 each mode takes its best at H = 10 (sync and
     eager 0.7, overlap 0.7, delayed 0.5; the paper's rule keeps 1: ``RECIPES_AT_H``, BENCHMARKS.md 8), with H >= 55
-    each its best at H = 100 (sync 1, eager 0.85 without smoothing, overlap 1, delayed 0.5). On a
-    2.7M-parameter model sync and eager are best at 0.7 at H = 30 too: pass it at that size."""
+    each its best at H = 100 (sync 1, eager 0.85, overlap 1, delayed 0.5). On a 2.7M-parameter model sync and eager
+    are best at 0.7 at H = 30 too: pass it at that size."""
     outer_momentum: float | None = None  # type: ignore[assignment]
     """Outer SGD momentum. Unset: the mode's recipe (sync 0.5; eager 0.5 with its own weight, 0 with the paper's
     rule, whose stale part momentum feeds on; overlap 0.9, the papers' value; delayed 0, all stale)."""
