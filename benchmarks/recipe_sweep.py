@@ -132,9 +132,9 @@ CLI_SYNC_EVERY = bl.CLI_SYNC_EVERY  # the CLI's H: a point that passes no --sync
 @dataclass(frozen=True)
 class TunedPoint:
     """A point of the study where DiLoCo and the CLI's eager rule at that H (w = 0.875, β = 0.5 up to H = 74, without
-    smoothing from H = 75, ``RECIPES_AT_H``; Nesterov 0.5) each ran at the outer lr best for it on the grid
-    run for both at that model, M and H (BENCHMARKS.md 8, "The outer lr tuned at each model size" and "... at each
-    H"; longer runs keep the lrs of the 900-step / 600-step tuning)."""
+    smoothing from H = 75, ``RECIPES_AT_H``) each ran at the outer lr and Nesterov momentum best for it on the grid
+    run for both at that model, M and H (BENCHMARKS.md 8, "The outer lr tuned at each model size", "... at each H"
+    and "A finer step of the momentum grid"; longer runs keep the recipes of the 900-step / 600-step tuning)."""
 
     model: str
     """A key of ``STUDY_MODELS``."""
@@ -151,13 +151,17 @@ class TunedPoint:
     """Eager's own weight w (ALGORITHMS.md 4.1): the CLI's at this H."""
     smoothing: float = 0.5
     """Eager's smoothing β (4.4): the CLI's at this H."""
+    sync_momentum: float = 0.5
+    """DiLoCo's tuned Nesterov momentum (0.5 wherever only the lr was tuned again)."""
+    eager_momentum: float = 0.5
+    """Eager's tuned Nesterov momentum."""
 
 
 # Read along tokens per parameter, which decide the gap more than size or steps alone; the H = 10 and H = 100 points
 # are at the default job's tokens (BENCHMARKS.md 8, "The outer lr tuned at each H").
 TUNED_POINTS: tuple[TunedPoint, ...] = (
     TunedPoint("2.7M", 2, 900, 0.7, 0.7),
-    TunedPoint("820k", 2, 900, 0.85, 0.85),
+    TunedPoint("820k", 2, 900, 0.8, 0.68, sync_momentum=0.6, eager_momentum=0.6),  # the default job
     TunedPoint("820k", 2, 2700, 0.85, 0.85),
     TunedPoint("820k", 2, 5400, 0.85, 0.85),
     TunedPoint("115k", 2, 900, 1.0, 0.85),
@@ -765,9 +769,10 @@ def tuned_pair(point: TunedPoint) -> tuple[Point, Point]:
     if point.sync_every != CLI_SYNC_EVERY:
         extra = (*extra, "--sync-every", str(point.sync_every))
     shape = {"workers": point.workers, "steps": point.steps, "extra": extra}
-    sync = Point("sync", point.sync_lr, 0.5, True, **shape)
+    sync = Point("sync", point.sync_lr, point.sync_momentum, True, **shape)
     smoothing = point.smoothing or None  # a Point without smoothing has the key of the runs made before it existed
-    eager = Point("eager", point.eager_lr, 0.5, True, own_weight=point.own_weight, smoothing=smoothing, **shape)
+    eager = Point("eager", point.eager_lr, point.eager_momentum, True, own_weight=point.own_weight,
+                  smoothing=smoothing, **shape)  # fmt: skip
     return sync, eager
 
 
@@ -806,7 +811,10 @@ def tuned_gaps_report(results: dict[str, dict[str, Any]]) -> list[str]:
     table = []
     for r in rows:
         rule = f"w = {r['own_weight']:g}" + (f", β = {r['smoothing']:g}" if r["smoothing"] else "")
-        sync, eager = f"{r['sync']:.4f} (lr {r['sync_lr']:g})", f"{r['eager']:.4f} (lr {r['eager_lr']:g}, {rule})"
+        mu = {m: f", N {r[f'{m}_momentum']:g}" if r[f"{m}_momentum"] != 0.5 else "" for m in ("sync", "eager")}
+        sync_mu, eager_mu = mu["sync"], mu["eager"]
+        sync = f"{r['sync']:.4f} (lr {r['sync_lr']:g}{sync_mu})"
+        eager = f"{r['eager']:.4f} (lr {r['eager_lr']:g}{eager_mu}, {rule})"
         per_seed = " / ".join(f"{g:+.2f}" for g in r["gap_pct_per_seed"])
         seeds = ", ".join(map(str, r["seeds"]))
         table.append([r["model"], r["workers"], r["sync_every"], f"{r['steps']:,}", f"{r['tokens_per_param']:.1f}",
@@ -814,8 +822,9 @@ def tuned_gaps_report(results: dict[str, dict[str, Any]]) -> list[str]:
     return [
         "## The gap with both methods tuned: DiLoCo against the CLI's eager, by tokens per parameter",
         "",
-        "Each at the outer lr best for it at that model, M and H (Nesterov 0.5; eager the CLI's rule at that H: "
-        "w = 0.875, β = 0.5 up to H = 74, without smoothing from H = 75); means over the seeds both finished.",
+        "Each at the outer lr best for it at that model, M and H (Nesterov 0.5 where no N is given; eager the CLI's "
+        "rule at that H: w = 0.875, β = 0.5 up to H = 74, without smoothing from H = 75); means over the seeds both "
+        "finished.",
         "",
         bl.md_table(header, table),
         "",

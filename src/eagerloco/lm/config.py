@@ -113,7 +113,9 @@ OUTER_RECIPES: dict[str, OuterRecipe] = {
     # momentum {0, 0.5, 0.9}, then 3 seeds at the best point). Tuned per mode, so that `--mode sync` is
     # DiLoCo at its best, not a straw man, and eager is compared with it on equal terms. Tuned on the default
     # model: the best outer lr falls with size (115k parameters: sync 1, eager 0.85; 2.7M: 0.7 for both;
-    # BENCHMARKS.md 8, "The outer lr tuned at each model size").
+    # BENCHMARKS.md 8, "The outer lr tuned at each model size"). A finer step wins for DiLoCo with 2 workers only
+    # (lr 0.85, and lr 0.8 with Nesterov 0.6: 1.625 and 1.621 against 1.632) and loses with 4 (1.716, 1.720 against
+    # 1.708), so sync keeps lr 1 / Nesterov 0.5 ("A finer step of the lr grid", "... of the momentum grid").
     "sync": OuterRecipe(1.0, 0.5, True, "the best of the recipe study, BENCHMARKS.md 8"),
     # Eager weighs its own fresh outer gradient w in place of the paper's 1/M, which makes what it applies less
     # stale; then a little Nesterov momentum helps it as it helps DiLoCo. w = 0.75 alone beat the paper's rule at
@@ -122,7 +124,8 @@ OUTER_RECIPES: dict[str, OuterRecipe] = {
     # outer step later, and lets a larger own weight pay: w = 0.875 with β = 0.5 ends at 1.659 (M = 2) and
     # 1.759 (M = 4) at lr 0.7, 3 seeds each, every seed better than w = 0.75 alone; at lr 0.85 1.651 and 1.757,
     # every seed better than at lr 0.7 (lr 1: 1.661 and 1.768, seed 0; BENCHMARKS.md 8, "Smoothing" and "A finer
-    # step of the lr grid", where DiLoCo's best moves to lr 0.85 at M = 2 only, so sync keeps lr 1).
+    # step of the lr grid", where DiLoCo's best moves to lr 0.85 at M = 2 only, so sync keeps lr 1). Nesterov 0.6
+    # (lr 0.68) is ahead by 0.001 with 2 workers and behind with 4 ("A finer step of the momentum grid").
     "eager": OuterRecipe(
         0.85, 0.5, True, "the best of the recipe study, BENCHMARKS.md 8", own_weight=0.875, smoothing=0.5
     ),
