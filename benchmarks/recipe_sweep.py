@@ -812,9 +812,8 @@ def tuned_gaps_report(results: dict[str, dict[str, Any]]) -> list[str]:
     for r in rows:
         rule = f"w = {r['own_weight']:g}" + (f", β = {r['smoothing']:g}" if r["smoothing"] else "")
         mu = {m: f", N {r[f'{m}_momentum']:g}" if r[f"{m}_momentum"] != 0.5 else "" for m in ("sync", "eager")}
-        sync_mu, eager_mu = mu["sync"], mu["eager"]
-        sync = f"{r['sync']:.4f} (lr {r['sync_lr']:g}{sync_mu})"
-        eager = f"{r['eager']:.4f} (lr {r['eager_lr']:g}{eager_mu}, {rule})"
+        sync = f"{r['sync']:.4f} (lr {r['sync_lr']:g}{mu['sync']})"
+        eager = f"{r['eager']:.4f} (lr {r['eager_lr']:g}{mu['eager']}, {rule})"
         per_seed = " / ".join(f"{g:+.2f}" for g in r["gap_pct_per_seed"])
         seeds = ", ".join(map(str, r["seeds"]))
         table.append([r["model"], r["workers"], r["sync_every"], f"{r['steps']:,}", f"{r['tokens_per_param']:.1f}",

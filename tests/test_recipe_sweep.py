@@ -409,10 +409,10 @@ def test_tuned_gaps_pair_seeds_and_read_tokens_per_parameter(tmp_path):
     assert rs.plot_tuned_gaps(rs.load_results(tmp_path), tmp_path / "g.png") == tmp_path / "g.png"
     # the default job: each method at its best Nesterov momentum there too (0.6 for both with 2 workers), named in
     # its cell where it is not 0.5
-    (default,) = [rs.tuned_pair(p) for p in rs.TUNED_POINTS if (p.model, p.workers, p.steps, p.sync_every) == (
-        "820k", 2, 900, 30)]  # fmt: skip
-    assert [run.key for run in default] == ["sync_M2_T900_lr0.8_m0.6n_s0", "eager_w0.875_b0.5_M2_T900_lr0.68_m0.6n_s0"]
-    write(tmp_path, default[0], "ok", 1.60)
-    write(tmp_path, default[1], "ok", 1.62)
+    (job,) = [p for p in rs.TUNED_POINTS if (p.model, p.workers, p.steps, p.sync_every) == ("820k", 2, 900, 30)]
+    sync_job, eager_job = rs.tuned_pair(job)
+    assert (sync_job.key, eager_job.key) == ("sync_M2_T900_lr0.8_m0.6n_s0", "eager_w0.875_b0.5_M2_T900_lr0.68_m0.6n_s0")
+    write(tmp_path, sync_job, "ok", 1.60)
+    write(tmp_path, eager_job, "ok", 1.62)
     line = "| 820k | 2 | 30 | 900 | 4.5 | 1.6000 (lr 0.8, N 0.6) | 1.6200 (lr 0.68, N 0.6, w = 0.875, β = 0.5) | 0 | "
     assert line + "+1.25 % | +1.25 |" in rs.report(tmp_path)
