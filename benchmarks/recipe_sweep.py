@@ -771,8 +771,9 @@ def tuned_pair(point: TunedPoint) -> tuple[Point, Point]:
     shape = {"workers": point.workers, "steps": point.steps, "extra": extra}
     sync = Point("sync", point.sync_lr, point.sync_momentum, True, **shape)
     smoothing = point.smoothing or None  # a Point without smoothing has the key of the runs made before it existed
-    eager = Point("eager", point.eager_lr, point.eager_momentum, True, own_weight=point.own_weight,
-                  smoothing=smoothing, **shape)  # fmt: skip
+    eager = Point(
+        "eager", point.eager_lr, point.eager_momentum, True, own_weight=point.own_weight, smoothing=smoothing, **shape
+    )
     return sync, eager
 
 
